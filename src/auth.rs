@@ -1,0 +1,136 @@
+//! Client tokens: HS256 JWTs whose `sub` is the user id. The only home of `jsonwebtoken`.
+//!
+//! Rules (protocol.md §1): header `alg` must be `HS256` (`none`, RS*, ES*, HS384 refused);
+//! signature checked with the raw bytes of `JWT_SECRET`; `sub` required and a canonical
+//! hyphenated UUID; `exp` and `nbf` enforced when present (leeway configurable, 0 by
+//! default); other claims and header fields (`kid`, `jku`, ...) ignored.
+
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::ids::parse_canonical_uuid;
+
+/// Why a token was refused. Every variant is answered 403; the variant is for the log.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No token in the query or subprotocol.
+    #[error("no token")]
+    Missing,
+    /// Signature, algorithm, encoding, `exp` or `nbf` check failed.
+    #[error("invalid token: {0}")]
+    Invalid(#[from] jsonwebtoken::errors::Error),
+    /// `sub` missing or not a canonical UUID.
+    #[error("token sub is not a UUID")]
+    BadSubject,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: Option<String>,
+}
+
+#[derive(Serialize)]
+struct MintClaims {
+    sub: String,
+    iat: u64,
+    exp: u64,
+}
+
+/// Verifies tokens against one secret. Built once at start-up and shared read-only.
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier").finish_non_exhaustive()
+    }
+}
+
+impl Verifier {
+    /// A verifier for `secret` with `leeway_secs` of clock tolerance on `exp`/`nbf`.
+    pub fn new(secret: &[u8], leeway_secs: u64) -> Verifier {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.algorithms = vec![Algorithm::HS256];
+        validation.required_spec_claims.clear();
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.validate_aud = false;
+        validation.leeway = leeway_secs;
+        Verifier { key: DecodingKey::from_secret(secret), validation }
+    }
+
+    /// The user id of a valid token.
+    pub fn verify(&self, token: Option<&str>) -> Result<Uuid, AuthError> {
+        let token = token.ok_or(AuthError::Missing)?;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?;
+        data.claims.sub.as_deref().and_then(parse_canonical_uuid).ok_or(AuthError::BadSubject)
+    }
+}
+
+/// Mints an HS256 token for `sub` valid for `ttl` (for `nexus token` and tests).
+pub fn mint(secret: &[u8], sub: Uuid, ttl: Duration) -> Result<String, AuthError> {
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = MintClaims { sub: sub.to_string(), iat: now, exp: now + ttl.as_secs() };
+    Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn round_trip() {
+        let sub = Uuid::new_v4();
+        let token = mint(SECRET, sub, Duration::from_secs(60)).expect("mint");
+        assert_eq!(Verifier::new(SECRET, 0).verify(Some(&token)).expect("valid"), sub);
+        assert!(Verifier::new(b"other secret", 0).verify(Some(&token)).is_err());
+    }
+
+    #[test]
+    fn refusals() {
+        let v = Verifier::new(SECRET, 0);
+        assert!(matches!(v.verify(None), Err(AuthError::Missing)));
+        assert!(v.verify(Some("garbage")).is_err());
+        let key = EncodingKey::from_secret(SECRET);
+        let enc = |h: Header, c: serde_json_like::Claims| jsonwebtoken::encode(&h, &c, &key).expect("encode");
+        let now = jsonwebtoken::get_current_timestamp();
+        let sub = Uuid::new_v4().to_string();
+        let hs384 = enc(Header::new(Algorithm::HS384), serde_json_like::claims(Some(&sub), None, None));
+        assert!(v.verify(Some(&hs384)).is_err());
+        let expired = enc(Header::default(), serde_json_like::claims(Some(&sub), Some(now - 10), None));
+        assert!(v.verify(Some(&expired)).is_err());
+        let future = enc(Header::default(), serde_json_like::claims(Some(&sub), None, Some(now + 60)));
+        assert!(v.verify(Some(&future)).is_err());
+        let no_sub = enc(Header::default(), serde_json_like::claims(None, None, None));
+        assert!(matches!(v.verify(Some(&no_sub)), Err(AuthError::BadSubject)));
+        let simple = enc(Header::default(), serde_json_like::claims(Some(&sub.replace('-', "")), None, None));
+        assert!(matches!(v.verify(Some(&simple)), Err(AuthError::BadSubject)));
+        let ok = enc(Header::default(), serde_json_like::claims(Some(&sub.to_uppercase()), None, None));
+        assert!(v.verify(Some(&ok)).is_ok());
+        // alg "none": header {"alg":"none"}, empty signature.
+        let none = format!("eyJhbGciOiJub25lIn0.{}.", ok.split('.').nth(1).expect("payload"));
+        assert!(v.verify(Some(&none)).is_err());
+    }
+
+    mod serde_json_like {
+        #[derive(serde::Serialize)]
+        pub struct Claims {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            sub: Option<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            exp: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            nbf: Option<u64>,
+        }
+        pub fn claims(sub: Option<&str>, exp: Option<u64>, nbf: Option<u64>) -> Claims {
+            Claims { sub: sub.map(str::to_string), exp, nbf }
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! Runtime configuration: every knob from the environment or a flag (clap), validated once at
+//! start-up into a [`Config`] the rest of the server trusts.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::http::origin::{OriginEntry, OriginPolicy};
+use crate::limits;
+
+/// Command line of the `nexus` binary.
+#[derive(Debug, Parser)]
+#[command(name = "nexus", version, about = "Phoenix Channels chat server on per-core io_uring runtimes")]
+pub struct Cli {
+    /// Without a command, `nexus` runs the server.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Server settings (also read by `token` for the secret).
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// Subcommands besides running the server.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print an HS256 token signed with JWT_SECRET, for trying the server.
+    Token {
+        /// The user id (`sub` claim): a UUID.
+        #[arg(long)]
+        sub: String,
+        /// Lifetime of the token (`exp` = now + ttl), e.g. `24h`, `90m`, `3600`.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+}
+
+/// Server flags; each also reads the environment variable it names.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// TCP port to listen on (0 picks a free port; the start-up log names it).
+    #[arg(long, env = "PORT", default_value_t = 4000)]
+    pub port: u16,
+    /// Address to bind.
+    #[arg(long = "bind", env = "NEXUS_BIND", default_value = "0.0.0.0")]
+    pub bind: IpAddr,
+    /// HS256 secret for client tokens (raw bytes of the value). Required.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Core threads, one monoio runtime each [default: number of CPUs].
+    #[arg(long, env = "NEXUS_WORKERS")]
+    pub workers: Option<usize>,
+    /// Largest frame or message a client may send, in bytes; larger closes with 1009.
+    #[arg(long, env = "NEXUS_MAX_FRAME_BYTES", default_value_t = limits::FRAME_BYTES_MAX_DEFAULT)]
+    pub max_frame_bytes: usize,
+    /// Close a socket that sent nothing for this long (1001). Seconds, or `90s`, `2m`.
+    #[arg(long, env = "NEXUS_IDLE_TIMEOUT", default_value = "60", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Comma list of allowed `Origin`s (`https://host`, `//host:port`, `https://*.host`);
+    /// empty = any origin (token auth, not cookies).
+    #[arg(long, env = "NEXUS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Most topics one socket may join at once.
+    #[arg(long, env = "NEXUS_MAX_CHANNELS", default_value_t = limits::CHANNELS_PER_CONN_MAX_DEFAULT)]
+    pub max_channels: usize,
+    /// Bytes queued for one connection before it is closed as a slow consumer (1013).
+    #[arg(long, env = "NEXUS_MAX_OUTBOX_BYTES", default_value_t = limits::OUTBOX_BYTES_MAX_DEFAULT)]
+    pub max_outbox_bytes: usize,
+    /// Leeway for the token `exp`/`nbf` checks, in seconds.
+    #[arg(long, env = "NEXUS_JWT_LEEWAY", default_value_t = 0)]
+    pub jwt_leeway_secs: u64,
+}
+
+/// A configuration error, reported as one line before exit code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `JWT_SECRET` is missing or empty.
+    #[error("JWT_SECRET is required: set the JWT_SECRET environment variable or pass --jwt-secret")]
+    MissingSecret,
+    /// A value is outside what the server accepts.
+    #[error("invalid {name}: {why}")]
+    Invalid {
+        /// Setting name as the operator writes it.
+        name: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// Validated server configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on (port 0: pick one).
+    pub listen: SocketAddr,
+    /// HS256 secret.
+    pub jwt_secret: Vec<u8>,
+    /// Token time leeway in seconds.
+    pub jwt_leeway_secs: u64,
+    /// Number of core threads.
+    pub workers: usize,
+    /// Largest client frame/message in bytes.
+    pub max_frame_bytes: usize,
+    /// Idle timeout.
+    pub idle_timeout: Duration,
+    /// Allowed origins.
+    pub origins: OriginPolicy,
+    /// Most joined topics per socket.
+    pub max_channels: usize,
+    /// Most bytes queued per connection.
+    pub max_outbox_bytes: usize,
+}
+
+impl Config {
+    /// Validates parsed arguments.
+    pub fn from_args(args: &ServerArgs) -> Result<Config, ConfigError> {
+        let secret = secret(args)?;
+        let workers = match args.workers {
+            Some(0) => return Err(invalid("NEXUS_WORKERS", "must be at least 1")),
+            Some(n) if n > 1024 => return Err(invalid("NEXUS_WORKERS", "must be at most 1024")),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        if args.max_frame_bytes < limits::FRAME_BYTES_MAX_MIN {
+            let why = format!("must be at least {}", limits::FRAME_BYTES_MAX_MIN);
+            return Err(invalid("NEXUS_MAX_FRAME_BYTES", &why));
+        }
+        if args.idle_timeout < Duration::from_secs(1) {
+            return Err(invalid("NEXUS_IDLE_TIMEOUT", "must be at least 1s"));
+        }
+        if args.max_channels == 0 {
+            return Err(invalid("NEXUS_MAX_CHANNELS", "must be at least 1"));
+        }
+        if args.max_outbox_bytes < args.max_frame_bytes {
+            return Err(invalid("NEXUS_MAX_OUTBOX_BYTES", "must be at least NEXUS_MAX_FRAME_BYTES"));
+        }
+        let entries = args
+            .allowed_origins
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(|s| OriginEntry::parse(s).ok_or_else(|| invalid("NEXUS_ALLOWED_ORIGINS", s)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Config {
+            listen: SocketAddr::new(args.bind, args.port),
+            jwt_secret: secret,
+            jwt_leeway_secs: args.jwt_leeway_secs,
+            workers,
+            max_frame_bytes: args.max_frame_bytes,
+            idle_timeout: args.idle_timeout,
+            origins: OriginPolicy::new(entries),
+            max_channels: args.max_channels,
+            max_outbox_bytes: args.max_outbox_bytes,
+        })
+    }
+}
+
+/// The secret from the arguments, or [`ConfigError::MissingSecret`].
+pub fn secret(args: &ServerArgs) -> Result<Vec<u8>, ConfigError> {
+    match &args.jwt_secret {
+        Some(s) if !s.is_empty() => Ok(s.as_bytes().to_vec()),
+        _ => Err(ConfigError::MissingSecret),
+    }
+}
+
+fn invalid(name: &'static str, why: &str) -> ConfigError {
+    ConfigError::Invalid { name, why: why.to_string() }
+}
+
+/// Parses a duration: plain seconds (`60`) or humantime (`90s`, `2m`, `24h`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (use seconds, or e.g. 90s, 2m, 24h)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("60"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn missing_secret_is_an_error() {
+        let cli = Cli::try_parse_from(["nexus"]).expect("parses");
+        let mut args = cli.server;
+        args.jwt_secret = None;
+        assert!(matches!(Config::from_args(&args), Err(ConfigError::MissingSecret)));
+    }
+}

@@ -1,0 +1,314 @@
+//! Bounded parsing of one HTTP/1.1 request head and routing it.
+//!
+//! The parser tells "need more bytes" (`Ok(None)`) from "invalid" (`Err`), so the connection
+//! can keep reading a handshake split over many TCP segments, up to
+//! [`limits::HANDSHAKE_BYTES_MAX`](crate::limits::HANDSHAKE_BYTES_MAX).
+
+use base64::Engine;
+
+use super::origin::OriginPolicy;
+use super::response::Status;
+use crate::limits;
+
+/// Why a request head could not be accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HttpError {
+    /// Head larger than the limit, or too many headers: 431.
+    #[error("request head too large")]
+    TooLarge,
+    /// Not HTTP/1.x: 400.
+    #[error("malformed request")]
+    Malformed,
+}
+
+impl HttpError {
+    /// The status answered for this error.
+    pub fn status(self) -> Status {
+        match self {
+            HttpError::TooLarge => Status::HEADERS_TOO_LARGE,
+            HttpError::Malformed => Status::BAD_REQUEST,
+        }
+    }
+}
+
+/// The parts of a request head Nexus looks at, owned so the read buffer can be reused.
+#[derive(Debug, Default, Clone)]
+pub struct Head {
+    /// Request method, as sent.
+    pub method: String,
+    /// Path without the query.
+    pub path: String,
+    /// Raw query string (after `?`), if any.
+    pub query: Option<String>,
+    /// `1` for HTTP/1.1.
+    pub minor_version: u8,
+    /// `Upgrade` header.
+    pub upgrade: Option<String>,
+    /// `Connection` header.
+    pub connection: Option<String>,
+    /// `Sec-WebSocket-Key` header.
+    pub ws_key: Option<String>,
+    /// `Sec-WebSocket-Version` header.
+    pub ws_version: Option<String>,
+    /// First `Sec-WebSocket-Protocol` header.
+    pub ws_protocol: Option<String>,
+    /// `Origin` header.
+    pub origin: Option<String>,
+    /// `Authorization` header.
+    pub authorization: Option<String>,
+}
+
+/// Parses a request head from the start of `buf`.
+///
+/// `Ok(None)`: incomplete, read more (the caller enforces the byte limit through
+/// [`HttpError::TooLarge`] returned here once `buf` exceeds it). `Ok(Some((head, n)))`: the
+/// head ends at byte `n`; bytes after it belong to the next protocol.
+pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; limits::HANDSHAKE_HEADERS_MAX];
+    let mut req = httparse::Request::new(&mut headers);
+    let n = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= limits::HANDSHAKE_BYTES_MAX => return Err(HttpError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HttpError::TooLarge),
+        Err(_) => return Err(HttpError::Malformed),
+    };
+    if n > limits::HANDSHAKE_BYTES_MAX {
+        return Err(HttpError::TooLarge);
+    }
+    let target = req.path.unwrap_or("/");
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q.to_string())),
+        None => (target, None),
+    };
+    let mut head = Head {
+        method: req.method.unwrap_or("").to_string(),
+        path: path.to_string(),
+        query,
+        minor_version: req.version.unwrap_or(0),
+        ..Head::default()
+    };
+    for h in req.headers.iter() {
+        let slot = match h.name.to_ascii_lowercase().as_str() {
+            "upgrade" => &mut head.upgrade,
+            "connection" => &mut head.connection,
+            "sec-websocket-key" => &mut head.ws_key,
+            "sec-websocket-version" => &mut head.ws_version,
+            "sec-websocket-protocol" => &mut head.ws_protocol,
+            "origin" => &mut head.origin,
+            "authorization" => &mut head.authorization,
+            _ => continue,
+        };
+        if slot.is_none() {
+            *slot = std::str::from_utf8(h.value).ok().map(|v| v.trim().to_string());
+        }
+    }
+    Ok(Some((head, n)))
+}
+
+/// What the server should do with a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /healthz`.
+    Health,
+    /// A WebSocket upgrade on the socket path that passed the checks that come before
+    /// authentication (Phoenix order: method, origin, subprotocol, then `vsn` and `connect`).
+    Upgrade(Upgrade),
+    /// Answer with this status and close.
+    Reject(Status, &'static str),
+}
+
+/// The socket path's request, ready for token verification.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Upgrade {
+    /// The `vsn` query parameter, if given.
+    pub vsn: Option<String>,
+    /// The token (query `token`, else the phoenix.js `authToken` subprotocol entry).
+    pub token: Option<String>,
+    /// Whether to answer `Sec-WebSocket-Protocol: phoenix`.
+    pub protocol_phoenix: bool,
+    /// `Sec-WebSocket-Accept`, or why the upgrade headers are invalid (400, checked after
+    /// authentication as Phoenix does).
+    pub accept: Result<String, &'static str>,
+}
+
+/// Path of the WebSocket endpoint (phoenix.js appends `/websocket` to `/socket`).
+pub const SOCKET_PATH: &str = "/socket/websocket";
+/// Liveness endpoint.
+pub const HEALTH_PATH: &str = "/healthz";
+/// phoenix.js 1.8 `authToken` subprotocol prefix.
+pub const AUTH_TOKEN_PREFIX: &str = "base64url.bearer.phx.";
+
+/// Routes a parsed head.
+pub fn route(head: &Head, origins: &OriginPolicy) -> Route {
+    match head.path.as_str() {
+        HEALTH_PATH if head.method == "GET" || head.method == "HEAD" => Route::Health,
+        HEALTH_PATH => Route::Reject(Status::METHOD_NOT_ALLOWED, "method not allowed"),
+        SOCKET_PATH => route_socket(head, origins),
+        _ => Route::Reject(Status::NOT_FOUND, "not found"),
+    }
+}
+
+fn route_socket(head: &Head, origins: &OriginPolicy) -> Route {
+    if head.method != "GET" {
+        return Route::Reject(Status::BAD_REQUEST, "the socket endpoint takes GET");
+    }
+    if !origins.allows(head.origin.as_deref()) {
+        return Route::Reject(Status::FORBIDDEN, "origin not allowed");
+    }
+    let offered = match Subprotocols::parse(head.ws_protocol.as_deref()) {
+        Ok(offered) => offered,
+        Err(why) => return Route::Reject(Status::FORBIDDEN, why),
+    };
+    let (mut token, mut vsn) = (None, None);
+    if let Some(q) = &head.query {
+        for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+            match k.as_ref() {
+                "token" if token.is_none() => token = Some(v.into_owned()),
+                "vsn" if vsn.is_none() => vsn = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+    }
+    Route::Upgrade(Upgrade {
+        vsn,
+        token: token.or(offered.token),
+        protocol_phoenix: offered.phoenix,
+        accept: accept_key(head),
+    })
+}
+
+/// The `Sec-WebSocket-Protocol` offer after taking the bearer token out of it.
+struct Subprotocols {
+    token: Option<String>,
+    phoenix: bool,
+}
+
+impl Subprotocols {
+    fn parse(header: Option<&str>) -> Result<Subprotocols, &'static str> {
+        let mut out = Subprotocols { token: None, phoenix: false };
+        let mut others = 0;
+        for entry in header.unwrap_or("").split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            if let Some(encoded) = entry.strip_prefix(AUTH_TOKEN_PREFIX) {
+                if out.token.is_some() {
+                    return Err("more than one auth token offered");
+                }
+                out.token = Some(decode_token(encoded).ok_or("auth token is not base64")?);
+            } else if entry == "phoenix" {
+                out.phoenix = true;
+            } else {
+                others += 1;
+            }
+        }
+        // Phoenix negotiates against ["phoenix"]: offering only other protocols is refused.
+        if others > 0 && !out.phoenix {
+            return Err("no supported subprotocol offered");
+        }
+        Ok(out)
+    }
+}
+
+/// Decodes the subprotocol token: phoenix.js uses `btoa` (standard alphabet) without padding;
+/// the URL-safe alphabet and padding are accepted too.
+fn decode_token(encoded: &str) -> Option<String> {
+    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+    use base64::engine::DecodePaddingMode;
+    let cfg = GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    let std = GeneralPurpose::new(&base64::alphabet::STANDARD, cfg);
+    let url = GeneralPurpose::new(&base64::alphabet::URL_SAFE, cfg);
+    let bytes = std.decode(encoded).or_else(|_| url.decode(encoded)).ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+fn has_token(list: Option<&str>, token: &str) -> bool {
+    list.is_some_and(|l| l.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// RFC 6455 §4.2.1 checks; the accept key on success.
+fn accept_key(head: &Head) -> Result<String, &'static str> {
+    if head.minor_version < 1 {
+        return Err("WebSocket needs HTTP/1.1");
+    }
+    if !has_token(head.upgrade.as_deref(), "websocket") {
+        return Err("missing Upgrade: websocket");
+    }
+    if !has_token(head.connection.as_deref(), "upgrade") {
+        return Err("missing Connection: Upgrade");
+    }
+    if head.ws_version.as_deref() != Some("13") {
+        return Err("Sec-WebSocket-Version must be 13");
+    }
+    let key = head.ws_key.as_deref().ok_or("missing Sec-WebSocket-Key")?;
+    match base64::engine::general_purpose::STANDARD.decode(key) {
+        Ok(raw) if raw.len() == 16 => Ok(tungstenite::handshake::derive_accept_key(key.as_bytes())),
+        _ => Err("invalid Sec-WebSocket-Key"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UPGRADE: &str = "GET /socket/websocket?token=abc&vsn=2.0.0 HTTP/1.1\r\nHost: x\r\n\
+        Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+    fn parse(s: &str) -> Head {
+        parse_head(s.as_bytes()).expect("valid").expect("complete").0
+    }
+
+    #[test]
+    fn incomplete_until_blank_line() {
+        for cut in 0..UPGRADE.len() {
+            assert_eq!(parse_head(&UPGRADE.as_bytes()[..cut]).map(|o| o.is_none()), Ok(true));
+        }
+    }
+
+    #[test]
+    fn upgrade_route() {
+        let head = parse(UPGRADE);
+        let Route::Upgrade(up) = route(&head, &OriginPolicy::default()) else { panic!() };
+        assert_eq!(up.token.as_deref(), Some("abc"));
+        assert_eq!(up.vsn.as_deref(), Some("2.0.0"));
+        assert_eq!(up.accept.as_deref(), Ok("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
+        assert!(!up.protocol_phoenix);
+    }
+
+    #[test]
+    fn auth_token_subprotocol() {
+        // btoa("a.b?c>") = "YS5iP2M+" (standard alphabet with '+').
+        let req = UPGRADE
+            .replace("token=abc&", "")
+            .replace("Host: x\r\n", "Host: x\r\nSec-WebSocket-Protocol: phoenix, base64url.bearer.phx.YS5iP2M+\r\n");
+        let Route::Upgrade(up) = route(&parse(&req), &OriginPolicy::default()) else { panic!() };
+        assert_eq!(up.token.as_deref(), Some("a.b?c>"));
+        assert!(up.protocol_phoenix);
+        let url_safe = req.replace("YS5iP2M+", "YS5iP2M-");
+        let Route::Upgrade(up) = route(&parse(&url_safe), &OriginPolicy::default()) else { panic!() };
+        assert_eq!(up.token.as_deref(), Some("a.b?c>"));
+    }
+
+    #[test]
+    fn rejections() {
+        let p = OriginPolicy::default();
+        let post = UPGRADE.replacen("GET", "POST", 1);
+        assert!(matches!(route(&parse(&post), &p), Route::Reject(s, _) if s == Status::BAD_REQUEST));
+        let other = UPGRADE.replace("/socket/websocket", "/socket/longpoll");
+        assert!(matches!(route(&parse(&other), &p), Route::Reject(s, _) if s == Status::NOT_FOUND));
+        let proto = UPGRADE.replace("Host: x\r\n", "Host: x\r\nSec-WebSocket-Protocol: mqtt\r\n");
+        assert!(matches!(route(&parse(&proto), &p), Route::Reject(s, _) if s == Status::FORBIDDEN));
+        let bad_b64 = UPGRADE.replace("Host: x\r\n", "Sec-WebSocket-Protocol: phoenix, base64url.bearer.phx.%%%\r\n");
+        assert!(matches!(route(&parse(&bad_b64), &p), Route::Reject(s, _) if s == Status::FORBIDDEN));
+        let no_key = UPGRADE.replace("Sec-WebSocket-Key", "X-Key");
+        let Route::Upgrade(up) = route(&parse(&no_key), &p) else { panic!() };
+        assert!(up.accept.is_err());
+    }
+
+    #[test]
+    fn oversized_head() {
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(limits::HANDSHAKE_BYTES_MAX));
+        assert_eq!(parse_head(big.as_bytes()).map(|_| ()), Err(HttpError::TooLarge));
+        let garbage = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
+        assert_eq!(parse_head(garbage).map(|_| ()), Err(HttpError::Malformed));
+    }
+}

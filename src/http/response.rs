@@ -1,0 +1,45 @@
+//! Response bytes for the few answers Nexus gives over plain HTTP.
+
+/// An HTTP status with its reason phrase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status(pub u16, pub &'static str);
+
+impl Status {
+    /// 200.
+    pub const OK: Status = Status(200, "OK");
+    /// 400: malformed request or invalid upgrade.
+    pub const BAD_REQUEST: Status = Status(400, "Bad Request");
+    /// 403: refused token, origin, subprotocol or `vsn`.
+    pub const FORBIDDEN: Status = Status(403, "Forbidden");
+    /// 404: unknown path.
+    pub const NOT_FOUND: Status = Status(404, "Not Found");
+    /// 405: wrong method on a plain endpoint.
+    pub const METHOD_NOT_ALLOWED: Status = Status(405, "Method Not Allowed");
+    /// 431: request head over the limit.
+    pub const HEADERS_TOO_LARGE: Status = Status(431, "Request Header Fields Too Large");
+    /// 503: over capacity or draining.
+    pub const UNAVAILABLE: Status = Status(503, "Service Unavailable");
+}
+
+/// A complete `text/plain` response that closes the connection.
+pub fn plain(status: Status, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{}",
+        status.0,
+        status.1,
+        body.len(),
+        body
+    )
+    .into_bytes()
+}
+
+/// The 101 answer to an accepted WebSocket upgrade.
+pub fn switching_protocols(accept: &str, protocol_phoenix: bool) -> Vec<u8> {
+    let protocol = if protocol_phoenix { "sec-websocket-protocol: phoenix\r\n" } else { "" };
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+         sec-websocket-accept: {accept}\r\n{protocol}\r\n"
+    )
+    .into_bytes()
+}

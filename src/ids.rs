@@ -1,0 +1,50 @@
+//! Identifier and timestamp formats shared by the wire and storage: canonical UUIDs and
+//! RFC 3339 UTC timestamps with microseconds.
+
+use uuid::Uuid;
+
+/// Parses the canonical hyphenated UUID form only (36 characters, any case, any version):
+/// braces, URNs and the simple 32-digit form are refused.
+pub fn parse_canonical_uuid(s: &str) -> Option<Uuid> {
+    let b = s.as_bytes();
+    if b.len() != 36 || b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
+        return None;
+    }
+    Uuid::try_parse(s).ok()
+}
+
+/// Formats microseconds since the Unix epoch as `2026-01-11T20:05:50.055142Z`.
+pub fn format_micros(micros: i64) -> String {
+    let secs = micros.div_euclid(1_000_000);
+    let nanos = (micros.rem_euclid(1_000_000) * 1_000) as u32;
+    match chrono::DateTime::from_timestamp(secs, nanos) {
+        Some(t) => t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+        None => "1970-01-01T00:00:00.000000Z".to_string(),
+    }
+}
+
+/// Microseconds since the Unix epoch, from the system clock.
+pub fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_only() {
+        let id = "0195f1b2-7c3a-7d4e-8f00-123456789abc";
+        assert!(parse_canonical_uuid(id).is_some());
+        assert!(parse_canonical_uuid(&id.to_uppercase()).is_some());
+        assert!(parse_canonical_uuid(&id.replace('-', "")).is_none());
+        assert!(parse_canonical_uuid(&format!("{{{id}}}")).is_none());
+        assert!(parse_canonical_uuid("0195f1b2-7c3a-7d4e-8f00-123456789abz").is_none());
+    }
+
+    #[test]
+    fn micros_format() {
+        assert_eq!(format_micros(1_768_161_950_055_142), "2026-01-11T20:05:50.055142Z");
+        assert_eq!(format_micros(0), "1970-01-01T00:00:00.000000Z");
+    }
+}

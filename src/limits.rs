@@ -1,0 +1,83 @@
+//! Every bound Nexus enforces, in one place, units last in the name.
+//!
+//! Configurable limits (frame size, idle timeout, ...) take their *defaults* from here; the
+//! values that are not worth a knob are plain constants. Each says why it has the value it has.
+
+use std::time::Duration;
+
+/// Default largest WebSocket frame or reassembled message a client may send.
+/// The seed app's limit was "~65KB"; Phoenix itself allows 10 MB (websock_adapter), far more
+/// than a chat message needs and an easy way to make a server buffer megabytes per socket.
+pub const FRAME_BYTES_MAX_DEFAULT: usize = 65_536;
+
+/// Smallest frame limit accepted from configuration: below this a join with a few params
+/// would no longer fit.
+pub const FRAME_BYTES_MAX_MIN: usize = 1_024;
+
+/// Default idle timeout: a socket that sends nothing for this long is closed (1001).
+/// The JS client beats every 30 s and Phoenix's transport timeout is 60 s.
+pub const IDLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
+
+/// Largest HTTP request head (request line + headers) we buffer before answering 431.
+/// A phoenix.js upgrade with a token in the query and in the subprotocol is ~1.5 KiB.
+pub const HANDSHAKE_BYTES_MAX: usize = 8_192;
+
+/// Most headers parsed in one request; more is answered 431.
+pub const HANDSHAKE_HEADERS_MAX: usize = 64;
+
+/// A connection that has not completed its HTTP upgrade within this time is dropped, so a
+/// client dribbling headers (slowloris) cannot hold a socket forever.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default most topics one socket may have joined at once (Phoenix 1.8.9's
+/// `max_channels_per_transport`).
+pub const CHANNELS_PER_CONN_MAX_DEFAULT: usize = 100;
+
+/// Default most bytes queued for one connection before it counts as a slow consumer and is
+/// closed with 1013. Bounds the memory a client that stops reading can pin.
+pub const OUTBOX_BYTES_MAX_DEFAULT: usize = 1 << 20;
+
+/// Bytes read per `recv` into the per-core scratch buffer. One buffer per core, so its size
+/// costs nothing per connection.
+pub const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Most `recv` calls for one readiness event before the connection yields to others, so one
+/// fast sender cannot starve its core.
+pub const READS_PER_WAKE_MAX: usize = 4;
+
+/// Requests the writer thread may have queued. Full → `Failed to save` / `server busy` at once.
+/// Sized from latency, not memory: at ~100k msg/s this is ~80 ms of waiting (issue 3 sizes it
+/// against the measured commit rate).
+pub const WRITER_QUEUE_MAX: usize = 8_192;
+
+/// Most requests the writer commits in one batch (one transaction, one hand-off per core).
+pub const WRITER_BATCH_MAX: usize = 1_024;
+
+/// Capacity of each core's cross-thread mailbox, in messages (each message is a whole batch).
+pub const MAILBOX_MSGS_MAX: usize = 4_096;
+
+/// How often each core sweeps its connections for idle and handshake deadlines. One coarse
+/// sweep per core instead of one timer per connection (design.md "Connection state").
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+
+/// File descriptors kept back from `RLIMIT_NOFILE` for listeners, rings, mailboxes, the
+/// database and logs; the rest may be connections.
+pub const FDS_RESERVED: u64 = 64;
+
+/// Back-off after `accept` fails for lack of file descriptors, so a full table never spins.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+const _: () = assert!(FRAME_BYTES_MAX_MIN <= FRAME_BYTES_MAX_DEFAULT);
+const _: () = assert!(WRITER_BATCH_MAX <= WRITER_QUEUE_MAX);
+const _: () = assert!(HANDSHAKE_BYTES_MAX <= READ_CHUNK_BYTES);
+
+/// After the server's last bytes (an HTTP error, a close frame), how long it keeps reading and
+/// discarding input so the client sees a clean FIN instead of a reset.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// Bytes coalesced into one `send` from a connection's queue.
+pub const WRITE_BATCH_BYTES: usize = 256 * 1024;
+
+/// Listen backlog per core listener (the kernel caps it at `net.core.somaxconn`, 4096 by
+/// default): a connect storm queues in the kernel instead of being refused.
+pub const LISTEN_BACKLOG: i32 = 4_096;

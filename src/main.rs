@@ -1,0 +1,70 @@
+//! The `nexus` binary: parse configuration, then run the server or a helper command.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use nexus::config::{self, Cli, Command, Config};
+use nexus::{auth, ids, server};
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Exit code for configuration and start-up errors.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match &cli.command {
+        Some(Command::Token { sub, ttl }) => token(&cli, sub, *ttl),
+        None => serve(&cli),
+    }
+}
+
+fn serve(cli: &Cli) -> ExitCode {
+    let config = match Config::from_args(&cli.server) {
+        Ok(c) => c,
+        Err(e) => return fail(&e.to_string()),
+    };
+    if config.jwt_secret.len() < 32 {
+        tracing::warn!("JWT_SECRET is shorter than 32 bytes; use a long random secret in production");
+    }
+    match server::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+fn token(cli: &Cli, sub: &str, ttl: std::time::Duration) -> ExitCode {
+    let secret = match config::secret(&cli.server) {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let Some(sub) = ids::parse_canonical_uuid(sub) else {
+        return fail("--sub must be a UUID (canonical hyphenated form)");
+    };
+    match auth::mint(&secret, sub, ttl) {
+        Ok(t) => {
+            println!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("nexus: {msg}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}

@@ -1,0 +1,44 @@
+//! Small JSON writing helpers for frames assembled from pre-encoded parts.
+
+/// Appends `s` as a JSON string literal (quoted and escaped).
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
+    // Serializing a &str into a Vec cannot fail.
+    let _ = sonic_rs::to_writer(&mut *out, s);
+}
+
+/// Appends `s` as a JSON string, or `null`.
+pub(crate) fn write_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => write_str(out, s),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// The string value of `key` when `payload` is a JSON object holding a string there.
+pub fn string_field(payload: &str, key: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Object<'a>(#[serde(borrow)] std::collections::HashMap<std::borrow::Cow<'a, str>, sonic_rs::Value>);
+    let Object(map) = sonic_rs::from_str(payload).ok()?;
+    map.get(key).and_then(|v| sonic_rs::JsonValueTrait::as_str(v)).map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn string_fields() {
+        assert_eq!(string_field(r#"{"body":"hi \u00e9"}"#, "body").as_deref(), Some("hi é"));
+        assert_eq!(string_field(r#"{"body":5}"#, "body"), None);
+        assert_eq!(string_field(r#"{"other":"x"}"#, "body"), None);
+        assert_eq!(string_field(r#"["body"]"#, "body"), None);
+        assert_eq!(string_field("null", "body"), None);
+    }
+
+    #[test]
+    fn escapes() {
+        let mut out = Vec::new();
+        write_str(&mut out, "a\"b\\c\n\u{1}é");
+        assert_eq!(std::str::from_utf8(&out).expect("utf8"), r#""a\"b\\c\n\u0001é""#);
+    }
+}

@@ -1,0 +1,210 @@
+//! A connection's state shared between its task and the rest of its core (the broadcaster,
+//! the sweeper, pending acknowledgements). Small on purpose: it is most of what an idle
+//! connection costs.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::task::Waker;
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use crate::close::Close;
+use crate::phoenix::Vsn;
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Reading the HTTP request head.
+    Handshake,
+    /// WebSocket open.
+    Open,
+    /// Flushing the last bytes (an HTTP answer or a close frame); input is discarded.
+    Closing,
+    /// Our side is shut down; draining the client's input until it closes or time runs out.
+    Lingering,
+}
+
+/// A joined channel on this connection.
+#[derive(Debug)]
+pub(crate) struct Joined {
+    /// Conversation id (the topic's identity).
+    pub conversation: Uuid,
+    /// Topic as this client spelled it.
+    pub topic: Rc<str>,
+    /// The join's reference, stamped on every push and reply of the channel.
+    pub join_ref: Rc<str>,
+}
+
+/// Shared per-connection state.
+pub(crate) struct Conn {
+    /// Key in the core's connection slab (also the member key in topics).
+    pub key: usize,
+    /// Per-core sequence number, for logs.
+    pub id: u64,
+    /// Socket descriptor (owned by the task's stream).
+    pub fd: RawFd,
+    user: Cell<Uuid>,
+    vsn: Cell<Vsn>,
+    phase: Cell<Phase>,
+    /// Core clock (ms) after which the sweeper acts on this connection.
+    deadline_ms: Cell<u64>,
+    /// Set by the sweeper when a closing/handshaking connection ran out of time.
+    expired: Cell<bool>,
+    close: Cell<Option<Close>>,
+    outbox: RefCell<VecDeque<Bytes>>,
+    outbox_bytes: Cell<usize>,
+    waker: Cell<Option<Waker>>,
+    /// Joined channels (few per connection; linear search beats a map at this size).
+    pub channels: RefCell<Vec<Joined>>,
+}
+
+impl Conn {
+    pub(crate) fn new(key: usize, id: u64, fd: RawFd, deadline_ms: u64) -> Conn {
+        Conn {
+            key,
+            id,
+            fd,
+            user: Cell::new(Uuid::nil()),
+            vsn: Cell::new(Vsn::V2),
+            phase: Cell::new(Phase::Handshake),
+            deadline_ms: Cell::new(deadline_ms),
+            expired: Cell::new(false),
+            close: Cell::new(None),
+            outbox: RefCell::new(VecDeque::new()),
+            outbox_bytes: Cell::new(0),
+            waker: Cell::new(None),
+            channels: RefCell::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn user(&self) -> Uuid {
+        self.user.get()
+    }
+
+    pub(crate) fn vsn(&self) -> Vsn {
+        self.vsn.get()
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        self.phase.get()
+    }
+
+    /// Switches to [`Phase::Open`] for `user` speaking `vsn`.
+    pub(crate) fn open(&self, user: Uuid, vsn: Vsn) {
+        self.user.set(user);
+        self.vsn.set(vsn);
+        self.phase.set(Phase::Open);
+    }
+
+    pub(crate) fn set_phase(&self, phase: Phase) {
+        self.phase.set(phase);
+    }
+
+    pub(crate) fn deadline_ms(&self) -> u64 {
+        self.deadline_ms.get()
+    }
+
+    pub(crate) fn set_deadline_ms(&self, ms: u64) {
+        self.deadline_ms.set(ms);
+    }
+
+    /// Marks the connection as out of time and wakes its task (sweeper).
+    pub(crate) fn expire(&self) {
+        self.expired.set(true);
+        self.wake();
+    }
+
+    pub(crate) fn expired(&self) -> bool {
+        self.expired.get()
+    }
+
+    /// Asks the task to close the socket for `why` (first reason wins).
+    pub(crate) fn request_close(&self, why: Close) {
+        if self.close.get().is_none() {
+            self.close.set(Some(why));
+            self.wake();
+        }
+    }
+
+    /// Takes a pending close request.
+    pub(crate) fn take_close(&self) -> Option<Close> {
+        self.close.take()
+    }
+
+    /// Whether a close was requested or already handled.
+    pub(crate) fn closing(&self) -> bool {
+        self.close.get().is_some() || matches!(self.phase.get(), Phase::Closing | Phase::Lingering)
+    }
+
+    /// Queues one complete frame. Over `max_bytes` queued, the connection is a slow
+    /// consumer: its queue is dropped and it is closed with 1013.
+    pub(crate) fn send(&self, frame: Bytes, max_bytes: usize) {
+        if self.closing() {
+            return;
+        }
+        if self.outbox_bytes.get() + frame.len() > max_bytes {
+            self.clear_outbox();
+            self.request_close(Close::SlowConsumer);
+            return;
+        }
+        self.push_final(frame);
+    }
+
+    /// Queues bytes the task itself must send even while closing (an HTTP answer, the close
+    /// frame); no limit applies.
+    pub(crate) fn push_final(&self, frame: Bytes) {
+        self.outbox_bytes.set(self.outbox_bytes.get() + frame.len());
+        self.outbox.borrow_mut().push_back(frame);
+        self.wake();
+    }
+
+    /// Drops everything queued.
+    pub(crate) fn clear_outbox(&self) {
+        *self.outbox.borrow_mut() = VecDeque::new();
+        self.outbox_bytes.set(0);
+    }
+
+    /// Whether frames are queued.
+    pub(crate) fn has_output(&self) -> bool {
+        self.outbox_bytes.get() > 0
+    }
+
+    /// Whether the task has something to act on besides socket readiness.
+    pub(crate) fn has_work(&self, write_blocked: bool) -> bool {
+        self.close.get().is_some() || self.expired.get() || (!write_blocked && self.has_output())
+    }
+
+    /// Moves queued frames into `out` until it holds at least `limit` bytes; returns the count.
+    pub(crate) fn drain_outbox_into(&self, out: &mut Vec<u8>, limit: usize) -> usize {
+        let mut outbox = self.outbox.borrow_mut();
+        let mut moved = 0;
+        while out.len() < limit {
+            let Some(frame) = outbox.pop_front() else { break };
+            out.extend_from_slice(&frame);
+            moved += frame.len();
+        }
+        self.outbox_bytes.set(self.outbox_bytes.get() - moved);
+        if outbox.is_empty() && outbox.capacity() > 16 {
+            // A burst grew the queue; give the memory back while idle.
+            *outbox = VecDeque::new();
+        }
+        moved
+    }
+
+    pub(crate) fn set_waker(&self, waker: &Waker) {
+        let current = self.waker.take();
+        match current {
+            Some(w) if w.will_wake(waker) => self.waker.set(Some(w)),
+            _ => self.waker.set(Some(waker.clone())),
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}

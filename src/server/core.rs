@@ -1,0 +1,300 @@
+//! One core: its listener, its connections, its shard of topic memberships, its mailbox, and
+//! the coarse sweep that replaces per-connection timers. Everything here is touched by this
+//! core's thread only (`Rc`/`RefCell`, no locks).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use monoio::net::{TcpListener, TcpStream, UnixStream};
+use slab::Slab;
+use uuid::Uuid;
+
+use super::conn::{Conn, Phase};
+use super::{session, sys, task};
+use crate::auth::Verifier;
+use crate::bus::{CoreMsg, Mailbox};
+use crate::close::Close;
+use crate::config::Config;
+use crate::phoenix::{self, Vsn};
+use crate::store::{CommitBatch, Committed, StoreHandle};
+use crate::{chat, limits, ws};
+
+/// Read-only state every core shares.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub verifier: Verifier,
+    pub mailboxes: Vec<Mailbox>,
+    /// Open connections over all cores (checked at accept only).
+    pub connections: AtomicUsize,
+    /// Most connections the descriptor limit allows.
+    pub connections_max: usize,
+}
+
+/// One local member of a topic.
+pub(crate) struct Member {
+    pub conn: Rc<Conn>,
+    /// The member's spelling of the topic (frames echo it).
+    pub topic: Rc<str>,
+}
+
+/// This core's members of one conversation.
+#[derive(Default)]
+pub(crate) struct Topic {
+    pub members: HashMap<usize, Member>,
+}
+
+/// A `new_msg` waiting for the writer's answer.
+pub(crate) struct PendingAck {
+    pub conn: Rc<Conn>,
+    pub join_ref: Rc<str>,
+    pub reference: Option<String>,
+    pub topic: Rc<str>,
+}
+
+/// Per-core state.
+pub(crate) struct Core {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub store: StoreHandle,
+    pub conns: RefCell<Slab<Rc<Conn>>>,
+    pub topics: RefCell<HashMap<Uuid, Topic>>,
+    pub acks: RefCell<Slab<PendingAck>>,
+    /// Scratch buffer for `recv`: one per core instead of one per connection.
+    pub read_buf: RefCell<Vec<u8>>,
+    /// Scratch buffer that coalesces a connection's queued frames into one `send`.
+    pub write_buf: RefCell<Vec<u8>>,
+    started: Instant,
+    now_ms: Cell<u64>,
+    next_conn_id: Cell<u64>,
+}
+
+impl Core {
+    pub(crate) fn new(id: usize, shared: Arc<Shared>, store: StoreHandle) -> Core {
+        Core {
+            id,
+            shared,
+            store,
+            conns: RefCell::new(Slab::new()),
+            topics: RefCell::new(HashMap::new()),
+            acks: RefCell::new(Slab::new()),
+            read_buf: RefCell::new(vec![0; limits::READ_CHUNK_BYTES]),
+            write_buf: RefCell::new(Vec::new()),
+            started: Instant::now(),
+            now_ms: Cell::new(0),
+            next_conn_id: Cell::new(0),
+        }
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Coarse core clock in ms, advanced by the sweeper (and at accept).
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.now_ms.get()
+    }
+
+    fn tick(&self) -> u64 {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.now_ms.set(now);
+        now
+    }
+
+    /// Runs the core until the process exits.
+    pub(crate) async fn run(self: Rc<Self>, listener: TcpListener, wake: UnixStream) {
+        monoio::spawn(self.clone().sweep());
+        monoio::spawn(self.clone().mailbox(wake));
+        self.accept_loop(listener).await;
+    }
+
+    async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
+        let mut spare = sys::SpareFd::open();
+        loop {
+            match listener.accept().await {
+                Ok((stream, _peer)) => self.admit(stream),
+                Err(e) if sys::is_resource_exhaustion(&e) => {
+                    let refused = spare.refuse_one(listener.as_raw_fd());
+                    tracing::warn!(core = self.id, error = %e, refused, "accept: out of descriptors; backing off");
+                    monoio::time::sleep(limits::ACCEPT_BACKOFF).await;
+                }
+                Err(e) => tracing::debug!(core = self.id, error = %e, "accept failed"),
+            }
+        }
+    }
+
+    fn admit(self: &Rc<Self>, stream: TcpStream) {
+        let shared = &self.shared;
+        if shared.connections.fetch_add(1, Ordering::Relaxed) >= shared.connections_max {
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(core = self.id, max = shared.connections_max, "connection refused: at capacity");
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        monoio::spawn(task::serve(self.clone(), stream));
+    }
+
+    /// Registers a freshly accepted socket.
+    pub(crate) fn register(&self, fd: i32) -> Rc<Conn> {
+        let id = self.next_conn_id.get();
+        self.next_conn_id.set(id + 1);
+        let deadline = self.tick() + limits::HANDSHAKE_TIMEOUT.as_millis() as u64;
+        let mut conns = self.conns.borrow_mut();
+        let entry = conns.vacant_entry();
+        let conn = Rc::new(Conn::new(entry.key(), id, fd, deadline));
+        entry.insert(conn.clone());
+        conn
+    }
+
+    /// Forgets a connection: leaves its channels, drops it from the slab.
+    pub(crate) fn unregister(&self, conn: &Rc<Conn>) {
+        for joined in conn.channels.borrow_mut().drain(..) {
+            self.remove_member(joined.conversation, conn.key);
+        }
+        self.conns.borrow_mut().try_remove(conn.key);
+        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Adds `conn` to a topic's local members; returns the interned spelling to store.
+    pub(crate) fn add_member(&self, conversation: Uuid, conn: &Rc<Conn>, spelling: &str) -> Rc<str> {
+        let mut topics = self.topics.borrow_mut();
+        let topic = topics.entry(conversation).or_default();
+        let shared = topic.members.values().map(|m| &m.topic).find(|t| ***t == *spelling).cloned();
+        let spelling: Rc<str> = shared.unwrap_or_else(|| Rc::from(spelling));
+        topic.members.insert(conn.key, Member { conn: conn.clone(), topic: spelling.clone() });
+        spelling
+    }
+
+    /// Removes a member; frees the topic when it was the last one.
+    pub(crate) fn remove_member(&self, conversation: Uuid, key: usize) {
+        let mut topics = self.topics.borrow_mut();
+        if let Some(topic) = topics.get_mut(&conversation) {
+            topic.members.remove(&key);
+            if topic.members.is_empty() {
+                topics.remove(&conversation);
+            }
+        }
+    }
+
+    /// The coarse timer: every [`limits::SWEEP_INTERVAL`], act on connections whose deadline
+    /// passed (idle → close 1001; handshake, closing, lingering → drop).
+    async fn sweep(self: Rc<Self>) {
+        loop {
+            monoio::time::sleep(limits::SWEEP_INTERVAL).await;
+            let now = self.tick();
+            for (_, conn) in self.conns.borrow().iter() {
+                if conn.deadline_ms() > now {
+                    continue;
+                }
+                match conn.phase() {
+                    Phase::Open => {
+                        conn.request_close(Close::Idle);
+                    }
+                    Phase::Handshake | Phase::Closing | Phase::Lingering => conn.expire(),
+                }
+            }
+        }
+    }
+
+    /// Drains this core's mailbox; sleeps on the wake socket when empty.
+    async fn mailbox(self: Rc<Self>, wake: UnixStream) {
+        let mailbox = &self.shared.mailboxes[self.id];
+        let mut sink = [0u8; 64];
+        loop {
+            while let Some(msg) = mailbox.pop() {
+                match msg {
+                    CoreMsg::Committed(batch) => self.on_committed(&batch),
+                }
+            }
+            if !mailbox.prepare_sleep() {
+                continue;
+            }
+            if let Err(e) = wake.readable(false).await {
+                tracing::error!(core = self.id, error = %e, "mailbox wait failed");
+            }
+            while matches!(sys::recv(wake.as_raw_fd(), &mut sink), Ok(n) if n > 0) {}
+        }
+    }
+
+    /// Broadcasts a committed batch to local members and answers this core's senders
+    /// (broadcast first, then the reply: Phoenix's order).
+    fn on_committed(&self, batch: &CommitBatch) {
+        for m in &batch.messages {
+            if batch.failure.is_none() {
+                self.broadcast(m);
+            }
+            if usize::from(m.origin.core) != self.id {
+                continue;
+            }
+            let Some(ack) = self.acks.borrow_mut().try_remove(m.origin.ticket as usize) else { continue };
+            match batch.failure {
+                None => session::reply(
+                    self,
+                    &ack.conn,
+                    Some(&ack.join_ref),
+                    ack.reference.as_deref(),
+                    &ack.topic,
+                    true,
+                    phoenix::EMPTY,
+                ),
+                Some(detail) => {
+                    let response = chat::failed_to_save(detail);
+                    session::reply(
+                        self,
+                        &ack.conn,
+                        Some(&ack.join_ref),
+                        ack.reference.as_deref(),
+                        &ack.topic,
+                        false,
+                        &response,
+                    )
+                }
+            }
+        }
+    }
+
+    /// Encodes a message once per (serializer, topic spelling) present and queues the shared
+    /// bytes on every local member.
+    fn broadcast(&self, m: &Committed) {
+        let topics = self.topics.borrow();
+        let Some(topic) = topics.get(&m.conversation) else { return };
+        let payload = chat::new_msg_payload(m);
+        let mut frames: Vec<(Vsn, Rc<str>, Bytes)> = Vec::new();
+        let max = self.config().max_outbox_bytes;
+        for member in topic.members.values() {
+            let vsn = member.conn.vsn();
+            let cached =
+                frames.iter().find(|(v, t, _)| *v == vsn && (Rc::ptr_eq(t, &member.topic) || *t == member.topic));
+            let frame = match cached {
+                Some((_, _, f)) => f.clone(),
+                None => {
+                    let msg = phoenix::Outbound {
+                        join_ref: None,
+                        reference: None,
+                        topic: &member.topic,
+                        event: chat::NEW_MSG,
+                        payload: &payload,
+                    };
+                    let f = encode_frame(vsn, &msg);
+                    frames.push((vsn, member.topic.clone(), f.clone()));
+                    f
+                }
+            };
+            member.conn.send(frame, max);
+        }
+    }
+}
+
+/// One Phoenix message as a complete WebSocket text frame.
+pub(crate) fn encode_frame(vsn: Vsn, msg: &phoenix::Outbound<'_>) -> Bytes {
+    let mut json = Vec::with_capacity(64 + msg.payload.len() + msg.topic.len());
+    phoenix::encode(vsn, msg, &mut json);
+    let mut frame = Vec::with_capacity(json.len() + 10);
+    ws::frame(ws::Kind::Text, &json, &mut frame);
+    Bytes::from(frame)
+}

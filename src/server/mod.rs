@@ -1,0 +1,165 @@
+//! Boot and wiring: listeners, the writer thread, one pinned monoio runtime per core, signals.
+//! The only home of `monoio`; nothing imports this module but `main`.
+
+mod conn;
+mod core;
+mod session;
+mod sys;
+mod task;
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+use monoio::{FusionDriver, RuntimeBuilder};
+use socket2::{Domain, Socket, Type};
+
+use self::core::{Core, Shared};
+use crate::auth::Verifier;
+use crate::bus::{CoreMsg, Mailbox, WakeReceiver};
+use crate::config::Config;
+use crate::limits;
+use crate::store::{spawn_writer, MemoryStore, StoreHandle};
+
+/// A start-up failure (reported as one line, exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address tried.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Threads, runtimes or mailboxes could not be created.
+    #[error("cannot start: {0}")]
+    Start(#[from] std::io::Error),
+}
+
+/// Runs the server until SIGINT/SIGTERM.
+pub fn run(config: Config) -> Result<(), ServerError> {
+    let nofile = sys::raise_nofile_limit();
+    let workers = config.workers;
+    let per_core_fds = 8; // listener, ring, wake pair, spare fd, timer, slack
+    let reserved = limits::FDS_RESERVED + per_core_fds * workers as u64;
+    let connections_max = nofile.saturating_sub(reserved).max(1) as usize;
+    let listeners = bind_listeners(config.listen, workers)?;
+    let local = listeners[0].local_addr().map_err(ServerError::Start)?;
+    let (mailboxes, wakes): (Vec<Mailbox>, Vec<WakeReceiver>) = (0..workers)
+        .map(|_| Mailbox::new(limits::MAILBOX_MSGS_MAX))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .unzip();
+    let shared = Arc::new(Shared {
+        verifier: Verifier::new(&config.jwt_secret, config.jwt_leeway_secs),
+        config,
+        mailboxes,
+        connections: AtomicUsize::new(0),
+        connections_max,
+    });
+    let fanout = shared.clone();
+    let sink = Box::new(move |batch| {
+        for mailbox in &fanout.mailboxes {
+            mailbox.push_blocking(CoreMsg::Committed(Arc::clone(&batch)));
+        }
+    });
+    let (store, _writer) = spawn_writer(Box::new(MemoryStore), sink)?;
+    block_signals();
+    let uring = monoio::utils::detect_uring();
+    for (id, (listener, wake)) in listeners.into_iter().zip(wakes).enumerate() {
+        spawn_core(id, shared.clone(), store.clone(), listener, wake)?;
+    }
+    let driver = if uring { "io_uring" } else { "epoll (legacy fallback: io_uring unavailable)" };
+    if !uring {
+        tracing::warn!("io_uring is unavailable; running on the legacy epoll driver");
+    }
+    tracing::info!(
+        "listening on {local} workers={workers} driver={driver} open_files={nofile} max_connections={connections_max}"
+    );
+    let signal = wait_for_signal();
+    tracing::info!(signal, "shutting down");
+    Ok(())
+}
+
+/// One `SO_REUSEPORT` listener per core, all on the same port (port 0 resolves once).
+fn bind_listeners(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpListener>, ServerError> {
+    let mut out = Vec::with_capacity(n);
+    let mut addr = addr;
+    for _ in 0..n {
+        let bind = || -> std::io::Result<std::net::TcpListener> {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(limits::LISTEN_BACKLOG)?;
+            Ok(socket.into())
+        };
+        let listener = bind().map_err(|source| ServerError::Bind { addr, source })?;
+        if addr.port() == 0 {
+            addr = listener.local_addr()?;
+        }
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+fn spawn_core(
+    id: usize,
+    shared: Arc<Shared>,
+    store: StoreHandle,
+    listener: std::net::TcpListener,
+    wake: WakeReceiver,
+) -> std::io::Result<()> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::Builder::new().name(format!("core-{id}")).spawn(move || {
+        if let Err(e) = monoio::utils::bind_to_cpu_set([id % cpus]) {
+            tracing::warn!(core = id, error = %e, "could not pin core thread");
+        }
+        let result = RuntimeBuilder::<FusionDriver>::new().enable_timer().build().and_then(|mut rt| {
+            rt.block_on(async move {
+                let listener = monoio::net::TcpListener::from_std(listener)?;
+                let wake = monoio::net::UnixStream::from_std(wake.0)?;
+                Rc::new(Core::new(id, shared, store)).run(listener, wake).await;
+                Ok(())
+            })
+        });
+        if let Err(e) = result {
+            tracing::error!(core = id, error = %e, "core failed; exiting");
+            std::process::exit(1);
+        }
+    })?;
+    Ok(())
+}
+
+/// Blocks SIGINT/SIGTERM in this thread and every thread it starts afterwards, so only
+/// [`wait_for_signal`] receives them.
+fn block_signals() {
+    // SAFETY: sigset operations on a local, zero-initialised set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+fn wait_for_signal() -> &'static str {
+    // SAFETY: sigset operations on a local set; sigwait writes the signal number.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let mut sig: libc::c_int = 0;
+        libc::sigwait(&set, &mut sig);
+        if sig == libc::SIGINT {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        }
+    }
+}

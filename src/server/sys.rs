@@ -1,0 +1,95 @@
+//! Thin, checked wrappers over the few syscalls the server makes directly: non-blocking
+//! `recv`/`send` on readiness (field-notes §1: waiting for readiness and reading into a per-core
+//! buffer keeps idle connections free of read buffers), `shutdown`, and `RLIMIT_NOFILE`.
+
+use std::io;
+use std::os::fd::RawFd;
+
+fn retry<F: FnMut() -> isize>(mut f: F) -> io::Result<usize> {
+    loop {
+        let n = f();
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// Non-blocking receive; `WouldBlock` when nothing is buffered, `Ok(0)` at end of stream.
+pub(crate) fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid writable region of `buf.len()` bytes for the whole call.
+    retry(|| unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) })
+}
+
+/// Non-blocking send without SIGPIPE; `WouldBlock` when the socket buffer is full.
+pub(crate) fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    // SAFETY: `buf` is a valid readable region of `buf.len()` bytes for the whole call.
+    retry(|| unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) })
+}
+
+/// Half-closes the sending side (FIN after queued data).
+pub(crate) fn shutdown_write(fd: RawFd) {
+    // SAFETY: plain syscall on a descriptor we own; errors (already closed) are irrelevant.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+}
+
+/// Raises the soft open-file limit to the hard limit; returns the soft limit now in force.
+pub(crate) fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: `raised` is a valid in-pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return raised.rlim_cur;
+        }
+    }
+    lim.rlim_cur
+}
+
+/// A descriptor held in reserve so that, when the process runs out of descriptors, `accept`
+/// can still take a pending connection off the backlog and close it instead of leaving the
+/// client hanging (and the accept loop failing on every retry).
+#[derive(Debug)]
+pub(crate) struct SpareFd(RawFd);
+
+impl SpareFd {
+    pub(crate) fn open() -> SpareFd {
+        SpareFd(open_dev_null())
+    }
+
+    /// Frees the spare, accepts and closes one pending connection, re-takes the spare.
+    /// Returns whether a connection was refused.
+    pub(crate) fn refuse_one(&mut self, listener: RawFd) -> bool {
+        if self.0 >= 0 {
+            // SAFETY: closing the descriptor we opened.
+            unsafe { libc::close(self.0) };
+        }
+        let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        // SAFETY: accept4 with null address pointers is allowed.
+        let fd = unsafe { libc::accept4(listener, std::ptr::null_mut(), std::ptr::null_mut(), flags) };
+        if fd >= 0 {
+            // SAFETY: closing the descriptor accept4 just gave us.
+            unsafe { libc::close(fd) };
+        }
+        self.0 = open_dev_null();
+        fd >= 0
+    }
+}
+
+fn open_dev_null() -> RawFd {
+    // SAFETY: the path is a valid NUL-terminated C string.
+    unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) }
+}
+
+/// Whether an `accept` error means the process or system is out of descriptors or memory.
+pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}

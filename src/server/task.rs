@@ -1,0 +1,283 @@
+//! The per-connection task: the only place socket IO meets protocol code.
+//!
+//! One task per connection, parked on a readiness poll while idle, so an idle connection holds
+//! no read buffer and no timer (field-notes §1; design.md "Connection state and memory").
+//! Reads go through the core's scratch buffer; only a partial frame is copied into the
+//! connection's own `inbuf`. Writes coalesce everything queued into one `send` (a loopback
+//! write costs ~5.5 µs whatever its size, field-notes §3).
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::pin::pin;
+use std::rc::Rc;
+use std::task::Poll;
+
+use bytes::Bytes;
+use monoio::net::TcpStream;
+
+use super::conn::{Conn, Phase};
+use super::core::Core;
+use super::{session, sys};
+use crate::close::Close;
+use crate::http::{self, response, Route};
+use crate::limits;
+use crate::phoenix::Vsn;
+use crate::ws::{self, Decoder, Message};
+
+/// What woke the task.
+enum Wake {
+    Readable(io::Result<()>),
+    Writable(io::Result<()>),
+    Work,
+}
+
+/// Task-local connection state (lives in the task's future, not in shared state).
+struct Local {
+    /// Bytes of an incomplete request head or frame (empty, unallocated, when idle).
+    inbuf: Vec<u8>,
+    /// Bytes a `send` could not take yet.
+    unsent: Vec<u8>,
+    decoder: Decoder,
+}
+
+/// Serves one accepted connection to its end.
+pub(crate) async fn serve(core: Rc<Core>, stream: TcpStream) {
+    let conn = core.register(stream.as_raw_fd());
+    if let Err(e) = drive(&core, &conn, &stream).await {
+        tracing::debug!(core = core.id, conn = conn.id, error = %e, "connection error");
+    }
+    core.unregister(&conn);
+}
+
+async fn drive(core: &Core, conn: &Rc<Conn>, stream: &TcpStream) -> io::Result<()> {
+    let mut readable = pin!(stream.readable(false));
+    let mut writable = pin!(stream.writable(false));
+    let mut local = Local { inbuf: Vec::new(), unsent: Vec::new(), decoder: Decoder::default() };
+    let mut write_blocked = false;
+    loop {
+        let wake = poll_fn(|cx| {
+            if conn.has_work(write_blocked) {
+                return Poll::Ready(Wake::Work);
+            }
+            if write_blocked {
+                if let Poll::Ready(r) = writable.as_mut().poll(cx) {
+                    return Poll::Ready(Wake::Writable(r));
+                }
+            }
+            if let Poll::Ready(r) = readable.as_mut().poll(cx) {
+                return Poll::Ready(Wake::Readable(r));
+            }
+            conn.set_waker(cx.waker());
+            Poll::Pending
+        })
+        .await;
+        match wake {
+            Wake::Readable(r) => {
+                readable.set(stream.readable(false));
+                r?;
+                if !on_readable(core, conn, &mut local)? {
+                    return Ok(()); // peer closed
+                }
+            }
+            Wake::Writable(r) => {
+                writable.set(stream.writable(false));
+                r?;
+            }
+            Wake::Work => {}
+        }
+        if conn.expired() {
+            return Ok(());
+        }
+        if let Some(why) = conn.take_close() {
+            start_close(core, conn, &local, why);
+        }
+        write_blocked = !flush(core, conn, &mut local.unsent)?;
+        if !write_blocked && conn.phase() == Phase::Closing {
+            sys::shutdown_write(conn.fd);
+            conn.set_phase(Phase::Lingering);
+        }
+    }
+}
+
+/// Queues the close frame (when a WebSocket is open) and moves to [`Phase::Closing`].
+fn start_close(core: &Core, conn: &Conn, local: &Local, why: Close) {
+    if conn.phase() == Phase::Open {
+        // A slow consumer's queue is gone; its close frame may only follow whole frames.
+        if why != Close::SlowConsumer || local.unsent.is_empty() {
+            let mut frame = Vec::with_capacity(32);
+            ws::close_frame(why.code(), why.reason(), &mut frame);
+            conn.push_final(Bytes::from(frame));
+        }
+        tracing::debug!(core = core.id, conn = conn.id, user = %conn.user(), code = why.code(), reason = why.reason(), "closing");
+    }
+    conn.set_phase(Phase::Closing);
+    conn.set_deadline_ms(core.now_ms() + limits::CLOSE_LINGER.as_millis() as u64);
+}
+
+/// Reads what is available. Returns `false` at end of stream.
+fn on_readable(core: &Core, conn: &Rc<Conn>, local: &mut Local) -> io::Result<bool> {
+    for _ in 0..limits::READS_PER_WAKE_MAX {
+        let mut buf = core.read_buf.borrow_mut();
+        let n = match sys::recv(conn.fd, &mut buf) {
+            Ok(0) => return Ok(false),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        let full = n == buf.len();
+        match conn.phase() {
+            Phase::Handshake => {
+                local.inbuf.extend_from_slice(&buf[..n]);
+                drop(buf);
+                on_handshake_bytes(core, conn, local);
+            }
+            Phase::Open => {
+                conn.set_deadline_ms(core.now_ms() + core.config().idle_timeout.as_millis() as u64);
+                if local.inbuf.is_empty() {
+                    let used = on_frames(core, conn, &mut local.decoder, &mut buf[..n]);
+                    local.inbuf.extend_from_slice(&buf[used..n]);
+                } else {
+                    local.inbuf.extend_from_slice(&buf[..n]);
+                    drop(buf);
+                    let used = on_frames(core, conn, &mut local.decoder, &mut local.inbuf);
+                    local.inbuf.drain(..used);
+                    if local.inbuf.is_empty() {
+                        local.inbuf = Vec::new();
+                    }
+                }
+            }
+            Phase::Closing | Phase::Lingering => {} // discard
+        }
+        if !full {
+            break;
+        }
+    }
+    Ok(true)
+}
+
+/// Decodes and handles complete frames at the start of `buf`; returns the bytes consumed.
+fn on_frames(core: &Core, conn: &Rc<Conn>, decoder: &mut Decoder, buf: &mut [u8]) -> usize {
+    let max = core.config().max_frame_bytes;
+    let mut pos = 0;
+    while pos < buf.len() && conn.phase() == Phase::Open && !conn.has_work(true) {
+        match decoder.decode(&mut buf[pos..], max) {
+            Ok(None) => break,
+            Ok(Some((msg, n))) => {
+                pos += n;
+                if let Some(msg) = msg {
+                    on_message(core, conn, msg);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(core = core.id, conn = conn.id, user = %conn.user(), error = %e, "websocket error");
+                conn.request_close(Close::from_ws(e));
+                return buf.len();
+            }
+        }
+    }
+    if conn.has_work(true) {
+        return buf.len(); // closing: the rest is discarded
+    }
+    pos
+}
+
+fn on_message(core: &Core, conn: &Rc<Conn>, msg: Message<'_>) {
+    match msg {
+        Message::Text(text) => session::on_text(core, conn, &text),
+        Message::Binary(data) => session::on_binary(core, conn, &data),
+        Message::Ping(payload) => {
+            let mut frame = Vec::with_capacity(payload.len() + 2);
+            ws::pong_frame(payload, &mut frame);
+            conn.send(Bytes::from(frame), core.config().max_outbox_bytes);
+        }
+        Message::Pong => {}
+        Message::Close(code) => conn.request_close(Close::Echo(code)),
+    }
+}
+
+/// Handles the request head once it is complete.
+fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
+    let (head, used) = match http::parse_head(&local.inbuf) {
+        Ok(Some(parsed)) => parsed,
+        Ok(None) => return,
+        Err(e) => return answer(core, conn, e.status(), &e.to_string()),
+    };
+    let upgrade = match http::route(&head, &core.config().origins) {
+        Route::Health => return answer(core, conn, response::Status::OK, "ok"),
+        Route::Reject(status, why) => return answer(core, conn, status, why),
+        Route::Upgrade(up) => up,
+    };
+    let Some(vsn) = Vsn::negotiate(upgrade.vsn.as_deref()) else {
+        return answer(core, conn, response::Status::FORBIDDEN, "unsupported vsn");
+    };
+    let user = match core.shared.verifier.verify(upgrade.token.as_deref()) {
+        Ok(user) => user,
+        Err(e) => {
+            tracing::info!(core = core.id, conn = conn.id, error = %e, "upgrade refused");
+            return answer(core, conn, response::Status::FORBIDDEN, "forbidden");
+        }
+    };
+    let accept = match upgrade.accept {
+        Ok(accept) => accept,
+        Err(why) => return answer(core, conn, response::Status::BAD_REQUEST, why),
+    };
+    conn.push_final(Bytes::from(response::switching_protocols(&accept, upgrade.protocol_phoenix)));
+    conn.open(user, vsn);
+    conn.set_deadline_ms(core.now_ms() + core.config().idle_timeout.as_millis() as u64);
+    tracing::debug!(core = core.id, conn = conn.id, user = %user, ?vsn, "connected");
+    // Bytes after the head are the first WebSocket frames.
+    local.inbuf.drain(..used);
+    if !local.inbuf.is_empty() {
+        let mut rest = std::mem::take(&mut local.inbuf);
+        let consumed = on_frames(core, conn, &mut local.decoder, &mut rest);
+        rest.drain(..consumed);
+        local.inbuf = rest;
+    }
+    if local.inbuf.is_empty() {
+        local.inbuf = Vec::new();
+    }
+}
+
+/// Answers the HTTP request and closes after the answer is sent.
+fn answer(core: &Core, conn: &Conn, status: response::Status, body: &str) {
+    conn.push_final(Bytes::from(response::plain(status, body)));
+    conn.set_phase(Phase::Closing);
+    conn.set_deadline_ms(core.now_ms() + limits::CLOSE_LINGER.as_millis() as u64);
+}
+
+/// Sends what is queued: leftovers first, then queued frames coalesced through the core's
+/// write buffer. Returns `false` if the socket is full (wait for writability).
+fn flush(core: &Core, conn: &Conn, unsent: &mut Vec<u8>) -> io::Result<bool> {
+    if !unsent.is_empty() {
+        let n = send_some(conn, unsent)?;
+        unsent.drain(..n);
+        if !unsent.is_empty() {
+            return Ok(false);
+        }
+        *unsent = Vec::new();
+    }
+    let mut buf = core.write_buf.borrow_mut();
+    while conn.has_output() {
+        buf.clear();
+        conn.drain_outbox_into(&mut buf, limits::WRITE_BATCH_BYTES);
+        let n = send_some(conn, &buf)?;
+        if n < buf.len() {
+            unsent.extend_from_slice(&buf[n..]);
+            return Ok(false);
+        }
+    }
+    if buf.capacity() > limits::WRITE_BATCH_BYTES * 2 {
+        *buf = Vec::new();
+    }
+    Ok(true)
+}
+
+/// One non-blocking send; a full socket counts as 0 bytes.
+fn send_some(conn: &Conn, bytes: &[u8]) -> io::Result<usize> {
+    match sys::send(conn.fd, bytes) {
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,65 @@
+//! Server-to-client frames: unmasked, never fragmented.
+
+use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+use tungstenite::protocol::frame::FrameHeader;
+
+/// Kind of a data frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// UTF-8 text (all Phoenix JSON).
+    Text,
+    /// Binary.
+    Binary,
+}
+
+fn header(opcode: OpCode, len: usize, out: &mut Vec<u8>) {
+    let h = FrameHeader { opcode, ..FrameHeader::default() };
+    // Writing into a Vec cannot fail.
+    let _ = h.format(len as u64, out);
+}
+
+/// Appends one complete frame carrying `payload` to `out`.
+pub fn frame(kind: Kind, payload: &[u8], out: &mut Vec<u8>) {
+    let op = match kind {
+        Kind::Text => OpCode::Data(Data::Text),
+        Kind::Binary => OpCode::Data(Data::Binary),
+    };
+    out.reserve(payload.len() + 10);
+    header(op, payload.len(), out);
+    out.extend_from_slice(payload);
+}
+
+/// A pong answering a ping with `payload` (≤ 125 bytes, checked by the decoder).
+pub fn pong_frame(payload: &[u8], out: &mut Vec<u8>) {
+    header(OpCode::Control(Control::Pong), payload.len(), out);
+    out.extend_from_slice(payload);
+}
+
+/// A close frame with `code` and a short `reason` (truncated to fit 125 bytes).
+pub fn close_frame(code: u16, reason: &str, out: &mut Vec<u8>) {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    header(OpCode::Control(Control::Close), 2 + end, out);
+    out.extend_from_slice(&code.to_be_bytes());
+    out.extend_from_slice(&reason.as_bytes()[..end]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_sizes() {
+        let mut out = Vec::new();
+        frame(Kind::Text, &[b'x'; 148], &mut out);
+        assert_eq!(&out[..4], &[0x81, 0x7e, 0x00, 0x94]);
+        out.clear();
+        frame(Kind::Text, b"hi", &mut out);
+        assert_eq!(out, b"\x81\x02hi");
+        out.clear();
+        close_frame(1001, "idle", &mut out);
+        assert_eq!(out, b"\x88\x06\x03\xe9idle");
+    }
+}

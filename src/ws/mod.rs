@@ -1,0 +1,14 @@
+//! Sans-IO WebSocket (RFC 6455) for the server side, on tungstenite's frame-header layer.
+//!
+//! tungstenite's message-level `WebSocketContext` costs ≥ 528 B per connection even with tiny
+//! buffers (field-notes §4); the header-level API plus our own unmasking and reassembly keeps
+//! idle connections free of codec state: a [`Decoder`] is one `Option<Box<_>>`, `None` unless
+//! a fragmented message is half-way. The only home of `tungstenite`.
+
+mod codec;
+mod encode;
+mod mask;
+
+pub use codec::{Decoder, Message, WsError};
+pub use encode::{close_frame, frame, pong_frame, Kind};
+pub use mask::apply_mask;

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: Rust unit + integration tests (real server, raw frames) and the
+# JavaScript tests with the official phoenix client. Installs the npm test dependencies itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v cargo >/dev/null || { echo "tests/run.sh: cargo is required (https://rustup.rs)" >&2; exit 1; }
+command -v node >/dev/null || { echo "tests/run.sh: node (>= 20) and npm are required" >&2; exit 1; }
+
+echo "== cargo test (unit + integration, real sockets)"
+cargo test --locked --all-targets
+
+echo "== JavaScript tests (official phoenix client over ws)"
+(cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+NEXUS_BIN="$PWD/target/debug/nexus" node --test tests/js/
