@@ -22,13 +22,7 @@ const RECV_TIMEOUT: Duration = Duration::from_secs(10);
 type Msg = (String, String, String, String);
 
 fn new_msg_frame(topic: &str, r#ref: &str, body: &str) -> String {
-    v2(
-        Some("1"),
-        Some(r#ref),
-        topic,
-        "new_msg",
-        &format!(r#"{{"body":{}}}"#, js(Some(body))),
-    )
+    v2(Some("1"), Some(r#ref), topic, "new_msg", &format!(r#"{{"body":{}}}"#, js(Some(body))))
 }
 
 /// Parses a broadcast `new_msg` on `topic`, checking the envelope and generated fields.
@@ -54,10 +48,7 @@ fn join_all(port: u16, topic: &str, subs: &[String]) -> Vec<Client> {
 }
 
 fn join_threads<T>(handles: Vec<thread::JoinHandle<T>>) -> Vec<T> {
-    handles
-        .into_iter()
-        .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-        .collect()
+    handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
 }
 
 #[test]
@@ -90,12 +81,9 @@ fn every_member_sees_every_message_in_one_order() {
                 let deadline = Instant::now() + Duration::from_secs(30);
                 while msgs.len() < TOTAL || (sender && acks < PER_SENDER) {
                     let remaining = deadline.saturating_duration_since(Instant::now());
-                    let frame = c.try_recv_text(remaining.min(RECV_TIMEOUT)).unwrap_or_else(|e| {
-                        panic!(
-                            "socket {i}: {e} after {} messages and {acks} acks",
-                            msgs.len()
-                        )
-                    });
+                    let frame = c
+                        .try_recv_text(remaining.min(RECV_TIMEOUT))
+                        .unwrap_or_else(|e| panic!("socket {i}: {e} after {} messages and {acks} acks", msgs.len()));
                     match parse(&frame)[3].as_str() {
                         Some("new_msg") => msgs.push(parse_broadcast(&frame, &topic)),
                         Some("phx_reply") if sender => {
@@ -105,10 +93,7 @@ fn every_member_sees_every_message_in_one_order() {
                                 "socket {i}: acks must be ok and in send order"
                             );
                             let own = format!("s{i}-{acks}");
-                            assert!(
-                                msgs.iter().any(|m| m.2 == own),
-                                "socket {i}: ack of {own} before its broadcast"
-                            );
+                            assert!(msgs.iter().any(|m| m.2 == own), "socket {i}: ack of {own} before its broadcast");
                             acks += 1;
                         }
                         _ => panic!("socket {i}: unexpected frame {frame}"),
@@ -137,11 +122,7 @@ fn every_member_sees_every_message_in_one_order() {
     }
     // Each sender's messages, attributed to it, in its send order.
     for (i, sub) in subs.iter().enumerate().take(SENDERS) {
-        let mine: Vec<&str> = reference
-            .iter()
-            .filter(|m| m.1 == *sub)
-            .map(|m| m.2.as_str())
-            .collect();
+        let mine: Vec<&str> = reference.iter().filter(|m| m.1 == *sub).map(|m| m.2.as_str()).collect();
         let expected: Vec<String> = (0..PER_SENDER).map(|k| format!("s{i}-{k}")).collect();
         assert_eq!(mine, expected, "sender {i}");
     }

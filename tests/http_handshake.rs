@@ -9,10 +9,7 @@ use common::*;
 #[test]
 fn healthz_answers_200_ok() {
     let server = start_server(&[]);
-    let resp = http_raw(
-        server.port,
-        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-    );
+    let resp = http_raw(server.port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
     assert_eq!(resp.status, 200, "{:?}", resp.status_line);
     assert!(resp.status_line.starts_with("HTTP/1.1 200"));
     assert_eq!(resp.body_text(), "ok");
@@ -23,18 +20,12 @@ fn other_paths_are_404_and_closed() {
     let server = start_server(&[]);
     let port = server.port;
     for path in ["/", "/socket", "/socket/longpoll", "/index.html", "/healthzz"] {
-        let mut resp = http_raw(
-            port,
-            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes(),
-        );
+        let mut resp = http_raw(port, format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes());
         assert_eq!(resp.status, 404, "GET {path}");
         resp.assert_error(404);
     }
     // A well-formed, authenticated upgrade on the long-poll path is still 404.
-    let mut resp = http_raw(
-        port,
-        upgrade_request_with(port, "GET", "/socket/longpoll", &v2_query(), &[]).as_bytes(),
-    );
+    let mut resp = http_raw(port, upgrade_request_with(port, "GET", "/socket/longpoll", &v2_query(), &[]).as_bytes());
     resp.assert_error(404);
 }
 
@@ -45,14 +36,7 @@ fn non_get_on_socket_path_is_400() {
     for method in ["POST", "PUT", "DELETE"] {
         let mut resp = http_raw(
             port,
-            upgrade_request_with(
-                port,
-                method,
-                "/socket/websocket",
-                &v2_query(),
-                &["Content-Length: 0"],
-            )
-            .as_bytes(),
+            upgrade_request_with(port, method, "/socket/websocket", &v2_query(), &["Content-Length: 0"]).as_bytes(),
         );
         assert_eq!(resp.status, 400, "{method}");
         resp.assert_error(400);
@@ -64,11 +48,7 @@ fn exact_101_answer_without_subprotocol() {
     let server = start_server(&[]);
     let ws = RawWs::connect(server.port);
     // from_response checked status line, Upgrade, Connection and Sec-WebSocket-Accept.
-    assert_eq!(
-        ws.handshake.header("sec-websocket-protocol"),
-        None,
-        "no subprotocol was offered, none may be answered"
-    );
+    assert_eq!(ws.handshake.header("sec-websocket-protocol"), None, "no subprotocol was offered, none may be answered");
     assert!(ws.handshake.body.is_empty());
 }
 
@@ -80,22 +60,10 @@ fn missing_or_invalid_upgrade_headers_are_400() {
     let base = upgrade_request(port, &query, &[]);
     let cases = [
         ("no Upgrade header", base.replace("Upgrade: websocket\r\n", "")),
-        (
-            "Upgrade is not websocket",
-            base.replace("Upgrade: websocket\r\n", "Upgrade: h2c\r\n"),
-        ),
-        (
-            "no Sec-WebSocket-Key",
-            base.replace(&format!("Sec-WebSocket-Key: {WS_KEY}\r\n"), ""),
-        ),
-        (
-            "Sec-WebSocket-Version 8",
-            base.replace("Sec-WebSocket-Version: 13\r\n", "Sec-WebSocket-Version: 8\r\n"),
-        ),
-        (
-            "no Sec-WebSocket-Version",
-            base.replace("Sec-WebSocket-Version: 13\r\n", ""),
-        ),
+        ("Upgrade is not websocket", base.replace("Upgrade: websocket\r\n", "Upgrade: h2c\r\n")),
+        ("no Sec-WebSocket-Key", base.replace(&format!("Sec-WebSocket-Key: {WS_KEY}\r\n"), "")),
+        ("Sec-WebSocket-Version 8", base.replace("Sec-WebSocket-Version: 13\r\n", "Sec-WebSocket-Version: 8\r\n")),
+        ("no Sec-WebSocket-Version", base.replace("Sec-WebSocket-Version: 13\r\n", "")),
     ];
     for (name, request) in cases {
         assert_ne!(request, base, "case {name} did not change the request");
@@ -116,12 +84,7 @@ fn malformed_http_is_400() {
     ];
     for request in cases {
         let mut resp = http_raw(port, request);
-        assert_eq!(
-            resp.status,
-            400,
-            "request {:?}",
-            String::from_utf8_lossy(request)
-        );
+        assert_eq!(resp.status, 400, "request {:?}", String::from_utf8_lossy(request));
         resp.assert_error(400);
     }
 }
@@ -151,10 +114,7 @@ fn unknown_vsn_is_403() {
     let port = server.port;
     let tok = token(&new_sub());
     for vsn in ["3.0.0", "abc", "0.9.0"] {
-        let mut resp = http_raw(
-            port,
-            upgrade_request(port, &format!("vsn={vsn}&token={tok}"), &[]).as_bytes(),
-        );
+        let mut resp = http_raw(port, upgrade_request(port, &format!("vsn={vsn}&token={tok}"), &[]).as_bytes());
         assert_eq!(resp.status, 403, "vsn={vsn}");
         resp.assert_error(403);
     }
@@ -162,20 +122,10 @@ fn unknown_vsn_is_403() {
 
 #[test]
 fn origin_allow_list() {
-    let server = start_server(&[(
-        "NEXUS_ALLOWED_ORIGINS",
-        "https://example.com,https://chat.example.org",
-    )]);
+    let server = start_server(&[("NEXUS_ALLOWED_ORIGINS", "https://example.com,https://chat.example.org")]);
     let port = server.port;
-    for origin in [
-        "https://evil.com",
-        "http://example.com",
-        "https://example.com.evil.com",
-    ] {
-        let mut resp = http_raw(
-            port,
-            upgrade_request(port, &v2_query(), &[&format!("Origin: {origin}")]).as_bytes(),
-        );
+    for origin in ["https://evil.com", "http://example.com", "https://example.com.evil.com"] {
+        let mut resp = http_raw(port, upgrade_request(port, &v2_query(), &[&format!("Origin: {origin}")]).as_bytes());
         assert_eq!(resp.status, 403, "Origin {origin}");
         resp.assert_error(403);
     }
@@ -275,11 +225,7 @@ fn healthy_client_keeps_working_through_bad_requests() {
     ];
     for (i, request) in bad.iter().enumerate() {
         let resp = http_raw(port, request);
-        assert!(
-            resp.status >= 400,
-            "bad request {i} got {:?}",
-            resp.status_line
-        );
+        assert!(resp.status >= 400, "bad request {i} got {:?}", resp.status_line);
         healthy.heartbeat(&format!("hb{i}"));
     }
     healthy.roundtrip(

@@ -38,10 +38,7 @@ fn join_reply_is_exact_and_echoes_the_topic() {
     c.join(&upper, "2");
     // Join params are accepted and ignored.
     let t3 = new_topic();
-    c.roundtrip(
-        &v2(Some("3"), Some("3"), &t3, "phx_join", r#"{"name":"ann","n":[1,2]}"#),
-        &v2_ok(Some("3"), "3", &t3),
-    );
+    c.roundtrip(&v2(Some("3"), Some("3"), &t3, "phx_join", r#"{"name":"ann","n":[1,2]}"#), &v2_ok(Some("3"), "3", &t3));
     c.heartbeat("4");
 }
 
@@ -69,15 +66,10 @@ fn duplicate_join_replies_then_closes_the_old_join() {
     let topic = new_topic();
     c.join(&topic, "1");
     c.send_text(&v2(Some("5"), Some("5"), &topic, "phx_join", "{}"));
-    c.expect(&format!(
-        r#"["5","5","{topic}","phx_reply",{{"status":"ok","response":{{}}}}]"#
-    ));
+    c.expect(&format!(r#"["5","5","{topic}","phx_reply",{{"status":"ok","response":{{}}}}]"#));
     c.expect(&format!(r#"["1","1","{topic}","phx_close",{{}}]"#));
     // The new join is the current one: a push with it is answered with it.
-    c.roundtrip(
-        &v2(Some("5"), Some("6"), &topic, "ping", "{}"),
-        &v2_ok(Some("5"), "6", &topic),
-    );
+    c.roundtrip(&v2(Some("5"), Some("6"), &topic, "ping", "{}"), &v2_ok(Some("5"), "6", &topic));
 }
 
 #[test]
@@ -87,15 +79,10 @@ fn leave_replies_then_closes() {
     let topic = new_topic();
     c.join(&topic, "1");
     c.send_text(&v2(Some("1"), Some("2"), &topic, "phx_leave", "{}"));
-    c.expect(&format!(
-        r#"["1","2","{topic}","phx_reply",{{"status":"ok","response":{{}}}}]"#
-    ));
+    c.expect(&format!(r#"["1","2","{topic}","phx_reply",{{"status":"ok","response":{{}}}}]"#));
     c.expect(&format!(r#"["1","1","{topic}","phx_close",{{}}]"#));
     // After the leave the topic is no longer joined.
-    c.roundtrip(
-        &v2(Some("1"), Some("3"), &topic, "ping", "{}"),
-        &v2_error(None, "3", &topic, "unmatched topic"),
-    );
+    c.roundtrip(&v2(Some("1"), Some("3"), &topic, "ping", "{}"), &v2_error(None, "3", &topic, "unmatched topic"));
     // And it can be joined again.
     c.join(&topic, "4");
 }
@@ -154,10 +141,7 @@ fn stale_join_refs_are_dropped_silently() {
     // A stale leave is ignored too: no reply, no close, still joined.
     c.send_text(&v2(Some("1"), Some("8"), &topic, "phx_leave", "{}"));
     c.heartbeat("hb2");
-    c.roundtrip(
-        &v2(Some("5"), Some("9"), &topic, "ping", "{}"),
-        &v2_ok(Some("5"), "9", &topic),
-    );
+    c.roundtrip(&v2(Some("5"), Some("9"), &topic, "ping", "{}"), &v2_ok(Some("5"), "9", &topic));
 }
 
 #[test]
@@ -180,19 +164,11 @@ fn ping_echoes_its_payload() {
     c.join(&topic, "1");
     c.send_text(&v2(Some("1"), Some("3"), &topic, "ping", r#"{"a":[1,2],"b":"x"}"#));
     let reply = c.recv();
-    assert!(
-        reply.starts_with(&format!(r#"["1","3","{topic}","phx_reply",{{"status":"ok","response":"#)),
-        "{reply}"
-    );
+    assert!(reply.starts_with(&format!(r#"["1","3","{topic}","phx_reply",{{"status":"ok","response":"#)), "{reply}");
     let v = parse(&reply);
     let expected: Value = sonic_rs::from_str(r#"{"a":[1,2],"b":"x"}"#).expect("json");
     assert_eq!(v[4]["response"], expected, "{reply}");
-    assert_eq!(
-        reply,
-        format!(
-            r#"["1","3","{topic}","phx_reply",{{"status":"ok","response":{{"a":[1,2],"b":"x"}}}}]"#
-        )
-    );
+    assert_eq!(reply, format!(r#"["1","3","{topic}","phx_reply",{{"status":"ok","response":{{"a":[1,2],"b":"x"}}}}]"#));
     // Nested, unicode and escaped content survives the round trip.
     let payload = r#"{"s":"quote \" backslash \\ é ✓ 😀","n":{"deep":[true,false,null,-1.5]}}"#;
     c.send_text(&v2(Some("1"), Some("4"), &topic, "ping", payload));
@@ -211,15 +187,10 @@ fn unknown_event_is_an_error_reply() {
     c.join(&topic, "1");
     c.roundtrip(
         &v2(Some("1"), Some("3"), &topic, "dance", "{}"),
-        &format!(
-            r#"["1","3","{topic}","phx_reply",{{"status":"error","response":{{"reason":"unknown event"}}}}]"#
-        ),
+        &format!(r#"["1","3","{topic}","phx_reply",{{"status":"error","response":{{"reason":"unknown event"}}}}]"#),
     );
     // The channel survives.
-    c.roundtrip(
-        &v2(Some("1"), Some("4"), &topic, "ping", "{}"),
-        &v2_ok(Some("1"), "4", &topic),
-    );
+    c.roundtrip(&v2(Some("1"), Some("4"), &topic, "ping", "{}"), &v2_ok(Some("1"), "4", &topic));
 }
 
 /// Reads the next frame, checks it is the `new_msg` broadcast of `text` by `sender` on
@@ -235,9 +206,7 @@ fn expect_new_msg(c: &mut Client, topic: &str, sender: &str, text: &str) -> (Str
     if frame != expected {
         // Escaping may legitimately differ (e.g. \u00e9 vs é); the content must not.
         assert_eq!(v[4]["content"]["text"].as_str(), Some(text), "{frame}");
-        let ascii_expected = format!(
-            r#"[null,null,"{topic}","new_msg",{{"id":"{id}","content":{{"text":"#
-        );
+        let ascii_expected = format!(r#"[null,null,"{topic}","new_msg",{{"id":"{id}","content":{{"text":"#);
         assert!(frame.starts_with(&ascii_expected), "{frame}\nexpected {expected}");
         assert!(
             frame.ends_with(&format!(r#"}},"sender_id":"{sender}","inserted_at":"{ts}"}}]"#)),
@@ -261,9 +230,7 @@ fn new_msg_broadcasts_to_every_member_then_replies() {
     a.send_text(&v2(Some("1"), Some("4"), &topic, "new_msg", r#"{"body":"hi"}"#));
     // Sender: broadcast first, then the reply.
     let (frame_a, id, ts) = expect_new_msg(&mut a, &topic, &sa, "hi");
-    a.expect(&format!(
-        r#"["1","4","{topic}","phx_reply",{{"status":"ok","response":{{}}}}]"#
-    ));
+    a.expect(&format!(r#"["1","4","{topic}","phx_reply",{{"status":"ok","response":{{}}}}]"#));
     // The other member gets the identical broadcast.
     let (frame_b, id_b, ts_b) = expect_new_msg(&mut b, &topic, &sa, "hi");
     assert_eq!(frame_a, frame_b);
@@ -271,13 +238,7 @@ fn new_msg_broadcasts_to_every_member_then_replies() {
 
     // Other direction, with text that needs escaping.
     let text = "he said \"hi\" \\ tab\t é ✓ 😀 </script>";
-    b.send_text(&v2(
-        Some("1"),
-        Some("7"),
-        &topic,
-        "new_msg",
-        &format!(r#"{{"body":{}}}"#, js(Some(text))),
-    ));
+    b.send_text(&v2(Some("1"), Some("7"), &topic, "new_msg", &format!(r#"{{"body":{}}}"#, js(Some(text)))));
     let (_, id2, ts2) = expect_new_msg(&mut b, &topic, &sb, text);
     b.expect(&v2_ok(Some("1"), "7", &topic));
     let (_, id2a, _) = expect_new_msg(&mut a, &topic, &sb, text);
@@ -361,13 +322,7 @@ fn inserted_at_and_ids_follow_send_order() {
     a.join(&topic, "1");
     // Pipelined: all sent before any reply is read.
     for i in 0..20 {
-        a.send_text(&v2(
-            Some("1"),
-            Some(&format!("m{i}")),
-            &topic,
-            "new_msg",
-            &format!(r#"{{"body":"n{i}"}}"#),
-        ));
+        a.send_text(&v2(Some("1"), Some(&format!("m{i}")), &topic, "new_msg", &format!(r#"{{"body":"n{i}"}}"#)));
     }
     let mut last_ts = String::new();
     let mut ids = std::collections::HashSet::new();
@@ -435,14 +390,13 @@ fn malformed_frames_are_dropped_and_the_socket_stays_open() {
         "[[],[],[],[],[]]",
     ];
     for (i, text) in malformed.iter().enumerate() {
+        let r = format!("ok{i}");
         c.send_text(text);
-        c.heartbeat(&format!("ok{i}"));
+        c.send_text(&heartbeat(&r));
+        assert_eq!(c.recv(), heartbeat_reply(&r), "malformed frame {text:?} was not dropped silently");
     }
     // The channel membership survived too, and so did the other member.
-    c.roundtrip(
-        &v2(Some("1"), Some("p"), &topic, "ping", "{}"),
-        &v2_ok(Some("1"), "p", &topic),
-    );
+    c.roundtrip(&v2(Some("1"), Some("p"), &topic, "ping", "{}"), &v2_ok(Some("1"), "p", &topic));
     bystander.send_text(&v2(Some("1"), Some("2"), &topic, "new_msg", r#"{"body":"still"}"#));
     expect_new_msg(&mut bystander, &topic, &sb, "still");
     bystander.expect(&v2_ok(Some("1"), "2", &topic));
@@ -451,13 +405,7 @@ fn malformed_frames_are_dropped_and_the_socket_stays_open() {
 
 /// Phoenix V2 binary push (kind 0): header, then join_ref, ref, topic, event, payload.
 fn binary_push(join_ref: &str, r#ref: &str, topic: &str, event: &str, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![
-        0u8,
-        join_ref.len() as u8,
-        r#ref.len() as u8,
-        topic.len() as u8,
-        event.len() as u8,
-    ];
+    let mut out = vec![0u8, join_ref.len() as u8, r#ref.len() as u8, topic.len() as u8, event.len() as u8];
     for part in [join_ref, r#ref, topic, event] {
         out.extend_from_slice(part.as_bytes());
     }
@@ -498,11 +446,10 @@ fn garbage_binary_frames_are_dropped() {
         b"[null,\"x\",\"phoenix\",\"heartbeat\",{}]",
     ];
     for (i, bytes) in garbage.iter().enumerate() {
+        let r = format!("ok{i}");
         c.send_binary(bytes);
-        c.heartbeat(&format!("ok{i}"));
+        c.send_text(&heartbeat(&r));
+        assert_eq!(c.recv(), heartbeat_reply(&r), "binary frame {bytes:02x?} was not dropped silently");
     }
-    c.roundtrip(
-        &v2(Some("1"), Some("p"), &topic, "ping", "{}"),
-        &v2_ok(Some("1"), "p", &topic),
-    );
+    c.roundtrip(&v2(Some("1"), Some("p"), &topic, "ping", "{}"), &v2_ok(Some("1"), "p", &topic));
 }

@@ -12,4 +12,4 @@ cargo test --locked --all-targets
 
 echo "== JavaScript tests (official phoenix client over ws)"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
-NEXUS_BIN="$PWD/target/debug/nexus" node --test tests/js/
+NEXUS_BIN="$PWD/target/debug/nexus" node --test tests/js/*.test.js

@@ -86,10 +86,16 @@ struct V1<'a> {
     event: String,
     #[serde(borrow)]
     payload: LazyValue<'a>,
-    #[serde(rename = "ref")]
+    // Phoenix requires the key (`from_map!`); only its value may be null.
+    #[serde(rename = "ref", deserialize_with = "present")]
     reference: Option<String>,
     #[serde(default)]
     join_ref: Option<String>,
+}
+
+/// A nullable string whose key must be present (serde's `Option` default would allow absence).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d)
 }
 
 /// Decodes one text frame.
@@ -210,5 +216,7 @@ mod tests {
         assert_eq!((m.join_ref.clone(), m.reference.as_deref(), m.payload()), (None, Some("3"), r#"{"x":1}"#));
         assert!(decode(Vsn::V1, r#"["1","2","t","e",{}]"#).is_err());
         assert!(decode(Vsn::V1, r#"{"topic":"t","payload":{}}"#).is_err());
+        assert!(decode(Vsn::V1, r#"{"topic":"t","event":"e","payload":{}}"#).is_err(), "ref is required");
+        assert!(decode(Vsn::V1, r#"{"topic":"t","event":"e","payload":{},"ref":null}"#).is_ok());
     }
 }

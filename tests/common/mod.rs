@@ -73,14 +73,8 @@ impl Drop for Server {
 pub fn unique_temp_dir() -> PathBuf {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!(
-        "nexus-test-{}-{n}-{nanos}",
-        std::process::id()
-    ));
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!("nexus-test-{}-{n}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create test data dir");
     dir
 }
@@ -91,9 +85,7 @@ pub fn nexus_command() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nexus"));
     for (key, _) in std::env::vars_os() {
         let Some(key) = key.to_str() else { continue };
-        if key.starts_with("NEXUS_")
-            || matches!(key, "PORT" | "JWT_SECRET" | "DATABASE_PATH" | "RUST_LOG")
-        {
+        if key.starts_with("NEXUS_") || matches!(key, "PORT" | "JWT_SECRET" | "DATABASE_PATH" | "RUST_LOG") {
             cmd.env_remove(key);
         }
     }
@@ -103,6 +95,7 @@ pub fn nexus_command() -> Command {
 
 /// Starts `nexus` on 127.0.0.1, port 0, 2 workers, the test secret and a private database;
 /// `env` adds or overrides variables. Returns once the server printed `listening on`.
+#[track_caller]
 pub fn start_server(env: &[(&str, &str)]) -> Server {
     let dir = unique_temp_dir();
     let db = dir.join("nexus.db");
@@ -116,9 +109,7 @@ pub fn start_server(env: &[(&str, &str)]) -> Server {
     for (key, value) in env {
         cmd.env(key, value);
     }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn nexus");
     let stderr = child.stderr.take().expect("piped stderr");
 
@@ -154,12 +145,7 @@ pub fn start_server(env: &[(&str, &str)]) -> Server {
         match rx.recv_timeout(remaining) {
             Ok(line) => {
                 if let Some(port) = parse_listening_port(&line) {
-                    return Server {
-                        port,
-                        child,
-                        log,
-                        dir,
-                    };
+                    return Server { port, child, log, dir };
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -167,7 +153,9 @@ pub fn start_server(env: &[(&str, &str)]) -> Server {
                 let _ = child.wait();
                 let logs = log.lock().map(|l| l.join("\n")).unwrap_or_default();
                 let _ = std::fs::remove_dir_all(&dir);
-                panic!("nexus did not print `listening on 127.0.0.1:<port>` within {STARTUP_TIMEOUT:?}; stderr:\n{logs}");
+                panic!(
+                    "nexus did not print `listening on 127.0.0.1:<port>` within {STARTUP_TIMEOUT:?}; stderr:\n{logs}"
+                );
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let status = child.wait();
@@ -182,10 +170,7 @@ pub fn start_server(env: &[(&str, &str)]) -> Server {
 fn parse_listening_port(line: &str) -> Option<u16> {
     const MARK: &str = "listening on 127.0.0.1:";
     let start = line.find(MARK)? + MARK.len();
-    let digits: String = line[start..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
+    let digits: String = line[start..].chars().take_while(|c| c.is_ascii_digit()).collect();
     digits.parse().ok().filter(|p| *p != 0)
 }
 
@@ -213,10 +198,7 @@ pub fn strip_ansi(s: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 
 pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs()
 }
 
 pub fn new_sub() -> String {
@@ -234,18 +216,10 @@ pub fn b64url(bytes: &[u8]) -> String {
 /// Builds `b64url(header).b64url(claims).<signature>` where the signature is computed with
 /// `sign_alg` and `secret`, whatever `header` claims. `sign_alg = None` leaves it empty.
 pub fn craft_jwt(header: &str, claims: &str, secret: &[u8], sign_alg: Option<Algorithm>) -> String {
-    let message = format!(
-        "{}.{}",
-        b64url(header.as_bytes()),
-        b64url(claims.as_bytes())
-    );
+    let message = format!("{}.{}", b64url(header.as_bytes()), b64url(claims.as_bytes()));
     let signature = match sign_alg {
-        Some(alg) => jsonwebtoken::crypto::sign(
-            message.as_bytes(),
-            &EncodingKey::from_secret(secret),
-            alg,
-        )
-        .expect("sign test token"),
+        Some(alg) => jsonwebtoken::crypto::sign(message.as_bytes(), &EncodingKey::from_secret(secret), alg)
+            .expect("sign test token"),
         None => String::new(),
     };
     format!("{message}.{signature}")
@@ -253,12 +227,7 @@ pub fn craft_jwt(header: &str, claims: &str, secret: &[u8], sign_alg: Option<Alg
 
 /// A valid HS256 token with the test secret and the given claims (raw JSON object).
 pub fn token_with_claims(claims: &str) -> String {
-    craft_jwt(
-        r#"{"alg":"HS256","typ":"JWT"}"#,
-        claims,
-        SECRET.as_bytes(),
-        Some(Algorithm::HS256),
-    )
+    craft_jwt(r#"{"alg":"HS256","typ":"JWT"}"#, claims, SECRET.as_bytes(), Some(Algorithm::HS256))
 }
 
 /// A valid token for `sub`, expiring in an hour.
@@ -281,24 +250,12 @@ pub fn js(v: Option<&str>) -> String {
 
 /// A V2 frame `[join_ref, ref, topic, event, payload]`; `payload` is raw JSON.
 pub fn v2(join_ref: Option<&str>, r#ref: Option<&str>, topic: &str, event: &str, payload: &str) -> String {
-    format!(
-        "[{},{},{},{},{payload}]",
-        js(join_ref),
-        js(r#ref),
-        js(Some(topic)),
-        js(Some(event))
-    )
+    format!("[{},{},{},{},{payload}]", js(join_ref), js(r#ref), js(Some(topic)), js(Some(event)))
 }
 
 /// The exact V2 reply the server must write.
 pub fn v2_reply(join_ref: Option<&str>, r#ref: Option<&str>, topic: &str, status: &str, response: &str) -> String {
-    v2(
-        join_ref,
-        r#ref,
-        topic,
-        "phx_reply",
-        &format!(r#"{{"status":"{status}","response":{response}}}"#),
-    )
+    v2(join_ref, r#ref, topic, "phx_reply", &format!(r#"{{"status":"{status}","response":{response}}}"#))
 }
 
 pub fn v2_ok(join_ref: Option<&str>, r#ref: &str, topic: &str) -> String {
@@ -306,15 +263,10 @@ pub fn v2_ok(join_ref: Option<&str>, r#ref: &str, topic: &str) -> String {
 }
 
 pub fn v2_error(join_ref: Option<&str>, r#ref: &str, topic: &str, reason: &str) -> String {
-    v2_reply(
-        join_ref,
-        Some(r#ref),
-        topic,
-        "error",
-        &format!(r#"{{"reason":{}}}"#, js(Some(reason))),
-    )
+    v2_reply(join_ref, Some(r#ref), topic, "error", &format!(r#"{{"reason":{}}}"#, js(Some(reason))))
 }
 
+#[track_caller]
 pub fn heartbeat(r#ref: &str) -> String {
     v2(None, Some(r#ref), "phoenix", "heartbeat", "{}")
 }
@@ -325,12 +277,8 @@ pub fn heartbeat_reply(r#ref: &str) -> String {
 
 /// A V1 frame from the client; `join_ref` is left out when `None`.
 pub fn v1(join_ref: Option<&str>, r#ref: Option<&str>, topic: &str, event: &str, payload: &str) -> String {
-    let mut s = format!(
-        r#"{{"topic":{},"event":{},"payload":{payload},"ref":{}"#,
-        js(Some(topic)),
-        js(Some(event)),
-        js(r#ref)
-    );
+    let mut s =
+        format!(r#"{{"topic":{},"event":{},"payload":{payload},"ref":{}"#, js(Some(topic)), js(Some(event)), js(r#ref));
     if let Some(j) = join_ref {
         s.push_str(&format!(r#","join_ref":{}"#, js(Some(j))));
     }
@@ -340,23 +288,14 @@ pub fn v1(join_ref: Option<&str>, r#ref: Option<&str>, topic: &str, event: &str,
 
 /// The exact V1 frame the server must write (`topic, event, payload, ref`; never join_ref).
 pub fn v1_out(topic: &str, event: &str, payload: &str, r#ref: Option<&str>) -> String {
-    format!(
-        r#"{{"topic":{},"event":{},"payload":{payload},"ref":{}}}"#,
-        js(Some(topic)),
-        js(Some(event)),
-        js(r#ref)
-    )
+    format!(r#"{{"topic":{},"event":{},"payload":{payload},"ref":{}}}"#, js(Some(topic)), js(Some(event)), js(r#ref))
 }
 
 pub fn v1_reply(topic: &str, r#ref: &str, status: &str, response: &str) -> String {
-    v1_out(
-        topic,
-        "phx_reply",
-        &format!(r#"{{"status":"{status}","response":{response}}}"#),
-        Some(r#ref),
-    )
+    v1_out(topic, "phx_reply", &format!(r#"{{"status":"{status}","response":{response}}}"#), Some(r#ref))
 }
 
+#[track_caller]
 pub fn parse(text: &str) -> Value {
     sonic_rs::from_str(text).unwrap_or_else(|e| panic!("server sent invalid JSON {text:?}: {e}"))
 }
@@ -364,23 +303,17 @@ pub fn parse(text: &str) -> Value {
 /// The event of a V2 array or V1 object frame, if it has one.
 pub fn event_of(text: &str) -> Option<String> {
     let v: Value = sonic_rs::from_str(text).ok()?;
-    let event = if v.is_array() {
-        v.get(3)?.as_str()?.to_string()
-    } else {
-        v.get("event")?.as_str()?.to_string()
-    };
+    let event = if v.is_array() { v.get(3)?.as_str()?.to_string() } else { v.get("event")?.as_str()?.to_string() };
     Some(event)
 }
 
 /// Presence frames follow every join and change; tests of other behaviour skip them.
 pub fn is_presence(text: &str) -> bool {
-    matches!(
-        event_of(text).as_deref(),
-        Some("presence_state" | "presence_diff")
-    )
+    matches!(event_of(text).as_deref(), Some("presence_state" | "presence_diff"))
 }
 
 /// Checks a `new_msg` payload's generated fields and returns `(id, inserted_at)`.
+#[track_caller]
 pub fn check_generated_fields(payload: &Value) -> (String, String) {
     let id = payload
         .get("id")
@@ -400,6 +333,7 @@ pub fn check_generated_fields(payload: &Value) -> (String, String) {
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ`, a real date, within a minute of now.
+#[track_caller]
 pub fn check_timestamp(ts: &str) {
     let b = ts.as_bytes();
     let shape_ok = b.len() == 27
@@ -450,8 +384,7 @@ pub fn ws_uri(port: u16, query: &str) -> String {
 
 fn tcp_connect(port: u16) -> TcpStream {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let stream = TcpStream::connect_timeout(&addr, TIMEOUT)
-        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    let stream = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
     stream.set_nodelay(true).expect("nodelay");
     stream.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
     stream.set_write_timeout(Some(TIMEOUT)).expect("write timeout");
@@ -465,9 +398,7 @@ pub fn try_connect(
     headers: &[(&str, &str)],
     protocols: &[&str],
 ) -> Result<Client, ConnectError> {
-    let uri: Uri = ws_uri(port, query)
-        .parse()
-        .map_err(|e| ConnectError::Other(format!("bad uri: {e}")))?;
+    let uri: Uri = ws_uri(port, query).parse().map_err(|e| ConnectError::Other(format!("bad uri: {e}")))?;
     let mut builder = ClientRequestBuilder::new(uri);
     for (k, v) in headers {
         builder = builder.with_header(*k, *v);
@@ -475,53 +406,45 @@ pub fn try_connect(
     for p in protocols {
         builder = builder.with_sub_protocol(*p);
     }
-    let request = builder
-        .into_client_request()
-        .map_err(|e| ConnectError::Other(format!("request: {e}")))?;
+    let request = builder.into_client_request().map_err(|e| ConnectError::Other(format!("request: {e}")))?;
     let stream = tcp_connect(port);
     match tungstenite::client(request, stream) {
-        Ok((ws, response)) => Ok(Client {
-            ws,
-            response,
-            skip_presence: true,
-        }),
+        Ok((ws, response)) => Ok(Client { ws, response, skip_presence: true }),
         Err(HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
             Err(ConnectError::Status(resp.status().as_u16()))
         }
         Err(HandshakeError::Failure(e)) => Err(ConnectError::Other(e.to_string())),
-        Err(HandshakeError::Interrupted(_)) => {
-            Err(ConnectError::Other("handshake timed out".to_string()))
-        }
+        Err(HandshakeError::Interrupted(_)) => Err(ConnectError::Other("handshake timed out".to_string())),
     }
 }
 
 /// Connects or panics.
+#[track_caller]
 pub fn connect(port: u16, query: &str) -> Client {
-    try_connect(port, query, &[], &[])
-        .unwrap_or_else(|e| panic!("connect ?{query} failed: {e:?}"))
+    try_connect(port, query, &[], &[]).unwrap_or_else(|e| panic!("connect ?{query} failed: {e:?}"))
 }
 
 /// A V2 client authenticated as `sub`.
+#[track_caller]
 pub fn connect_v2(port: u16, sub: &str) -> Client {
     connect(port, &format!("vsn=2.0.0&token={}", token(sub)))
 }
 
 /// A V1 client authenticated as `sub`.
+#[track_caller]
 pub fn connect_v1(port: u16, sub: &str) -> Client {
     connect(port, &format!("vsn=1.0.0&token={}", token(sub)))
 }
 
 impl Client {
+    #[track_caller]
     pub fn send_text(&mut self, text: &str) {
-        self.ws
-            .send(Message::text(text))
-            .unwrap_or_else(|e| panic!("send {text:?}: {e}"));
+        self.ws.send(Message::text(text)).unwrap_or_else(|e| panic!("send {text:?}: {e}"));
     }
 
+    #[track_caller]
     pub fn send_binary(&mut self, bytes: &[u8]) {
-        self.ws
-            .send(Message::binary(bytes.to_vec()))
-            .unwrap_or_else(|e| panic!("send binary: {e}"));
+        self.ws.send(Message::binary(bytes.to_vec())).unwrap_or_else(|e| panic!("send binary: {e}"));
     }
 
     /// The next WebSocket message of any kind, or an error string (timeout, closed, ...).
@@ -532,15 +455,10 @@ impl Client {
             if remaining.is_zero() {
                 return Err(format!("timeout after {timeout:?}"));
             }
-            self.ws
-                .get_mut()
-                .set_read_timeout(Some(remaining))
-                .map_err(|e| e.to_string())?;
+            self.ws.get_mut().set_read_timeout(Some(remaining)).map_err(|e| e.to_string())?;
             match self.ws.read() {
                 Ok(message) => return Ok(message),
-                Err(tungstenite::Error::Io(e))
-                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-                {
+                Err(tungstenite::Error::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                     continue
                 }
                 Err(e) => return Err(e.to_string()),
@@ -567,17 +485,19 @@ impl Client {
         }
     }
 
+    #[track_caller]
     pub fn recv_text(&mut self, timeout: Duration) -> String {
-        self.try_recv_text(timeout)
-            .unwrap_or_else(|e| panic!("waiting for a text frame: {e}"))
+        self.try_recv_text(timeout).unwrap_or_else(|e| panic!("waiting for a text frame: {e}"))
     }
 
     /// The next text frame within [`TIMEOUT`].
+    #[track_caller]
     pub fn recv(&mut self) -> String {
         self.recv_text(TIMEOUT)
     }
 
     /// Reads text frames until one satisfies `pred` and returns it; the others are dropped.
+    #[track_caller]
     pub fn recv_until(&mut self, timeout: Duration, mut pred: impl FnMut(&str) -> bool) -> String {
         let deadline = Instant::now() + timeout;
         let mut seen = Vec::new();
@@ -592,6 +512,7 @@ impl Client {
     }
 
     /// Asserts that the next text frame is exactly `expected`.
+    #[track_caller]
     pub fn expect(&mut self, expected: &str) {
         match self.try_recv_text(TIMEOUT) {
             Ok(got) => assert_eq!(got, expected, "unexpected frame"),
@@ -600,17 +521,20 @@ impl Client {
     }
 
     /// Sends `frame` and asserts the next text frame is exactly `expected`.
+    #[track_caller]
     pub fn roundtrip(&mut self, frame: &str, expected: &str) {
         self.send_text(frame);
         self.expect(expected);
     }
 
     /// V2 heartbeat with `ref`, asserting the exact reply is the next frame.
+    #[track_caller]
     pub fn heartbeat(&mut self, r#ref: &str) {
         self.roundtrip(&heartbeat(r#ref), &heartbeat_reply(r#ref));
     }
 
     /// V2 join with `join_ref == ref`, asserting the exact ok reply is the next frame.
+    #[track_caller]
     pub fn join(&mut self, topic: &str, join_ref: &str) {
         self.roundtrip(
             &v2(Some(join_ref), Some(join_ref), topic, "phx_join", "{}"),
@@ -619,6 +543,7 @@ impl Client {
     }
 
     /// V1 join (join_ref sent), asserting the exact V1 ok reply.
+    #[track_caller]
     pub fn join_v1(&mut self, topic: &str, join_ref: &str) {
         self.roundtrip(
             &v1(Some(join_ref), Some(join_ref), topic, "phx_join", "{}"),
@@ -628,6 +553,7 @@ impl Client {
 
     /// Waits for the server's close frame (skipping text and control frames) and returns its
     /// code (None for a close without a code).
+    #[track_caller]
     pub fn expect_close(&mut self, timeout: Duration) -> Option<u16> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -642,24 +568,19 @@ impl Client {
 
     /// Starts the close handshake (code 1001, as a browser leaving the page) and returns the
     /// code of the server's echo.
+    #[track_caller]
     pub fn close_handshake(&mut self) -> Option<u16> {
         let frame = tungstenite::protocol::CloseFrame {
             code: tungstenite::protocol::frame::coding::CloseCode::Away,
             reason: "".into(),
         };
-        self.ws
-            .close(Some(frame))
-            .unwrap_or_else(|e| panic!("send close: {e}"));
+        self.ws.close(Some(frame)).unwrap_or_else(|e| panic!("send close: {e}"));
         self.expect_close(TIMEOUT)
     }
 
     /// The value of a response header of the handshake.
     pub fn response_header(&self, name: &str) -> Option<String> {
-        self.response
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
+        self.response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
     }
 }
 
@@ -683,18 +604,11 @@ pub struct HttpResponse {
 impl HttpResponse {
     /// First header named `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     pub fn headers_named(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect()
+        self.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).collect()
     }
 
     pub fn body_text(&self) -> String {
@@ -703,33 +617,22 @@ impl HttpResponse {
 
     /// Asserts that the server closes the connection (read returns 0 or a reset) within
     /// [`TIMEOUT`] and sends nothing more.
+    #[track_caller]
     pub fn assert_server_closes(&mut self) {
         if self.eof {
             return;
         }
-        assert!(
-            self.rest.is_empty(),
-            "unexpected bytes after the response: {:?}",
-            String::from_utf8_lossy(&self.rest)
-        );
+        assert!(self.rest.is_empty(), "unexpected bytes after the response: {:?}", String::from_utf8_lossy(&self.rest));
         expect_eof(&mut self.stream, TIMEOUT);
         self.eof = true;
     }
 
     /// Asserts an error response: the status, a matching content-length, `connection: close`
     /// and that the server closes the connection.
+    #[track_caller]
     pub fn assert_error(&mut self, status: u16) {
-        assert_eq!(
-            self.status, status,
-            "status line {:?}, body {:?}",
-            self.status_line,
-            self.body_text()
-        );
-        assert!(
-            self.status_line.starts_with("HTTP/1.1 "),
-            "status line {:?}",
-            self.status_line
-        );
+        assert_eq!(self.status, status, "status line {:?}, body {:?}", self.status_line, self.body_text());
+        assert!(self.status_line.starts_with("HTTP/1.1 "), "status line {:?}", self.status_line);
         assert_eq!(
             self.header("content-length").map(str::trim),
             Some(self.body.len().to_string().as_str()),
@@ -747,25 +650,20 @@ impl HttpResponse {
 }
 
 /// Reads until EOF or reset; fails on data or on timeout.
+#[track_caller]
 pub fn expect_eof(stream: &mut TcpStream, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 4096];
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            !remaining.is_zero(),
-            "server did not close the connection within {timeout:?}"
-        );
+        assert!(!remaining.is_zero(), "server did not close the connection within {timeout:?}");
         stream.set_read_timeout(Some(remaining)).expect("timeout");
         match stream.read(&mut buf) {
             Ok(0) => return,
-            Ok(n) => panic!(
-                "expected the server to close, got {n} more bytes: {:?}",
-                String::from_utf8_lossy(&buf[..n])
-            ),
-            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted) => {
-                return
+            Ok(n) => {
+                panic!("expected the server to close, got {n} more bytes: {:?}", String::from_utf8_lossy(&buf[..n]))
             }
+            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted) => return,
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
             Err(e) => panic!("read while waiting for close: {e}"),
         }
@@ -787,9 +685,7 @@ fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> Result<
         if remaining.is_zero() {
             return Err("timeout".to_string());
         }
-        stream
-            .set_read_timeout(Some(remaining))
-            .map_err(|e| e.to_string())?;
+        stream.set_read_timeout(Some(remaining)).map_err(|e| e.to_string())?;
         match stream.read(&mut chunk) {
             Ok(0) => return Ok(false),
             Ok(n) => {
@@ -812,6 +708,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// Reads an HTTP response from `stream`. The body is `content-length` bytes if given, empty
 /// for a 101, else everything up to EOF.
+#[track_caller]
 pub fn read_response(mut stream: TcpStream) -> HttpResponse {
     let deadline = Instant::now() + TIMEOUT;
     let mut buf = Vec::new();
@@ -821,14 +718,10 @@ pub fn read_response(mut stream: TcpStream) -> HttpResponse {
         }
         match fill(&mut stream, &mut buf, deadline) {
             Ok(true) => {}
-            Ok(false) => panic!(
-                "connection closed before a full response head; got {:?}",
-                String::from_utf8_lossy(&buf)
-            ),
-            Err(e) => panic!(
-                "reading response head: {e}; got {:?}",
-                String::from_utf8_lossy(&buf)
-            ),
+            Ok(false) => {
+                panic!("connection closed before a full response head; got {:?}", String::from_utf8_lossy(&buf))
+            }
+            Err(e) => panic!("reading response head: {e}; got {:?}", String::from_utf8_lossy(&buf)),
         }
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
@@ -841,9 +734,7 @@ pub fn read_response(mut stream: TcpStream) -> HttpResponse {
         .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
     let headers: Vec<(String, String)> = lines
         .map(|l| {
-            let (k, v) = l
-                .split_once(':')
-                .unwrap_or_else(|| panic!("bad header line {l:?}"));
+            let (k, v) = l.split_once(':').unwrap_or_else(|| panic!("bad header line {l:?}"));
             (k.trim().to_string(), v.trim().to_string())
         })
         .collect();
@@ -851,10 +742,7 @@ pub fn read_response(mut stream: TcpStream) -> HttpResponse {
     let content_length = headers
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .map(|(_, v)| {
-            v.parse::<usize>()
-                .unwrap_or_else(|_| panic!("bad content-length {v:?}"))
-        });
+        .map(|(_, v)| v.parse::<usize>().unwrap_or_else(|_| panic!("bad content-length {v:?}")));
     let mut eof = false;
     let body = match (content_length, status) {
         (Some(n), _) => {
@@ -880,18 +768,11 @@ pub fn read_response(mut stream: TcpStream) -> HttpResponse {
             std::mem::take(&mut rest)
         }
     };
-    HttpResponse {
-        status_line,
-        status,
-        headers,
-        body,
-        rest,
-        stream,
-        eof,
-    }
+    HttpResponse { status_line, status, headers, body, rest, stream, eof }
 }
 
 /// Sends `request` as is (one write) and reads the response.
+#[track_caller]
 pub fn http_raw(port: u16, request: &[u8]) -> HttpResponse {
     let mut stream = tcp_connect(port);
     write_lenient(&mut stream, request);
@@ -905,11 +786,7 @@ pub fn upgrade_request(port: u16, query: &str, extra: &[&str]) -> String {
 }
 
 pub fn upgrade_request_with(port: u16, method: &str, path: &str, query: &str, extra: &[&str]) -> String {
-    let target = if query.is_empty() {
-        path.to_string()
-    } else {
-        format!("{path}?{query}")
-    };
+    let target = if query.is_empty() { path.to_string() } else { format!("{path}?{query}") };
     let mut req = format!(
         "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
          Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n"
@@ -1016,11 +893,13 @@ pub struct RawWs {
 
 impl RawWs {
     /// Connects with a fresh V2 user.
+    #[track_caller]
     pub fn connect(port: u16) -> RawWs {
         RawWs::connect_query(port, &v2_query())
     }
 
     /// Sends a valid upgrade request and asserts the exact 101 answer.
+    #[track_caller]
     pub fn connect_query(port: u16, query: &str) -> RawWs {
         let request = upgrade_request(port, query, &[]);
         let response = http_raw(port, request.as_bytes());
@@ -1029,31 +908,16 @@ impl RawWs {
 
     /// Checks a 101 answer (status line, Upgrade, Connection, Sec-WebSocket-Accept) and wraps
     /// its stream.
+    #[track_caller]
     pub fn from_response(response: HttpResponse) -> RawWs {
-        assert_eq!(
-            response.status,
-            101,
-            "handshake refused: {:?} {:?}",
-            response.status_line,
-            response.body_text()
-        );
+        assert_eq!(response.status, 101, "handshake refused: {:?} {:?}", response.status_line, response.body_text());
         assert_eq!(response.status_line, "HTTP/1.1 101 Switching Protocols");
-        assert_eq!(
-            response.header("upgrade").map(|v| v.to_ascii_lowercase()),
-            Some("websocket".to_string())
-        );
-        assert_eq!(
-            response.header("connection").map(|v| v.to_ascii_lowercase()),
-            Some("upgrade".to_string())
-        );
+        assert_eq!(response.header("upgrade").map(|v| v.to_ascii_lowercase()), Some("websocket".to_string()));
+        assert_eq!(response.header("connection").map(|v| v.to_ascii_lowercase()), Some("upgrade".to_string()));
         assert_eq!(response.header("sec-websocket-accept"), Some(WS_ACCEPT));
         let stream = response.stream.try_clone().expect("clone stream");
         let buf = response.rest.clone();
-        RawWs {
-            stream,
-            buf,
-            handshake: response,
-        }
+        RawWs { stream, buf, handshake: response }
     }
 
     /// Writes raw bytes, ignoring errors (see [`write_lenient`]).
@@ -1066,6 +930,7 @@ impl RawWs {
         self.send_raw(&client_frame(opcode, payload));
     }
 
+    #[track_caller]
     pub fn send_text(&mut self, text: &str) {
         self.send(OP_TEXT, text.as_bytes());
     }
@@ -1082,11 +947,7 @@ impl RawWs {
             match fill(&mut self.stream, &mut self.buf, deadline) {
                 Ok(true) => {}
                 Ok(false) => {
-                    assert!(
-                        self.buf.is_empty(),
-                        "connection closed in the middle of a frame: {:?}",
-                        self.buf
-                    );
+                    assert!(self.buf.is_empty(), "connection closed in the middle of a frame: {:?}", self.buf);
                     return Ok(None);
                 }
                 Err(e) => return Err(format!("{e}; buffered {:?}", self.buf)),
@@ -1095,12 +956,13 @@ impl RawWs {
     }
 
     /// The next frame, `None` on EOF. Panics on timeout.
+    #[track_caller]
     pub fn read_frame(&mut self, timeout: Duration) -> Option<Frame> {
-        self.try_read_frame(timeout)
-            .unwrap_or_else(|e| panic!("waiting for a frame: {e}"))
+        self.try_read_frame(timeout).unwrap_or_else(|e| panic!("waiting for a frame: {e}"))
     }
 
     /// Asserts the server sends nothing (and keeps the connection) for `period`.
+    #[track_caller]
     pub fn expect_silence(&mut self, period: Duration) {
         match self.try_read_frame(period) {
             Err(_) => {}
@@ -1110,28 +972,29 @@ impl RawWs {
     }
 
     /// The next frame, which must exist.
+    #[track_caller]
     pub fn frame(&mut self) -> Frame {
-        self.read_frame(TIMEOUT)
-            .expect("server closed the connection instead of sending a frame")
+        self.read_frame(TIMEOUT).expect("server closed the connection instead of sending a frame")
     }
 
     /// The next frame must be a final, unfragmented text frame; returns its text.
+    #[track_caller]
     pub fn recv_text(&mut self) -> String {
         let f = self.frame();
         assert!(f.fin && f.rsv == 0 && f.opcode == OP_TEXT, "expected a text frame: {f:?}");
         f.text()
     }
 
+    #[track_caller]
     pub fn expect_text(&mut self, expected: &str) {
         assert_eq!(self.recv_text(), expected);
     }
 
     /// The next frame must be a close frame; answers it (RFC 6455 §5.5.1), then asserts the
     /// server closes TCP. Returns the code and reason.
+    #[track_caller]
     pub fn expect_close_within(&mut self, timeout: Duration) -> (Option<u16>, String) {
-        let frame = self
-            .read_frame(timeout)
-            .expect("server closed TCP without a close frame");
+        let frame = self.read_frame(timeout).expect("server closed TCP without a close frame");
         assert!(frame.fin && frame.rsv == 0, "bad close frame {frame:?}");
         let (code, reason) = frame.close_code();
         let echo = match code {
@@ -1143,27 +1006,27 @@ impl RawWs {
         (code, reason)
     }
 
+    #[track_caller]
     pub fn expect_close(&mut self) -> (Option<u16>, String) {
         self.expect_close_within(TIMEOUT)
     }
 
     /// Asserts that the next frame is a close with `code` and the TCP connection then ends.
+    #[track_caller]
     pub fn expect_close_code(&mut self, code: u16) {
         let (got, reason) = self.expect_close();
         assert_eq!(got, Some(code), "close code (reason {reason:?})");
     }
 
     /// Asserts the server closes TCP with no more frames.
+    #[track_caller]
     pub fn expect_eof(&mut self) {
-        assert!(
-            self.buf.is_empty(),
-            "unexpected bytes before EOF: {:?}",
-            self.buf
-        );
+        assert!(self.buf.is_empty(), "unexpected bytes before EOF: {:?}", self.buf);
         expect_eof(&mut self.stream, TIMEOUT);
     }
 
     /// V2 heartbeat round trip over raw frames.
+    #[track_caller]
     pub fn heartbeat(&mut self, r#ref: &str) {
         self.send_text(&heartbeat(r#ref));
         self.expect_text(&heartbeat_reply(r#ref));
@@ -1204,11 +1067,6 @@ pub fn parse_server_frame(buf: &[u8]) -> Option<(Frame, usize)> {
     if buf.len() < header + len {
         return None;
     }
-    let frame = Frame {
-        fin,
-        rsv,
-        opcode,
-        payload: buf[header..header + len].to_vec(),
-    };
+    let frame = Frame { fin, rsv, opcode, payload: buf[header..header + len].to_vec() };
     Some((frame, header + len))
 }

@@ -150,6 +150,11 @@ export async function startServer({ workers = 2, env = {} } = {}) {
       exited = { code, signal };
       resolveExit(exited);
     });
+    // A failed spawn (e.g. ENOENT) emits "error" and never "exit".
+    child.once("error", () => {
+      exited ??= { code: null, signal: null };
+      resolveExit(exited);
+    });
   });
 
   const port = await withTimeout(
