@@ -160,3 +160,15 @@ fn help_lists_the_environment_variables() {
         assert!(help.contains(var), "--help does not mention {var}:\n{help}");
     }
 }
+
+/// The start-up line names the driver in use; `MONOIO_FORCE_LEGACY_DRIVER=1` (set by the legacy
+/// pass of tests/run.sh) must really select the epoll fallback.
+#[test]
+fn startup_line_names_the_driver() {
+    let server = start_server(&[]);
+    let logs = server.logs();
+    let forced = std::env::var("MONOIO_FORCE_LEGACY_DRIVER").is_ok_and(|v| v == "1");
+    let expected = if forced { "driver=epoll" } else { "driver=io_uring" };
+    assert!(logs.contains(expected), "expected {expected} in:\n{logs}");
+    assert!(logs.contains("workers=2") && logs.contains("open_files=") && logs.contains("max_connections="));
+}

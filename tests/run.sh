@@ -10,6 +10,10 @@ command -v node >/dev/null || { echo "tests/run.sh: node (>= 20) and npm are req
 echo "== cargo test (unit + integration, real sockets)"
 cargo test --locked --all-targets
 
+echo "== socket tests again on monoio's legacy epoll driver (the io_uring fallback)"
+MONOIO_FORCE_LEGACY_DRIVER=1 cargo test --locked --test phoenix_v2 --test framing --test chat_cross_core \
+  --test http_handshake --test capacity --test cli
+
 echo "== JavaScript tests (official phoenix client over ws)"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 NEXUS_BIN="$PWD/target/debug/nexus" node --test tests/js/*.test.js

@@ -130,13 +130,15 @@ impl Core {
 
     fn admit(self: &Rc<Self>, stream: TcpStream) {
         let shared = &self.shared;
-        if shared.connections.fetch_add(1, Ordering::Relaxed) >= shared.connections_max {
-            shared.connections.fetch_sub(1, Ordering::Relaxed);
+        // Counted either way; `unregister` gives it back. Over the cap the connection is
+        // still served, but only with a 503 and a linger, never upgraded: the client gets an
+        // answer instead of a reset.
+        let over = shared.connections.fetch_add(1, Ordering::Relaxed) >= shared.connections_max;
+        if over {
             tracing::warn!(core = self.id, max = shared.connections_max, "connection refused: at capacity");
-            return;
         }
         let _ = stream.set_nodelay(true);
-        monoio::spawn(task::serve(self.clone(), stream));
+        monoio::spawn(task::serve(self.clone(), stream, over));
     }
 
     /// Registers a freshly accepted socket.

@@ -42,8 +42,12 @@ struct Local {
 }
 
 /// Serves one accepted connection to its end.
-pub(crate) async fn serve(core: Rc<Core>, stream: TcpStream) {
+/// `at_capacity`: answer 503 and close instead of serving.
+pub(crate) async fn serve(core: Rc<Core>, stream: TcpStream, at_capacity: bool) {
     let conn = core.register(stream.as_raw_fd());
+    if at_capacity {
+        answer(&core, &conn, response::Status::UNAVAILABLE, "server at capacity");
+    }
     if let Err(e) = drive(&core, &conn, &stream).await {
         tracing::debug!(core = core.id, conn = conn.id, error = %e, "connection error");
     }

@@ -107,6 +107,22 @@ pub fn start_server(env: &[(&str, &str)]) -> Server {
         .env("DATABASE_PATH", &db)
         .env("RUST_LOG", "info");
     for (key, value) in env {
+        if *key == "RLIMIT_NOFILE" {
+            // Not a server variable: start the server under this open-file limit.
+            let limit: libc::rlim_t = value.parse().expect("RLIMIT_NOFILE is a number");
+            let rlim = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+            // SAFETY: setrlimit is async-signal-safe and only touches the child.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+            continue;
+        }
         cmd.env(key, value);
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
