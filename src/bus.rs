@@ -23,6 +23,13 @@ use crate::store::CommitBatch;
 pub enum CoreMsg {
     /// A batch from the writer: broadcast its messages, answer its requests from this core.
     Committed(Arc<CommitBatch>),
+    /// The reader's answer to an HTTP request waiting on this core: complete response bytes.
+    HttpResponse {
+        /// Key of the waiting connection on the core.
+        ticket: u32,
+        /// The response.
+        bytes: Vec<u8>,
+    },
 }
 
 /// The producer side of one core's mailbox (shared by every producer).

@@ -3,7 +3,7 @@
 
 use crate::ids;
 use crate::phoenix::{string_field, write_str};
-use crate::store::Committed;
+use crate::store::{HistoryPage, Message};
 
 /// Event carrying a chat message, in both directions.
 pub const NEW_MSG: &str = "new_msg";
@@ -25,18 +25,46 @@ pub fn parse_body(payload: &str) -> Result<String, &'static str> {
 
 /// The `new_msg` broadcast payload:
 /// `{"id","content":{"text"},"sender_id","inserted_at"}`.
-pub fn new_msg_payload(m: &Committed) -> Vec<u8> {
+pub fn new_msg_payload(m: &Message) -> Vec<u8> {
     let mut out = Vec::with_capacity(m.body.len() + 160);
+    write_message(&mut out, m);
+    out
+}
+
+/// The history response body: `{"messages":[...oldest first...],"next_before":id|null}`,
+/// each message in the `new_msg` broadcast shape.
+pub fn history_json(page: &HistoryPage) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + page.messages.iter().map(|m| m.body.len() + 160).sum::<usize>());
+    out.extend_from_slice(b"{\"messages\":[");
+    for (i, m) in page.messages.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_message(&mut out, m);
+    }
+    out.extend_from_slice(b"],\"next_before\":");
+    match page.next_before {
+        Some(id) => {
+            out.push(b'"');
+            out.extend_from_slice(id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).as_bytes());
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+    out.push(b'}');
+    out
+}
+
+fn write_message(out: &mut Vec<u8>, m: &Message) {
     out.extend_from_slice(b"{\"id\":\"");
     out.extend_from_slice(m.id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).as_bytes());
     out.extend_from_slice(b"\",\"content\":{\"text\":");
-    write_str(&mut out, &m.body);
+    write_str(out, &m.body);
     out.extend_from_slice(b"},\"sender_id\":\"");
     out.extend_from_slice(m.sender.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).as_bytes());
     out.extend_from_slice(b"\",\"inserted_at\":\"");
     out.extend_from_slice(ids::format_micros(m.inserted_at_us).as_bytes());
     out.extend_from_slice(b"\"}");
-    out
 }
 
 /// The error response `{"reason":"Failed to save","detail":...}`.
@@ -53,7 +81,6 @@ pub fn failed_to_save(detail: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Origin;
     use uuid::Uuid;
 
     #[test]
@@ -66,19 +93,22 @@ mod tests {
 
     #[test]
     fn broadcast_payload_shape() {
-        let m = Committed {
+        let m = Message {
             id: Uuid::nil(),
             conversation: Uuid::nil(),
             sender: Uuid::max(),
             body: "a\"b".into(),
             inserted_at_us: 1_768_161_950_055_142,
-            origin: Origin { core: 0, ticket: 0 },
         };
         let got = String::from_utf8(new_msg_payload(&m)).expect("utf8");
         assert_eq!(
             got,
             r#"{"id":"00000000-0000-0000-0000-000000000000","content":{"text":"a\"b"},"sender_id":"ffffffff-ffff-ffff-ffff-ffffffffffff","inserted_at":"2026-01-11T20:05:50.055142Z"}"#
         );
+        let page = HistoryPage { messages: vec![m.clone()], next_before: Some(Uuid::nil()) };
+        let history = String::from_utf8(history_json(&page)).expect("utf8");
+        assert_eq!(history, format!(r#"{{"messages":[{got}],"next_before":"00000000-0000-0000-0000-000000000000"}}"#));
+        assert_eq!(history_json(&HistoryPage::default()), br#"{"messages":[],"next_before":null}"#);
         assert_eq!(failed_to_save("server busy"), br#"{"reason":"Failed to save","detail":"server busy"}"#);
     }
 }

@@ -2,6 +2,7 @@
 //! start-up into a [`Config`] the rest of the server trusts.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -69,6 +70,16 @@ pub struct ServerArgs {
     /// Leeway for the token `exp`/`nbf` checks, in seconds.
     #[arg(long, env = "NEXUS_JWT_LEEWAY", default_value_t = 0)]
     pub jwt_leeway_secs: u64,
+    /// SQLite database file (created if missing).
+    #[arg(long, env = "DATABASE_PATH", default_value = "./nexus.db")]
+    pub database_path: PathBuf,
+    /// Commit durability: `normal` survives a process crash, `full` also power loss.
+    #[arg(long, env = "NEXUS_SYNC", default_value = "normal", value_parser = ["normal", "full"])]
+    pub sync: String,
+    /// Refuse to grow the database beyond this many bytes (writes then fail with
+    /// `storage unavailable`); unset = no limit.
+    #[arg(long, env = "NEXUS_DB_MAX_BYTES")]
+    pub db_max_bytes: Option<u64>,
 }
 
 /// A configuration error, reported as one line before exit code 2.
@@ -108,6 +119,12 @@ pub struct Config {
     pub max_channels: usize,
     /// Most bytes queued per connection.
     pub max_outbox_bytes: usize,
+    /// SQLite file.
+    pub database_path: PathBuf,
+    /// `synchronous=FULL` instead of NORMAL.
+    pub sync_full: bool,
+    /// Database size cap in bytes.
+    pub db_max_bytes: Option<u64>,
 }
 
 impl Config {
@@ -150,6 +167,9 @@ impl Config {
             origins: OriginPolicy::new(entries),
             max_channels: args.max_channels,
             max_outbox_bytes: args.max_outbox_bytes,
+            database_path: args.database_path.clone(),
+            sync_full: args.sync == "full",
+            db_max_bytes: args.db_max_bytes,
         })
     }
 }

@@ -81,3 +81,20 @@ pub const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// Listen backlog per core listener (the kernel caps it at `net.core.somaxconn`, 4096 by
 /// default): a connect storm queues in the kernel instead of being refused.
 pub const LISTEN_BACKLOG: i32 = 4_096;
+
+/// The writer does background work (moving `recent` rows into the indexed history) after this
+/// long without requests.
+pub const WRITER_IDLE: Duration = Duration::from_millis(200);
+
+/// Rows in `recent` that trigger a move into `messages` even while busy, and the most rows one
+/// move takes. Bigger moves write each conversation-index page once for more rows (cheaper per
+/// row) but stall the writer longer.
+pub const MERGE_ROWS: usize = 16_384;
+
+/// History requests queued for the reader thread; full → 503.
+pub const READER_QUEUE_MAX: usize = 1_024;
+
+/// History page size: default and largest `limit`.
+pub const HISTORY_LIMIT_DEFAULT: usize = 50;
+/// Largest `limit` a history request may ask for.
+pub const HISTORY_LIMIT_MAX: usize = 200;

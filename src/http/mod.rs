@@ -5,4 +5,4 @@ pub mod origin;
 pub mod request;
 pub mod response;
 
-pub use request::{parse_head, route, Head, HttpError, Route, Upgrade};
+pub use request::{parse_head, route, Head, HistoryRequest, HttpError, Route, Upgrade};

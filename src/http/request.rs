@@ -6,9 +6,11 @@
 
 use base64::Engine;
 
+use uuid::Uuid;
+
 use super::origin::OriginPolicy;
 use super::response::Status;
-use crate::limits;
+use crate::{ids, limits};
 
 /// Why a request head could not be accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -116,6 +118,23 @@ pub enum Route {
     Upgrade(Upgrade),
     /// Answer with this status and close.
     Reject(Status, &'static str),
+    /// `GET /api/conversations/<uuid>/messages` with valid parameters (token not yet checked).
+    History(HistoryRequest),
+    /// An `/api/` request refused before authentication or for bad parameters: a JSON error.
+    ApiError(Status, &'static str),
+}
+
+/// A history request, ready for token verification.
+#[derive(Debug, PartialEq, Eq)]
+pub struct HistoryRequest {
+    /// Conversation id from the path.
+    pub conversation: Uuid,
+    /// Bearer token from `Authorization`.
+    pub token: Option<String>,
+    /// `before` cursor (a message id).
+    pub before: Option<Uuid>,
+    /// Page size.
+    pub limit: usize,
 }
 
 /// The socket path's request, ready for token verification.
@@ -145,8 +164,42 @@ pub fn route(head: &Head, origins: &OriginPolicy) -> Route {
         HEALTH_PATH if head.method == "GET" || head.method == "HEAD" => Route::Health,
         HEALTH_PATH => Route::Reject(Status::METHOD_NOT_ALLOWED, "method not allowed"),
         SOCKET_PATH => route_socket(head, origins),
+        path if path.starts_with(API_PREFIX) => route_history(head, &path[API_PREFIX.len()..]),
         _ => Route::Reject(Status::NOT_FOUND, "not found"),
     }
+}
+
+/// Prefix of the history endpoint: `/api/conversations/<uuid>/messages`.
+pub const API_PREFIX: &str = "/api/conversations/";
+
+fn route_history(head: &Head, rest: &str) -> Route {
+    let conversation = match rest.split_once('/') {
+        Some((id, "messages")) => ids::parse_canonical_uuid(id),
+        _ => None,
+    };
+    let Some(conversation) = conversation else { return Route::ApiError(Status::NOT_FOUND, "not found") };
+    if head.method != "GET" {
+        return Route::ApiError(Status::METHOD_NOT_ALLOWED, "method not allowed");
+    }
+    let token = head.authorization.as_deref().and_then(|v| {
+        let (scheme, token) = v.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string())
+    });
+    let (mut before, mut limit) = (None, limits::HISTORY_LIMIT_DEFAULT);
+    for (k, v) in form_urlencoded::parse(head.query.as_deref().unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "before" => match ids::parse_canonical_uuid(&v) {
+                Some(id) => before = Some(id),
+                None => return Route::ApiError(Status::BAD_REQUEST, "before must be a message id"),
+            },
+            "limit" => match v.parse::<usize>() {
+                Ok(n) if (1..=limits::HISTORY_LIMIT_MAX).contains(&n) => limit = n,
+                _ => return Route::ApiError(Status::BAD_REQUEST, "limit must be an integer from 1 to 200"),
+            },
+            _ => {}
+        }
+    }
+    Route::History(HistoryRequest { conversation, token, before, limit })
 }
 
 fn route_socket(head: &Head, origins: &OriginPolicy) -> Route {
@@ -302,6 +355,27 @@ mod tests {
         let no_key = UPGRADE.replace("Sec-WebSocket-Key", "X-Key");
         let Route::Upgrade(up) = route(&parse(&no_key), &p) else { panic!() };
         assert!(up.accept.is_err());
+    }
+
+    #[test]
+    fn history_route() {
+        let p = OriginPolicy::default();
+        let id = "0195f1b2-7c3a-7d4e-8f00-123456789abc";
+        let get = |target: &str| parse(&format!("GET {target} HTTP/1.1\r\nAuthorization: Bearer t0k\r\n\r\n"));
+        let Route::History(h) = route(&get(&format!("/api/conversations/{id}/messages?limit=5&before={id}")), &p)
+        else {
+            panic!()
+        };
+        assert_eq!((h.token.as_deref(), h.limit, h.before.is_some()), (Some("t0k"), 5, true));
+        let bad = |target: &str| matches!(route(&get(target), &p), Route::ApiError(s, _) if s == Status::BAD_REQUEST);
+        assert!(bad(&format!("/api/conversations/{id}/messages?limit=0")));
+        assert!(bad(&format!("/api/conversations/{id}/messages?limit=201")));
+        assert!(bad(&format!("/api/conversations/{id}/messages?limit=x")));
+        assert!(bad(&format!("/api/conversations/{id}/messages?before=nope")));
+        let missing = |target: &str| matches!(route(&get(target), &p), Route::ApiError(s, _) if s == Status::NOT_FOUND);
+        assert!(missing("/api/conversations/nope/messages"));
+        assert!(missing(&format!("/api/conversations/{id}/other")));
+        assert!(missing(&format!("/api/conversations/{id}")));
     }
 
     #[test]

@@ -17,6 +17,8 @@ impl Status {
     pub const METHOD_NOT_ALLOWED: Status = Status(405, "Method Not Allowed");
     /// 431: request head over the limit.
     pub const HEADERS_TOO_LARGE: Status = Status(431, "Request Header Fields Too Large");
+    /// 401: missing or refused token on the API.
+    pub const UNAUTHORIZED: Status = Status(401, "Unauthorized");
     /// 503: over capacity or draining.
     pub const UNAVAILABLE: Status = Status(503, "Service Unavailable");
 }
@@ -42,4 +44,35 @@ pub fn switching_protocols(accept: &str, protocol_phoenix: bool) -> Vec<u8> {
          sec-websocket-accept: {accept}\r\n{protocol}\r\n"
     )
     .into_bytes()
+}
+
+/// A complete `application/json` response that closes the connection.
+pub fn json(status: Status, body: &[u8]) -> Vec<u8> {
+    let auth = if status == Status::UNAUTHORIZED { "www-authenticate: Bearer\r\n" } else { "" };
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{auth}\
+         cache-control: no-store\r\nconnection: close\r\n\r\n",
+        status.0,
+        status.1,
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// A JSON error response `{"error": message}`.
+pub fn json_error(status: Status, message: &str) -> Vec<u8> {
+    let mut body = Vec::with_capacity(message.len() + 12);
+    body.extend_from_slice(b"{\"error\":\"");
+    // Messages are our own ASCII constants; escape quotes and backslashes anyway.
+    for c in message.chars() {
+        match c {
+            '"' | '\\' => body.extend_from_slice(&[b'\\', c as u8]),
+            c if c.is_ascii() && !c.is_ascii_control() => body.push(c as u8),
+            _ => body.push(b'?'),
+        }
+    }
+    body.extend_from_slice(b"\"}");
+    json(status, &body)
 }

@@ -19,6 +19,8 @@ use crate::phoenix::Vsn;
 pub(crate) enum Phase {
     /// Reading the HTTP request head.
     Handshake,
+    /// HTTP request handed to another thread; waiting for the response.
+    Waiting,
     /// WebSocket open.
     Open,
     /// Flushing the last bytes (an HTTP answer or a close frame); input is discarded.

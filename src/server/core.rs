@@ -22,12 +22,13 @@ use crate::bus::{CoreMsg, Mailbox};
 use crate::close::Close;
 use crate::config::Config;
 use crate::phoenix::{self, Vsn};
-use crate::store::{CommitBatch, Committed, StoreHandle};
+use crate::store::{CommitBatch, Message, ReaderHandle, StoreHandle};
 use crate::{chat, limits, ws};
 
 /// Read-only state every core shares.
 pub(crate) struct Shared {
     pub config: Config,
+    pub reader: ReaderHandle,
     pub verifier: Verifier,
     pub mailboxes: Vec<Mailbox>,
     /// Open connections over all cores (checked at accept only).
@@ -65,6 +66,8 @@ pub(crate) struct Core {
     pub conns: RefCell<Slab<Rc<Conn>>>,
     pub topics: RefCell<HashMap<Uuid, Topic>>,
     pub acks: RefCell<Slab<PendingAck>>,
+    /// HTTP requests waiting for another thread's response.
+    pub http_waits: RefCell<Slab<Rc<Conn>>>,
     /// Scratch buffer for `recv`: one per core instead of one per connection.
     pub read_buf: RefCell<Vec<u8>>,
     /// Scratch buffer that coalesces a connection's queued frames into one `send`.
@@ -83,6 +86,7 @@ impl Core {
             conns: RefCell::new(Slab::new()),
             topics: RefCell::new(HashMap::new()),
             acks: RefCell::new(Slab::new()),
+            http_waits: RefCell::new(Slab::new()),
             read_buf: RefCell::new(vec![0; limits::READ_CHUNK_BYTES]),
             write_buf: RefCell::new(Vec::new()),
             started: Instant::now(),
@@ -197,7 +201,7 @@ impl Core {
                     Phase::Open => {
                         conn.request_close(Close::Idle);
                     }
-                    Phase::Handshake | Phase::Closing | Phase::Lingering => conn.expire(),
+                    Phase::Handshake | Phase::Waiting | Phase::Closing | Phase::Lingering => conn.expire(),
                 }
             }
         }
@@ -211,6 +215,7 @@ impl Core {
             while let Some(msg) = mailbox.pop() {
                 match msg {
                     CoreMsg::Committed(batch) => self.on_committed(&batch),
+                    CoreMsg::HttpResponse { ticket, bytes } => self.on_http_response(ticket, bytes),
                 }
             }
             if !mailbox.prepare_sleep() {
@@ -223,12 +228,21 @@ impl Core {
         }
     }
 
+    fn on_http_response(&self, ticket: u32, bytes: Vec<u8>) {
+        let Some(conn) = self.http_waits.borrow_mut().try_remove(ticket as usize) else { return };
+        if conn.phase() == Phase::Waiting {
+            conn.push_final(Bytes::from(bytes));
+            conn.set_phase(Phase::Closing);
+            conn.set_deadline_ms(self.now_ms() + limits::CLOSE_LINGER.as_millis() as u64);
+        }
+    }
+
     /// Broadcasts a committed batch to local members and answers this core's senders
     /// (broadcast first, then the reply: Phoenix's order).
     fn on_committed(&self, batch: &CommitBatch) {
         for m in &batch.messages {
             if batch.failure.is_none() {
-                self.broadcast(m);
+                self.broadcast(&m.message);
             }
             if usize::from(m.origin.core) != self.id {
                 continue;
@@ -262,7 +276,7 @@ impl Core {
 
     /// Encodes a message once per (serializer, topic spelling) present and queues the shared
     /// bytes on every local member.
-    fn broadcast(&self, m: &Committed) {
+    fn broadcast(&self, m: &Message) {
         let topics = self.topics.borrow();
         let Some(topic) = topics.get(&m.conversation) else { return };
         let payload = chat::new_msg_payload(m);

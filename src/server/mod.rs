@@ -20,7 +20,7 @@ use crate::auth::Verifier;
 use crate::bus::{CoreMsg, Mailbox, WakeReceiver};
 use crate::config::Config;
 use crate::limits;
-use crate::store::{spawn_writer, MemoryStore, StoreHandle};
+use crate::store::{schema, spawn_reader, spawn_writer, SqliteStore, StoreHandle};
 
 /// A start-up failure (reported as one line, exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -36,10 +36,18 @@ pub enum ServerError {
     /// Threads, runtimes or mailboxes could not be created.
     #[error("cannot start: {0}")]
     Start(#[from] std::io::Error),
+    /// The database could not be opened or migrated.
+    #[error("{0}")]
+    Database(#[from] schema::OpenError),
 }
 
 /// Runs the server until SIGINT/SIGTERM.
 pub fn run(config: Config) -> Result<(), ServerError> {
+    let sync = if config.sync_full { schema::Sync::Full } else { schema::Sync::Normal };
+    let db = schema::open_writer(&config.database_path, sync, config.db_max_bytes)?;
+    let store = SqliteStore::new(db)
+        .map_err(|source| schema::OpenError::Sqlite { path: config.database_path.display().to_string(), source })?;
+    let (reader, _reader_thread) = spawn_reader(&config.database_path)?;
     let nofile = sys::raise_nofile_limit();
     let workers = config.workers;
     let per_core_fds = 8; // listener, ring, wake pair, spare fd, timer, slack
@@ -53,6 +61,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         .into_iter()
         .unzip();
     let shared = Arc::new(Shared {
+        reader,
         verifier: Verifier::new(&config.jwt_secret, config.jwt_leeway_secs),
         config,
         mailboxes,
@@ -65,7 +74,8 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             mailbox.push_blocking(CoreMsg::Committed(Arc::clone(&batch)));
         }
     });
-    let (store, _writer) = spawn_writer(Box::new(MemoryStore), sink)?;
+    let database = config_summary(&shared.config);
+    let (store, writer) = spawn_writer(Box::new(store), sink)?;
     block_signals();
     let uring = monoio::utils::detect_uring();
     for (id, (listener, wake)) in listeners.into_iter().zip(wakes).enumerate() {
@@ -76,11 +86,17 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         tracing::warn!("io_uring is unavailable; running on the legacy epoll driver");
     }
     tracing::info!(
-        "listening on {local} workers={workers} driver={driver} open_files={nofile} max_connections={connections_max}"
+        "listening on {local} workers={workers} driver={driver} open_files={nofile} max_connections={connections_max} {database}"
     );
     let signal = wait_for_signal();
-    tracing::info!(signal, "shutting down");
+    tracing::info!(signal, "shutting down: committing accepted messages");
+    writer.stop();
     Ok(())
+}
+
+fn config_summary(config: &Config) -> String {
+    let sync = if config.sync_full { "full" } else { "normal" };
+    format!("database={} sync={sync}", config.database_path.display())
 }
 
 /// One `SO_REUSEPORT` listener per core, all on the same port (port 0 resolves once).

@@ -19,10 +19,13 @@ use monoio::net::TcpStream;
 use super::conn::{Conn, Phase};
 use super::core::Core;
 use super::{session, sys};
+use crate::bus::CoreMsg;
+use crate::chat;
 use crate::close::Close;
 use crate::http::{self, response, Route};
 use crate::limits;
 use crate::phoenix::Vsn;
+use crate::store::{HistoryError, HistoryJob, HistoryPage, HistoryQuery};
 use crate::ws::{self, Decoder, Message};
 
 /// What woke the task.
@@ -151,7 +154,7 @@ fn on_readable(core: &Core, conn: &Rc<Conn>, local: &mut Local) -> io::Result<bo
                     }
                 }
             }
-            Phase::Closing | Phase::Lingering => {} // discard
+            Phase::Waiting | Phase::Closing | Phase::Lingering => {} // discard
         }
         if !full {
             break;
@@ -210,6 +213,8 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
     let upgrade = match http::route(&head, &core.config().origins) {
         Route::Health => return answer(core, conn, response::Status::OK, "ok"),
         Route::Reject(status, why) => return answer(core, conn, status, why),
+        Route::ApiError(status, why) => return answer_bytes(core, conn, response::json_error(status, why)),
+        Route::History(h) => return history(core, conn, h),
         Route::Upgrade(up) => up,
     };
     let Some(vsn) = Vsn::negotiate(upgrade.vsn.as_deref()) else {
@@ -243,9 +248,42 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
     }
 }
 
+/// Authenticates a history request and hands it to the reader thread; the response comes back
+/// through this core's mailbox ([`Core::on_http_response`]).
+fn history(core: &Core, conn: &Rc<Conn>, h: http::HistoryRequest) {
+    if let Err(e) = core.shared.verifier.verify(h.token.as_deref()) {
+        tracing::info!(core = core.id, conn = conn.id, error = %e, "history refused");
+        return answer_bytes(core, conn, response::json_error(response::Status::UNAUTHORIZED, "unauthorized"));
+    }
+    let ticket = core.http_waits.borrow_mut().insert(conn.clone()) as u32;
+    let shared = core.shared.clone();
+    let core_id = core.id;
+    let reply = Box::new(move |result: Result<HistoryPage, HistoryError>| {
+        let bytes = match result {
+            Ok(page) => response::json(response::Status::OK, &chat::history_json(&page)),
+            Err(HistoryError::UnknownCursor) => {
+                response::json_error(response::Status::BAD_REQUEST, "unknown before id")
+            }
+            Err(e) => response::json_error(response::Status::UNAVAILABLE, &e.to_string()),
+        };
+        shared.mailboxes[core_id].push_blocking(CoreMsg::HttpResponse { ticket, bytes });
+    });
+    let query = HistoryQuery { conversation: h.conversation, before: h.before, limit: h.limit };
+    if core.shared.reader.try_submit(HistoryJob { query, reply }).is_err() {
+        core.http_waits.borrow_mut().try_remove(ticket as usize);
+        return answer_bytes(core, conn, response::json_error(response::Status::UNAVAILABLE, "server busy"));
+    }
+    conn.set_phase(Phase::Waiting);
+    conn.set_deadline_ms(core.now_ms() + limits::HANDSHAKE_TIMEOUT.as_millis() as u64);
+}
+
 /// Answers the HTTP request and closes after the answer is sent.
 fn answer(core: &Core, conn: &Conn, status: response::Status, body: &str) {
-    conn.push_final(Bytes::from(response::plain(status, body)));
+    answer_bytes(core, conn, response::plain(status, body));
+}
+
+fn answer_bytes(core: &Core, conn: &Conn, bytes: Vec<u8>) {
+    conn.push_final(Bytes::from(bytes));
     conn.set_phase(Phase::Closing);
     conn.set_deadline_ms(core.now_ms() + limits::CLOSE_LINGER.as_millis() as u64);
 }

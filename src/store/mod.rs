@@ -5,15 +5,20 @@
 //! core broadcasts, because each writer→core mailbox is FIFO. That is what gives every member of
 //! a topic one order, on every core.
 
+mod history;
 mod memory;
+pub mod schema;
+mod sqlite;
 mod writer;
 
 use std::sync::Arc;
 
 use uuid::Uuid;
 
+pub use history::{read_history, spawn_reader, HistoryError, HistoryJob, HistoryPage, HistoryQuery, ReaderHandle};
 pub use memory::MemoryStore;
-pub use writer::{spawn_writer, StoreHandle, SubmitError};
+pub use sqlite::SqliteStore;
+pub use writer::{spawn_writer, StoreHandle, SubmitError, WriterStopper};
 
 /// Where the answer to a request goes: the core that holds the sender's connection and the
 /// key of the pending acknowledgement there.
@@ -38,9 +43,9 @@ pub struct InsertRequest {
     pub origin: Origin,
 }
 
-/// A message the writer has stamped (and, for a durable store, committed).
-#[derive(Debug, Clone)]
-pub struct Committed {
+/// A stored chat message (what `new_msg` broadcasts and history returns).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
     /// UUIDv7, increasing in commit order.
     pub id: Uuid,
     /// Conversation (topic) id.
@@ -51,6 +56,13 @@ pub struct Committed {
     pub body: String,
     /// Microseconds since the epoch, strictly increasing in commit order.
     pub inserted_at_us: i64,
+}
+
+/// A message the writer has stamped and committed, with where to acknowledge it.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// The message.
+    pub message: Message,
     /// Where to acknowledge.
     pub origin: Origin,
 }
@@ -69,6 +81,16 @@ pub struct CommitBatch {
 pub trait Store: Send {
     /// Commits `batch` durably (per the store's sync policy) or fails as a whole.
     fn commit(&mut self, batch: &[Committed]) -> Result<(), StoreError>;
+
+    /// Background work between batches (`idle`: nothing is waiting). Must stay short: the
+    /// writer does it on its own thread while requests queue.
+    fn maintain(&mut self, _idle: bool) {}
+
+    /// The newest `inserted_at` already stored, so stamps keep increasing across restarts
+    /// even if the clock stepped back.
+    fn last_inserted_at_us(&self) -> i64 {
+        0
+    }
 }
 
 /// A failed commit.

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 use uuid::{ContextV7, Timestamp, Uuid};
 
-use super::{BatchSink, CommitBatch, Committed, InsertRequest, Store};
+use super::{BatchSink, CommitBatch, Committed, InsertRequest, Message, Store};
 use crate::{ids, limits};
 
 /// Why a request was not queued.
@@ -22,28 +22,52 @@ pub enum SubmitError {
     Closed,
 }
 
+/// What the writer's queue carries.
+#[derive(Debug)]
+enum Request {
+    Insert(InsertRequest),
+    /// Commit everything queued before this, then stop.
+    Stop,
+}
+
 /// The cores' handle to the writer queue. Cloned once per core.
 #[derive(Debug, Clone)]
 pub struct StoreHandle {
-    tx: Sender<InsertRequest>,
+    tx: Sender<Request>,
+}
+
+/// Stops the writer after everything accepted so far is committed (graceful shutdown).
+#[derive(Debug)]
+pub struct WriterStopper {
+    tx: Sender<Request>,
+    join: JoinHandle<()>,
+}
+
+impl WriterStopper {
+    /// Queues the stop behind every accepted request and waits for the writer to finish.
+    pub fn stop(self) {
+        if self.tx.send(Request::Stop).is_ok() {
+            let _ = self.join.join();
+        }
+    }
 }
 
 impl StoreHandle {
     /// Queues a request without blocking.
     pub fn try_submit(&self, req: InsertRequest) -> Result<(), SubmitError> {
-        self.tx.try_send(req).map_err(|e| match e {
+        self.tx.try_send(Request::Insert(req)).map_err(|e| match e {
             TrySendError::Full(_) => SubmitError::Busy,
             TrySendError::Disconnected(_) => SubmitError::Closed,
         })
     }
 }
 
-/// Starts the writer thread. It runs until every [`StoreHandle`] is dropped, then commits what
-/// it still holds and returns.
-pub fn spawn_writer(store: Box<dyn Store>, sink: BatchSink) -> std::io::Result<(StoreHandle, JoinHandle<()>)> {
+/// Starts the writer thread. It runs until stopped through the [`WriterStopper`] (or every
+/// handle is dropped), committing everything it accepted first.
+pub fn spawn_writer(store: Box<dyn Store>, sink: BatchSink) -> std::io::Result<(StoreHandle, WriterStopper)> {
     let (tx, rx) = crossbeam_channel::bounded(limits::WRITER_QUEUE_MAX);
-    let handle = std::thread::Builder::new().name("writer".into()).spawn(move || run(store, sink, rx))?;
-    Ok((StoreHandle { tx }, handle))
+    let join = std::thread::Builder::new().name("writer".into()).spawn(move || run(store, sink, rx))?;
+    Ok((StoreHandle { tx: tx.clone() }, WriterStopper { tx, join }))
 }
 
 /// Monotonic stamping: strictly increasing microseconds even if the wall clock steps back,
@@ -62,14 +86,28 @@ impl Stamper {
     }
 }
 
-fn run(mut store: Box<dyn Store>, mut sink: BatchSink, rx: Receiver<InsertRequest>) {
-    let mut stamper = Stamper { last_us: 0, ctx: ContextV7::new() };
-    while let Ok(first) = rx.recv() {
+fn run(mut store: Box<dyn Store>, mut sink: BatchSink, rx: Receiver<Request>) {
+    let mut stamper = Stamper { last_us: store.last_inserted_at_us(), ctx: ContextV7::new() };
+    let mut stopping = false;
+    while !stopping {
+        let first = match rx.recv_timeout(limits::WRITER_IDLE) {
+            Ok(Request::Insert(req)) => req,
+            Ok(Request::Stop) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                store.maintain(true);
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         let mut batch = Vec::with_capacity(64);
         batch.push(stamped(&mut stamper, first));
         while batch.len() < limits::WRITER_BATCH_MAX {
             match rx.try_recv() {
-                Ok(req) => batch.push(stamped(&mut stamper, req)),
+                Ok(Request::Insert(req)) => batch.push(stamped(&mut stamper, req)),
+                Ok(Request::Stop) => {
+                    stopping = true;
+                    break;
+                }
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
@@ -81,20 +119,15 @@ fn run(mut store: Box<dyn Store>, mut sink: BatchSink, rx: Receiver<InsertReques
             }
         };
         sink(Arc::new(CommitBatch { messages: batch, failure }));
+        store.maintain(rx.is_empty());
     }
-    tracing::debug!("writer stopped");
+    tracing::info!("writer stopped; every accepted message is committed");
 }
 
 fn stamped(stamper: &mut Stamper, req: InsertRequest) -> Committed {
     let (id, inserted_at_us) = stamper.stamp();
-    Committed {
-        id,
-        conversation: req.conversation,
-        sender: req.sender,
-        body: req.body,
-        inserted_at_us,
-        origin: req.origin,
-    }
+    let message = Message { id, conversation: req.conversation, sender: req.sender, body: req.body, inserted_at_us };
+    Committed { message, origin: req.origin }
 }
 
 #[cfg(test)]
@@ -114,7 +147,7 @@ mod tests {
     #[test]
     fn batches_in_order_and_stops_when_handles_drop() {
         let (tx, rx) = mpsc::channel();
-        let (handle, join) =
+        let (handle, stopper) =
             spawn_writer(Box::new(MemoryStore), Box::new(move |b| tx.send(b).expect("send"))).expect("spawn");
         for i in 0..100u32 {
             let origin = Origin { core: 0, ticket: i };
@@ -122,10 +155,13 @@ mod tests {
             handle.try_submit(req).expect("queued");
         }
         drop(handle);
-        join.join().expect("writer exits");
+        stopper.stop();
         let all: Vec<Committed> = rx.iter().flat_map(|b| b.messages.clone()).collect();
         let tickets: Vec<u32> = all.iter().map(|m| m.origin.ticket).collect();
         assert_eq!(tickets, (0..100).collect::<Vec<_>>());
-        assert!(all.windows(2).all(|w| w[0].inserted_at_us < w[1].inserted_at_us && w[0].id < w[1].id));
+        let ordered = |w: &[Committed]| {
+            w[0].message.inserted_at_us < w[1].message.inserted_at_us && w[0].message.id < w[1].message.id
+        };
+        assert!(all.windows(2).all(ordered));
     }
 }

@@ -1,0 +1,190 @@
+//! History reads: pages of a conversation, newest first by cursor, returned oldest first.
+//! Served by a reader thread with its own read-only connection so no core blocks on disk.
+
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Sender, TrySendError};
+use rusqlite::{params, Connection, OptionalExtension};
+use uuid::Uuid;
+
+use super::schema;
+use super::Message;
+use crate::limits;
+
+/// One history request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryQuery {
+    /// Conversation.
+    pub conversation: Uuid,
+    /// Only messages older than this message id (a cursor from an earlier page).
+    pub before: Option<Uuid>,
+    /// Page size (1..=[`limits::HISTORY_LIMIT_MAX`]).
+    pub limit: usize,
+}
+
+/// A page of history.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HistoryPage {
+    /// Oldest first.
+    pub messages: Vec<Message>,
+    /// Cursor for the next (older) page, when there are older messages.
+    pub next_before: Option<Uuid>,
+}
+
+/// Why a history read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// `before` names no message of this conversation: 400.
+    #[error("unknown before id")]
+    UnknownCursor,
+    /// The database failed: 503.
+    #[error("storage unavailable: {0}")]
+    Storage(#[from] rusqlite::Error),
+    /// The reader queue is full: 503.
+    #[error("server busy")]
+    Busy,
+}
+
+const CURSOR: &str = "SELECT seq FROM messages WHERE id = ?1 AND conversation_id = ?2
+     UNION ALL SELECT seq FROM recent WHERE id = ?1 AND conversation_id = ?2";
+/// Newest `limit` rows below the cursor from each table; the caller merges the two.
+const PAGE: &str = "SELECT * FROM (SELECT seq, id, sender_id, body, inserted_at FROM messages
+         WHERE conversation_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3)
+     UNION ALL
+     SELECT * FROM (SELECT seq, id, sender_id, body, inserted_at FROM recent
+         WHERE conversation_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3)";
+
+/// Reads one page in one read transaction (a consistent snapshot of both tables).
+pub fn read_history(conn: &mut Connection, q: &HistoryQuery) -> Result<HistoryPage, HistoryError> {
+    let tx = conn.transaction()?;
+    let conv = q.conversation.as_bytes();
+    let before_seq = match q.before {
+        Some(id) => tx
+            .prepare_cached(CURSOR)?
+            .query_row(params![id.as_bytes(), conv], |r| r.get::<_, i64>(0))
+            .optional()?
+            .ok_or(HistoryError::UnknownCursor)?,
+        None => i64::MAX,
+    };
+    let mut rows: Vec<(i64, Message)> = {
+        let mut stmt = tx.prepare_cached(PAGE)?;
+        let mapped = stmt.query_map(params![conv, before_seq, q.limit as i64 + 1], |r| {
+            let blob = |i: usize| -> rusqlite::Result<Uuid> {
+                let b: Vec<u8> = r.get(i)?;
+                Uuid::from_slice(&b)
+                    .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Blob, e.into()))
+            };
+            let message = Message {
+                id: blob(1)?,
+                conversation: q.conversation,
+                sender: blob(2)?,
+                body: r.get(3)?,
+                inserted_at_us: r.get(4)?,
+            };
+            Ok((r.get::<_, i64>(0)?, message))
+        })?;
+        mapped.collect::<Result<_, _>>()?
+    };
+    tx.commit()?;
+    rows.sort_unstable_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+    let more = rows.len() > q.limit;
+    rows.truncate(q.limit);
+    rows.reverse();
+    let messages: Vec<Message> = rows.into_iter().map(|(_, m)| m).collect();
+    let next_before = if more { messages.first().map(|m| m.id) } else { None };
+    Ok(HistoryPage { messages, next_before })
+}
+
+/// A history job and where its answer goes.
+pub struct HistoryJob {
+    /// The query.
+    pub query: HistoryQuery,
+    /// Called on the reader thread with the result.
+    pub reply: Box<dyn FnOnce(Result<HistoryPage, HistoryError>) + Send>,
+}
+
+/// The cores' handle to the reader thread.
+#[derive(Clone)]
+pub struct ReaderHandle {
+    tx: Sender<HistoryJob>,
+}
+
+impl std::fmt::Debug for ReaderHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReaderHandle").finish_non_exhaustive()
+    }
+}
+
+impl ReaderHandle {
+    /// Queues a job without blocking; gives it back when the queue is full.
+    pub fn try_submit(&self, job: HistoryJob) -> Result<(), HistoryJob> {
+        self.tx.try_send(job).map_err(|e| match e {
+            TrySendError::Full(j) | TrySendError::Disconnected(j) => j,
+        })
+    }
+}
+
+/// Starts the reader thread on a read-only connection to `path`.
+pub fn spawn_reader(path: &std::path::Path) -> Result<(ReaderHandle, JoinHandle<()>), schema::OpenError> {
+    let mut conn = schema::open_reader(path)?;
+    let (tx, rx) = crossbeam_channel::bounded::<HistoryJob>(limits::READER_QUEUE_MAX);
+    let spawned = std::thread::Builder::new().name("reader".into()).spawn(move || {
+        for job in rx {
+            let result = read_history(&mut conn, &job.query);
+            if let Err(HistoryError::Storage(e)) = &result {
+                tracing::warn!(error = %e, "history read failed");
+            }
+            (job.reply)(result);
+        }
+    });
+    let join = spawned.map_err(|e| schema::OpenError::Sqlite {
+        path: path.display().to_string(),
+        source: rusqlite::Error::InvalidParameterName(format!("cannot start reader thread: {e}")),
+    })?;
+    Ok((ReaderHandle { tx }, join))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::schema::{open_writer, Sync};
+    use super::super::{Committed, Origin, SqliteStore, Store};
+    use super::*;
+
+    fn msg(conv: Uuid, n: i64) -> Committed {
+        let message = Message {
+            id: Uuid::now_v7(),
+            conversation: conv,
+            sender: Uuid::nil(),
+            body: format!("m{n}"),
+            inserted_at_us: 1_000 + n,
+        };
+        Committed { message, origin: Origin { core: 0, ticket: 0 } }
+    }
+
+    #[test]
+    fn pages_span_both_tables_oldest_first() {
+        let dir = std::env::temp_dir().join(format!("nexus-history-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("db");
+        let mut store = SqliteStore::new(open_writer(&path, Sync::Normal, None).expect("open")).expect("store");
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let batch: Vec<Committed> = (0..10).map(|n| msg(if n % 2 == 0 { a } else { b }, n)).collect();
+        store.commit(&batch[..6]).expect("commit");
+        store.maintain(true); // rows 0..6 move to `messages`
+        store.commit(&batch[6..]).expect("commit"); // rows 6..10 stay in `recent`
+        let mut reader = schema::open_reader(&path).expect("reader");
+        let q = HistoryQuery { conversation: a, before: None, limit: 3 };
+        let page = read_history(&mut reader, &q).expect("page");
+        let bodies: Vec<&str> = page.messages.iter().map(|m| m.body.as_str()).collect();
+        assert_eq!(bodies, ["m4", "m6", "m8"]);
+        let q2 = HistoryQuery { before: page.next_before, ..q.clone() };
+        let page2 = read_history(&mut reader, &q2).expect("page 2");
+        let bodies: Vec<&str> = page2.messages.iter().map(|m| m.body.as_str()).collect();
+        assert_eq!((bodies, page2.next_before), (vec!["m0", "m2"], None));
+        let wrong = HistoryQuery { conversation: b, before: page.next_before, limit: 3 };
+        assert!(matches!(read_history(&mut reader, &wrong), Err(HistoryError::UnknownCursor)));
+        let empty = HistoryQuery { conversation: Uuid::new_v4(), before: None, limit: 3 };
+        assert_eq!(read_history(&mut reader, &empty).expect("empty"), HistoryPage::default());
+    }
+}
