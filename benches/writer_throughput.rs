@@ -1,0 +1,114 @@
+//! The writer alone at full speed: 1024-message batches over N conversations on a database
+//! that already holds ≥ 1M messages, the way the writer thread runs (commit, then the
+//! between-batch maintenance that moves `recent` rows into the indexed history).
+//!
+//! `cargo bench --bench writer_throughput` (only runs under `cargo bench`; `cargo test`
+//! skips it). Env: `NEXUS_BENCH_PREFILL` (rows, default 1000000), `NEXUS_BENCH_SECS` (per run,
+//! default 10), `NEXUS_BENCH_SYNC` (`normal`|`full`), `NEXUS_BENCH_CONVERSATIONS` (comma
+//! list, default `100,1000,10000`), `NEXUS_BENCH_DIR` (default the temp dir; use a real disk).
+//! Prints one JSON line per conversation count.
+
+use std::time::{Duration, Instant};
+
+use nexus::store::schema::{open_writer, Sync};
+use nexus::store::{Committed, Message, Origin, SqliteStore, Store};
+use uuid::Uuid;
+
+const BATCH: usize = 1024;
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+struct Gen {
+    seed: u64,
+    conversations: Vec<Uuid>,
+}
+
+impl Gen {
+    fn batch(&mut self) -> Vec<Committed> {
+        (0..BATCH)
+            .map(|_| {
+                self.seed = self.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let conversation = self.conversations[(self.seed >> 33) as usize % self.conversations.len()];
+                let message = Message {
+                    id: Uuid::now_v7(),
+                    conversation,
+                    sender: Uuid::from_u64_pair(1, self.seed % 100_000),
+                    body: "x".repeat(100),
+                    inserted_at_us: nexus::ids::now_micros(),
+                };
+                Committed { message, origin: Origin { core: 0, ticket: 0 } }
+            })
+            .collect()
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+fn run(conversations: usize, prefill: usize, secs: u64, sync: Sync, dir: &std::path::Path) {
+    let path = dir.join(format!("throughput-{conversations}.db"));
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    let mut store = SqliteStore::new(open_writer(&path, sync, None).expect("open")).expect("store");
+    let mut gen = Gen { seed: 7, conversations: (0..10_000).map(|_| Uuid::new_v4()).collect() };
+    for _ in 0..prefill.div_ceil(BATCH) {
+        store.commit(&gen.batch()).expect("prefill");
+        store.maintain(false);
+    }
+    store.maintain(true);
+    gen.conversations.truncate(conversations);
+    let mut commits = Vec::new();
+    let mut stalls = Vec::new();
+    let mut rows = 0usize;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(secs) {
+        let batch = gen.batch();
+        let t = Instant::now();
+        store.commit(&batch).expect("commit");
+        commits.push(t.elapsed());
+        store.maintain(false);
+        stalls.push(t.elapsed());
+        rows += batch.len();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    commits.sort_unstable();
+    stalls.sort_unstable();
+    println!(
+        "{{\"conversations\":{conversations},\"prefill\":{prefill},\"sync\":\"{}\",\"rows_per_s\":{:.0},\
+         \"commit_ms_p50\":{:.2},\"commit_ms_p99\":{:.2},\"batch_ms_p50\":{:.2},\"batch_ms_p99\":{:.2},\"batch_ms_max\":{:.2}}}",
+        if sync == Sync::Full { "full" } else { "normal" },
+        rows as f64 / elapsed,
+        percentile(&commits, 0.5),
+        percentile(&commits, 0.99),
+        percentile(&stalls, 0.5),
+        percentile(&stalls, 0.99),
+        percentile(&stalls, 1.0),
+    );
+    drop(store);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("writer_throughput: skipped (run it with `cargo bench --bench writer_throughput`)");
+        return;
+    }
+    let prefill = env_or("NEXUS_BENCH_PREFILL", 1_000_000usize);
+    let secs = env_or("NEXUS_BENCH_SECS", 10u64);
+    let sync = if std::env::var("NEXUS_BENCH_SYNC").is_ok_and(|v| v == "full") { Sync::Full } else { Sync::Normal };
+    let dir = std::env::var("NEXUS_BENCH_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| std::env::temp_dir());
+    let list = std::env::var("NEXUS_BENCH_CONVERSATIONS").unwrap_or_else(|_| "100,1000,10000".into());
+    for n in list.split(',').filter_map(|s| s.trim().parse::<usize>().ok()) {
+        run(n, prefill, secs, sync, &dir);
+    }
+}
