@@ -35,7 +35,8 @@ fn writer(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     let conversations: Vec<Uuid> = (0..CONVERSATIONS).map(|_| Uuid::new_v4()).collect();
-    let mut store = SqliteStore::new(open_writer(&dir.join("bench.db"), Sync::Normal, None).expect("open")).expect("store");
+    let mut store =
+        SqliteStore::new(open_writer(&dir.join("bench.db"), Sync::Normal, None).expect("open")).expect("store");
     let mut seed = 42u64;
     // Under `cargo test` (no `--bench`) the bench runs once as a smoke test: keep it small.
     let prefill = if std::env::args().any(|a| a == "--bench") { PREFILL } else { 4_096 };

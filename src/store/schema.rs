@@ -76,6 +76,11 @@ pub enum OpenError {
 pub fn open_writer(path: &Path, sync: Sync, max_bytes: Option<u64>) -> Result<Connection, OpenError> {
     let err = |source| OpenError::Sqlite { path: path.display().to_string(), source };
     let conn = Connection::open(path).map_err(err)?;
+    // Refuse a newer schema before changing anything in the file (journal mode included).
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(err)?;
+    if found > SCHEMA_VERSION {
+        return Err(OpenError::TooNew { path: path.display().to_string(), found });
+    }
     // page_size only takes effect before the first table exists.
     conn.pragma_update(None, "page_size", 4096).map_err(err)?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(err)?;

@@ -26,6 +26,8 @@ pub struct SqliteStore {
     /// Rows currently in `recent` (seqs `next_seq - recent_rows .. next_seq`).
     recent_rows: i64,
     last_inserted_at_us: i64,
+    /// Consecutive failed merges (a full disk keeps failing; log the first and then rarely).
+    merge_failures: u32,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -45,7 +47,7 @@ impl SqliteStore {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         let recent_rows: i64 = conn.query_row("SELECT count(*) FROM recent", [], |r| r.get(0))?;
-        Ok(SqliteStore { conn, next_seq: max_seq + 1, recent_rows, last_inserted_at_us: last_at })
+        Ok(SqliteStore { conn, next_seq: max_seq + 1, recent_rows, last_inserted_at_us: last_at, merge_failures: 0 })
     }
 
     fn insert(&mut self, batch: &[Committed]) -> Result<(), rusqlite::Error> {
@@ -100,9 +102,20 @@ impl Store for SqliteStore {
 
     fn maintain(&mut self, idle: bool) {
         let due = self.recent_rows >= limits::MERGE_ROWS as i64 || (idle && self.recent_rows > 0);
-        if due {
-            if let Err(e) = self.merge() {
-                tracing::warn!(error = %e, "moving recent rows into history failed; will retry");
+        if !due {
+            return;
+        }
+        match self.merge() {
+            Ok(()) if self.merge_failures > 0 => {
+                tracing::info!(failures = self.merge_failures, "moving recent rows into history works again");
+                self.merge_failures = 0;
+            }
+            Ok(()) => {}
+            Err(e) => {
+                if self.merge_failures % 1000 == 0 {
+                    tracing::warn!(error = %e, failures = self.merge_failures + 1, "moving recent rows into history failed; will retry");
+                }
+                self.merge_failures += 1;
             }
         }
     }

@@ -119,7 +119,7 @@ fn run(mut store: Box<dyn Store>, mut sink: BatchSink, rx: Receiver<Request>) {
             }
         };
         sink(Arc::new(CommitBatch { messages: batch, failure }));
-        store.maintain(rx.is_empty());
+        store.maintain(false);
     }
     tracing::info!("writer stopped; every accepted message is committed");
 }

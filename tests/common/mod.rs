@@ -1086,3 +1086,515 @@ pub fn parse_server_frame(buf: &[u8]) -> Option<(Frame, usize)> {
     let frame = Frame { fin, rsv, opcode, payload: buf[header..header + len].to_vec() };
     Some((frame, header + len))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Persistence: process control, the database file, chat messages, the history API
+// ---------------------------------------------------------------------------------------------
+
+impl Server {
+    /// The server's private data directory (removed when the `Server` is dropped).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// The private database [`start_server`] gives it (not the file in use when the caller
+    /// overrode `DATABASE_PATH`).
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join("nexus.db")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGTERM`, `libc::SIGKILL`) to the running server process.
+    #[track_caller]
+    pub fn signal(&mut self, sig: libc::c_int) {
+        let exited = self.child.try_wait().expect("try_wait");
+        assert!(exited.is_none(), "nexus already exited ({exited:?}); stderr:\n{}", self.logs());
+        // SAFETY: kill(2) of the child this test spawned, still unreaped (checked above), so
+        // its pid cannot have been reused.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill({}, {sig}): {}", self.child.id(), std::io::Error::last_os_error());
+    }
+
+    /// Waits for the process to exit; panics (with the logs) if it is still running after
+    /// `timeout`.
+    #[track_caller]
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        match wait_child(&mut self.child, timeout) {
+            Some(status) => status,
+            None => panic!("nexus did not exit within {timeout:?}; stderr:\n{}", self.logs()),
+        }
+    }
+}
+
+/// Waits up to `timeout` for `child` to exit and reaps it; `None` if it is still running.
+/// Waits on a pidfd (Linux ≥ 5.3), so no polling and no sleeping.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    if let Some(status) = child.try_wait().expect("try_wait") {
+        return Some(status);
+    }
+    // SAFETY: pidfd_open(2) on our own unreaped child; the fd is closed below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) } as libc::c_int;
+    assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+    let deadline = Instant::now() + timeout;
+    let exited = loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, remaining.as_millis().min(i32::MAX as u128) as libc::c_int) };
+        if n > 0 {
+            break true;
+        }
+        if n == 0 {
+            break false;
+        }
+        let err = std::io::Error::last_os_error();
+        assert_eq!(err.kind(), ErrorKind::Interrupted, "poll(pidfd): {err}");
+    };
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd) };
+    if exited {
+        Some(child.wait().expect("wait for nexus"))
+    } else {
+        None
+    }
+}
+
+/// Runs `cmd` (stdin null, stdout discarded, stderr captured) to completion. Kills it and
+/// panics if it has not exited within `timeout`. Returns the status and stderr (ANSI stripped).
+#[track_caller]
+pub fn run_to_exit(mut cmd: Command, timeout: Duration) -> (std::process::ExitStatus, String) {
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn nexus");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = stderr.read_to_end(&mut out);
+        let _ = tx.send(out);
+    });
+    let Some(status) = wait_child(&mut child, timeout) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        let err = rx.recv_timeout(TIMEOUT).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        panic!("nexus did not exit within {timeout:?}; stderr:\n{err}");
+    };
+    // The pipe closes when the process (and any child holding it) is gone.
+    let err = rx.recv_timeout(TIMEOUT).expect("stderr of the exited process");
+    (status, strip_ansi(&String::from_utf8_lossy(&err)))
+}
+
+/// One row of the database (`messages` or `recent`), ids as canonical UUID strings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbRow {
+    pub seq: i64,
+    pub id: String,
+    pub conversation: String,
+    pub sender: String,
+    pub body: String,
+    pub inserted_at_us: i64,
+}
+
+/// Every stored message, from both tables, in `seq` (commit) order, read in one statement
+/// (one snapshot) over a read-only connection. Works while the server runs (WAL).
+#[track_caller]
+pub fn db_rows(path: &std::path::Path) -> Vec<DbRow> {
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = rusqlite::Connection::open_with_flags(path, flags)
+        .unwrap_or_else(|e| panic!("open {} read-only: {e}", path.display()));
+    conn.busy_timeout(TIMEOUT).expect("busy_timeout");
+    let mut stmt = conn
+        .prepare(
+            "SELECT seq, id, conversation_id, sender_id, body, inserted_at FROM messages
+             UNION ALL
+             SELECT seq, id, conversation_id, sender_id, body, inserted_at FROM recent
+             ORDER BY seq",
+        )
+        .unwrap_or_else(|e| panic!("query {}: {e}", path.display()));
+    let uuid = |b: Vec<u8>| uuid::Uuid::from_slice(&b).expect("16-byte id").hyphenated().to_string();
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(DbRow {
+                seq: r.get(0)?,
+                id: uuid(r.get(1)?),
+                conversation: uuid(r.get(2)?),
+                sender: uuid(r.get(3)?),
+                body: r.get(4)?,
+                inserted_at_us: r.get(5)?,
+            })
+        })
+        .expect("query rows");
+    rows.collect::<Result<Vec<_>, _>>().expect("read rows")
+}
+
+/// The rows of one conversation (`<uuid>` of `chat:<uuid>`), in commit order.
+#[track_caller]
+pub fn db_conversation(path: &std::path::Path, conversation: &str) -> Vec<DbRow> {
+    db_rows(path).into_iter().filter(|r| r.conversation == conversation).collect()
+}
+
+/// Microseconds since the epoch as the wire format `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
+pub fn format_micros(us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(us)
+        .expect("timestamp in range")
+        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string()
+}
+
+/// The conversation id of a `chat:<uuid>` topic.
+pub fn conversation_of(topic: &str) -> &str {
+    topic.strip_prefix("chat:").expect("chat:<uuid> topic")
+}
+
+/// A V2 `new_msg` push `[join_ref, ref, topic, "new_msg", {"body": body}]`.
+pub fn new_msg_push(join_ref: &str, r#ref: &str, topic: &str, body: &str) -> String {
+    v2(Some(join_ref), Some(r#ref), topic, "new_msg", &format!(r#"{{"body":{}}}"#, js(Some(body))))
+}
+
+/// The exact `Failed to save` reply with a `detail`.
+pub fn failed_to_save(join_ref: &str, r#ref: &str, topic: &str, detail: &str) -> String {
+    v2_reply(
+        Some(join_ref),
+        Some(r#ref),
+        topic,
+        "error",
+        &format!(r#"{{"reason":"Failed to save","detail":{}}}"#, js(Some(detail))),
+    )
+}
+
+/// A `new_msg` broadcast as a member saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Live {
+    pub id: String,
+    pub sender: String,
+    pub text: String,
+    pub inserted_at: String,
+    /// The whole payload, for comparison with history.
+    pub payload: Value,
+}
+
+/// Parses `frame` as a `new_msg` broadcast on `topic` (null refs, generated fields checked).
+#[track_caller]
+pub fn parse_live(frame: &str, topic: &str) -> Live {
+    let v = parse(frame);
+    assert!(v[0].is_null() && v[1].is_null(), "broadcast refs must be null: {frame}");
+    assert_eq!(v[2].as_str(), Some(topic), "{frame}");
+    assert_eq!(v[3].as_str(), Some("new_msg"), "{frame}");
+    let (id, inserted_at) = check_generated_fields(&v[4]);
+    let sender = v[4]["sender_id"].as_str().unwrap_or_else(|| panic!("no sender_id: {frame}")).to_string();
+    let text = v[4]["content"]["text"].as_str().unwrap_or_else(|| panic!("no content.text: {frame}")).to_string();
+    Live { id, sender, text, inserted_at, payload: v[4].clone() }
+}
+
+/// `true` if `frame` is a `new_msg` broadcast.
+pub fn is_new_msg(frame: &str) -> bool {
+    event_of(frame).as_deref() == Some("new_msg")
+}
+
+impl Client {
+    /// Sends a text frame; an error (the server is gone) is returned instead of panicking.
+    pub fn try_send_text(&mut self, text: &str) -> Result<(), String> {
+        self.ws.send(Message::text(text)).map_err(|e| e.to_string())
+    }
+}
+
+/// `GET <target>` with an optional `Authorization` header value; the server answers and
+/// closes.
+#[track_caller]
+pub fn http_get(port: u16, target: &str, authorization: Option<&str>) -> HttpResponse {
+    http_request(port, "GET", target, authorization)
+}
+
+#[track_caller]
+pub fn http_request(port: u16, method: &str, target: &str, authorization: Option<&str>) -> HttpResponse {
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n");
+    if let Some(auth) = authorization {
+        req.push_str(&format!("Authorization: {auth}\r\n"));
+    }
+    if method != "GET" && method != "HEAD" {
+        req.push_str("Content-Length: 0\r\n");
+    }
+    req.push_str("\r\n");
+    http_raw(port, req.as_bytes())
+}
+
+/// The history path of a conversation with a query string (may be empty).
+pub fn history_target(conversation: &str, query: &str) -> String {
+    if query.is_empty() {
+        format!("/api/conversations/{conversation}/messages")
+    } else {
+        format!("/api/conversations/{conversation}/messages?{query}")
+    }
+}
+
+/// One history page read as user `sub`: asserts 200, `application/json`, `connection: close`
+/// and that the server closes; returns `(messages, next_before)`.
+#[track_caller]
+pub fn history_page(port: u16, sub: &str, conversation: &str, query: &str) -> (Vec<Value>, Option<String>) {
+    use sonic_rs::JsonContainerTrait as _;
+    let auth = format!("Bearer {}", token(sub));
+    let mut resp = http_get(port, &history_target(conversation, query), Some(&auth));
+    assert_eq!(resp.status, 200, "history ?{query}: {:?} {:?}", resp.status_line, resp.body_text());
+    assert_eq!(resp.header("content-type"), Some("application/json"), "headers {:?}", resp.headers);
+    assert_eq!(
+        resp.header("content-length").map(str::trim),
+        Some(resp.body.len().to_string().as_str()),
+        "content-length must match the body"
+    );
+    assert_eq!(resp.header("connection").map(|v| v.to_ascii_lowercase()), Some("close".to_string()));
+    resp.assert_server_closes();
+    let body = parse(&resp.body_text());
+    assert_eq!(body.as_object().map(|o| o.len()), Some(2), "exactly messages and next_before: {}", resp.body_text());
+    let messages = body["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("messages is not an array: {}", resp.body_text()))
+        .iter()
+        .cloned()
+        .collect::<Vec<Value>>();
+    let next = &body["next_before"];
+    let next_before = if next.is_null() {
+        assert!(body.get("next_before").is_some(), "next_before missing: {}", resp.body_text());
+        None
+    } else {
+        Some(next.as_str().unwrap_or_else(|| panic!("next_before is not a string: {}", resp.body_text())).to_string())
+    };
+    (messages, next_before)
+}
+
+/// The whole history of a conversation, oldest first, following `next_before` with pages of
+/// `limit`.
+#[track_caller]
+pub fn full_history(port: u16, sub: &str, conversation: &str, limit: usize) -> Vec<Value> {
+    let mut pages: Vec<Vec<Value>> = Vec::new();
+    let mut before: Option<String> = None;
+    for _ in 0..10_000 {
+        let query = match &before {
+            Some(b) => format!("limit={limit}&before={b}"),
+            None => format!("limit={limit}"),
+        };
+        let (messages, next) = history_page(port, sub, conversation, &query);
+        assert!(messages.len() <= limit, "page larger than limit {limit}");
+        if next.is_some() {
+            assert_eq!(messages.len(), limit, "a page with older messages after it must be full");
+            assert_eq!(next.as_deref(), messages[0]["id"].as_str(), "next_before is the oldest id of the page");
+        }
+        pages.push(messages);
+        match next {
+            Some(n) => before = Some(n),
+            None => return pages.into_iter().rev().flatten().collect(),
+        }
+    }
+    panic!("history of {conversation} did not end");
+}
+
+/// Sends `bodies` as `new_msg` pushes (refs `m0`, `m1`, …), pipelined, on a socket that joined
+/// `topic` with `join_ref`, and waits for every acknowledgement. Each ack must be ok, in send
+/// order, and come after the sender's own broadcast of that message. Returns every broadcast
+/// the socket saw up to the last ack, in order.
+#[track_caller]
+pub fn send_all(c: &mut Client, join_ref: &str, topic: &str, bodies: &[String]) -> Vec<Live> {
+    for (k, body) in bodies.iter().enumerate() {
+        c.send_text(&new_msg_push(join_ref, &format!("m{k}"), topic, body));
+    }
+    let mut seen: Vec<Live> = Vec::new();
+    let mut acks = 0;
+    while acks < bodies.len() {
+        let frame = c.recv_text(TIMEOUT);
+        if is_new_msg(&frame) {
+            seen.push(parse_live(&frame, topic));
+            continue;
+        }
+        assert_eq!(frame, v2_ok(Some(join_ref), &format!("m{acks}"), topic), "acks must be ok and in send order");
+        let own = &bodies[acks];
+        assert!(seen.iter().any(|m| &m.text == own), "ack of {own:?} before its broadcast");
+        acks += 1;
+    }
+    seen
+}
+
+/// A fresh socket for `sub` that joined `topic` (join_ref `"1"`).
+#[track_caller]
+pub fn joined(port: u16, sub: &str, topic: &str) -> Client {
+    let mut c = connect_v2(port, sub);
+    c.join(topic, "1");
+    c
+}
+
+/// Rows in the `recent` table (committed, not yet moved into `messages`).
+#[track_caller]
+pub fn db_recent_count(path: &std::path::Path) -> i64 {
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = rusqlite::Connection::open_with_flags(path, flags)
+        .unwrap_or_else(|e| panic!("open {} read-only: {e}", path.display()));
+    conn.busy_timeout(TIMEOUT).expect("busy_timeout");
+    conn.query_row("SELECT count(*) FROM recent", [], |r| r.get(0)).expect("count recent")
+}
+
+/// Waits until `done()` holds, re-checking each time a file in `dir` (the database, its WAL)
+/// is written: an inotify watch, no polling on a timer. Panics after `timeout`.
+#[track_caller]
+pub fn wait_for_files(dir: &std::path::Path, timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    use std::os::unix::ffi::OsStrExt as _;
+    // SAFETY: inotify_init1 returns a new fd (closed below) or -1.
+    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    assert!(fd >= 0, "inotify_init1: {}", std::io::Error::last_os_error());
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).expect("path without NUL");
+    let mask = libc::IN_MODIFY | libc::IN_CREATE | libc::IN_DELETE | libc::IN_MOVED_TO;
+    // SAFETY: valid fd and NUL-terminated path.
+    let wd = unsafe { libc::inotify_add_watch(fd, path.as_ptr(), mask) };
+    assert!(wd >= 0, "inotify_add_watch {}: {}", dir.display(), std::io::Error::last_os_error());
+    let deadline = Instant::now() + timeout;
+    let mut events = [0u8; 4096];
+    let mut check = true;
+    let result = loop {
+        // The watch exists before each check, so a write after the check wakes the poll.
+        if check && done() {
+            break Ok(());
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            break Err(format!("{what}: not done within {timeout:?}"));
+        }
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, remaining.as_millis().clamp(1, i32::MAX as u128) as libc::c_int) };
+        if n < 0 && std::io::Error::last_os_error().kind() != ErrorKind::Interrupted {
+            break Err(format!("poll(inotify): {}", std::io::Error::last_os_error()));
+        }
+        // Re-check only for changes of the database or its WAL, not of the `-shm` index our
+        // own read-only checks touch.
+        check = false;
+        loop {
+            // SAFETY: reading into a local buffer of the given length (non-blocking fd).
+            let got = unsafe { libc::read(fd, events.as_mut_ptr().cast(), events.len()) };
+            if got <= 0 {
+                break;
+            }
+            let mut at = 0usize;
+            while at + 16 <= got as usize {
+                let len = u32::from_ne_bytes(events[at + 12..at + 16].try_into().expect("4 bytes")) as usize;
+                let name = &events[at + 16..(at + 16 + len).min(got as usize)];
+                let name = name.split(|b| *b == 0).next().unwrap_or_default();
+                if !name.ends_with(b"-shm") {
+                    check = true;
+                }
+                at += 16 + len;
+            }
+        }
+    };
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd) };
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+/// How a [`stream_messages`] sender ended.
+#[derive(Debug)]
+pub struct Streamed {
+    /// Messages written to the socket (`m-0` … `m-<sent-1>`).
+    pub sent: usize,
+    /// Indexes of the messages acknowledged ok, in the order the acks came (must be increasing).
+    pub acked: Vec<usize>,
+    /// Indexes of the messages answered `Failed to save`, with the detail.
+    pub refused: Vec<(usize, String)>,
+    /// Why it stopped: `"done"`, `"deadline"`, or the send/receive error.
+    pub end: String,
+}
+
+/// Streams `new_msg` pushes with bodies `m-0`, `m-1`, … (refs `m0`, `m1`, …) on `topic` from
+/// `c` (joined with join_ref `"1"`), keeping up to `window` unanswered, until the connection
+/// fails, `max` are answered, or `run_for` has passed. Every reply must be an ok ack or a
+/// `Failed to save` error of an outstanding message; ok acks must come in send order;
+/// broadcasts are skipped. Stops sending after the first refusal. Sends `()` on `reached` once
+/// `notify_after` messages are acknowledged.
+pub fn stream_messages(
+    c: &mut Client,
+    topic: &str,
+    window: usize,
+    max: usize,
+    notify_after: usize,
+    reached: mpsc::Sender<()>,
+    run_for: Duration,
+) -> Streamed {
+    let deadline = Instant::now() + run_for;
+    let mut out = Streamed { sent: 0, acked: Vec::new(), refused: Vec::new(), end: String::new() };
+    let answered = |o: &Streamed| o.acked.len() + o.refused.len();
+    out.end = 'outer: loop {
+        while out.sent < max && out.sent - answered(&out) < window && out.refused.is_empty() {
+            let n = out.sent;
+            if let Err(e) = c.try_send_text(&new_msg_push("1", &format!("m{n}"), topic, &format!("m-{n}"))) {
+                break 'outer format!("send: {e}");
+            }
+            out.sent += 1;
+        }
+        if answered(&out) == out.sent && (out.sent == max || !out.refused.is_empty()) {
+            break "done".to_string();
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            break "deadline".to_string();
+        }
+        let frame = match c.try_recv_text(remaining) {
+            Err(e) => break format!("receive: {e}"),
+            Ok(frame) if is_new_msg(&frame) => continue,
+            Ok(frame) => frame,
+        };
+        let v = parse(&frame);
+        let n = v[1]
+            .as_str()
+            .and_then(|r| r.strip_prefix('m'))
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("unexpected frame {frame}"));
+        assert!(n < out.sent, "reply to a message not sent: {frame}");
+        let done_before = out.acked.contains(&n) || out.refused.iter().any(|(k, _)| *k == n);
+        assert!(!done_before, "second reply for m{n}: {frame}");
+        if frame == v2_ok(Some("1"), &format!("m{n}"), topic) {
+            if let Some(last) = out.acked.last() {
+                assert!(*last < n, "ok acks out of send order: m{last} then m{n}");
+            }
+            out.acked.push(n);
+            if out.acked.len() == notify_after {
+                let _ = reached.send(());
+            }
+        } else {
+            let detail = v[4]["response"]["detail"].as_str().unwrap_or_default().to_string();
+            assert_eq!(frame, failed_to_save("1", &format!("m{n}"), topic, &detail), "not an ack nor Failed to save");
+            out.refused.push((n, detail));
+        }
+    };
+    out
+}
+
+/// Checks a sender's stored bodies (in commit order) against what it streamed: exactly
+/// `m-0 … m-<k-1>` for some `k <= sent` — in send order, without a hole — containing every
+/// acknowledged message and no refused one. Returns `k`.
+#[track_caller]
+pub fn check_stored_prefix(who: &str, stored: &[&str], s: &Streamed) -> usize {
+    let k = stored.len();
+    let expected: Vec<String> = (0..k).map(|n| format!("m-{n}")).collect();
+    assert_eq!(stored, expected, "{who}: stored messages must be m-0.. in send order without holes ({s:?})");
+    assert!(k <= s.sent, "{who}: {k} stored but only {} sent ({s:?})", s.sent);
+    if let Some(last) = s.acked.last() {
+        assert!(*last < k, "{who}: m-{last} was acknowledged but only m-0..m-{k} are stored ({s:?})");
+    }
+    for (n, detail) in &s.refused {
+        assert!(*n >= k, "{who}: m-{n} was refused ({detail}) but is stored ({s:?})");
+    }
+    k
+}
+
+impl Client {
+    /// Asserts the server sends no text frame (presence skipped per `skip_presence`) and
+    /// keeps the connection for `period`.
+    #[track_caller]
+    pub fn expect_silence(&mut self, period: Duration) {
+        match self.try_recv_text(period) {
+            Err(e) if e.starts_with("timeout") => {}
+            Err(e) => panic!("expected silence for {period:?}, got {e}"),
+            Ok(frame) => panic!("expected silence for {period:?}, got {frame}"),
+        }
+    }
+}
