@@ -22,6 +22,8 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
 
 struct Gen {
     seed: u64,
+    /// Ids must increase like the writer's UUIDv7s (the history table is ordered by them).
+    next_id: u64,
     conversations: Vec<Uuid>,
 }
 
@@ -32,7 +34,10 @@ impl Gen {
                 self.seed = self.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 let conversation = self.conversations[(self.seed >> 33) as usize % self.conversations.len()];
                 let message = Message {
-                    id: Uuid::now_v7(),
+                    id: {
+                        self.next_id += 1;
+                        Uuid::from_u64_pair(self.next_id, self.seed)
+                    },
                     conversation,
                     sender: Uuid::from_u64_pair(1, self.seed % 100_000),
                     body: "x".repeat(100),
@@ -58,7 +63,8 @@ fn run(conversations: usize, prefill: usize, secs: u64, sync: Sync, dir: &std::p
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
     let mut store = SqliteStore::new(open_writer(&path, sync, None).expect("open")).expect("store");
-    let mut gen = Gen { seed: 7, conversations: (0..10_000).map(|_| Uuid::new_v4()).collect() };
+    nexus::store::schema::spawn_checkpointer(&path).expect("checkpointer");
+    let mut gen = Gen { seed: 7, next_id: 1 << 40, conversations: (0..10_000).map(|_| Uuid::new_v4()).collect() };
     for _ in 0..prefill.div_ceil(BATCH) {
         store.commit(&gen.batch()).expect("prefill");
         store.maintain(false);

@@ -86,10 +86,22 @@ pub const LISTEN_BACKLOG: i32 = 4_096;
 /// long without requests.
 pub const WRITER_IDLE: Duration = Duration::from_millis(200);
 
-/// Rows in `recent` that trigger a move into `messages` even while busy, and the most rows one
-/// move takes. Bigger moves write each conversation-index page once for more rows (cheaper per
-/// row) but stall the writer longer.
-pub const MERGE_ROWS: usize = 16_384;
+/// Most conversations one merge step moves from memory into the indexed history. With a step
+/// per writer batch, this sets how often each conversation's index leaf is rewritten (once per
+/// sweep) and so how many rows share each leaf write.
+pub const MERGE_STEP_CONVERSATIONS: usize = 16;
+
+/// Most rows one merge step moves: bounds the step's time, so commits keep their latency.
+pub const MERGE_STEP_ROWS: usize = 4_096;
+
+/// Merged rows deleted from `recent` per step (a range delete on the rowid table).
+pub const MERGE_DELETE_ROWS: usize = 2_048;
+
+/// Unmerged rows kept in memory above which the writer runs extra merge steps per batch.
+pub const MERGE_BACKLOG_ROWS: usize = 1_000_000;
+
+/// Longest the writer spends on merge steps between two batches (or in one idle tick).
+pub const MERGE_STEP_BUDGET: Duration = Duration::from_millis(20);
 
 /// History requests queued for the reader thread; full → 503.
 pub const READER_QUEUE_MAX: usize = 1_024;
@@ -98,3 +110,10 @@ pub const READER_QUEUE_MAX: usize = 1_024;
 pub const HISTORY_LIMIT_DEFAULT: usize = 50;
 /// Largest `limit` a history request may ask for.
 pub const HISTORY_LIMIT_MAX: usize = 200;
+
+/// How often the checkpointer copies committed WAL pages into the database file.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
+
+/// WAL size (pages of 4 KiB) at which the writer checkpoints by itself: a safety net if the
+/// checkpointer thread falls behind. 16,384 pages = 64 MiB of WAL.
+pub const WAL_AUTOCHECKPOINT_PAGES: i64 = 2_000;

@@ -165,7 +165,7 @@ fn limit_bounds() {
 }
 
 #[test]
-fn malformed_or_foreign_before_is_400() {
+fn malformed_before_is_400_and_any_id_is_a_time_bound() {
     let server = start_server(&[]);
     let port = server.port;
     let (topic, sub, live) = conversation_with(port, "b", 2);
@@ -184,14 +184,14 @@ fn malformed_or_foreign_before_is_400() {
     for query in &malformed {
         expect_json_error(get_as(port, &sub, conversation, query), 400, query);
     }
-    // Well-formed ids that are not a message of this conversation.
-    let foreign = format!("before={}", other_live[0].id);
-    let msg = expect_json_error(get_as(port, &sub, conversation, &foreign), 400, "id of another conversation");
-    assert_eq!(msg, "unknown before id");
-    let unknown = format!("before={}", uuid::Uuid::now_v7());
-    let msg = expect_json_error(get_as(port, &sub, conversation, &unknown), 400, "unknown id");
-    assert_eq!(msg, "unknown before id");
-    // The foreign id is fine in its own conversation.
+    // A well-formed id that is not a message of this conversation is still a bound: ids are
+    // UUIDv7 in commit order, so `before` means "committed before that message".
+    let foreign = format!("before={}", other_live[0].id); // committed after both b messages
+    assert_eq!(history_page(port, &sub, conversation, &foreign), (payloads(&live), None));
+    let future = format!("before={}", uuid::Uuid::now_v7());
+    assert_eq!(history_page(port, &sub, conversation, &future), (payloads(&live), None));
+    let oldest = format!("before={}", live[0].id);
+    assert_eq!(history_page(port, &sub, conversation_of(&other_topic), &oldest), (Vec::new(), None));
     assert_eq!(history_page(port, &sub, conversation_of(&other_topic), &foreign), (Vec::new(), None));
 }
 

@@ -217,6 +217,9 @@ impl Core {
                     CoreMsg::Committed(batch) => self.on_committed(&batch),
                     CoreMsg::HttpResponse { ticket, bytes } => self.on_http_response(ticket, bytes),
                 }
+                // Let the woken connections flush before the next batch: a backlog of batches
+                // broadcast in one go could push a member that reads fine over its queue limit.
+                yield_now().await;
             }
             if !mailbox.prepare_sleep() {
                 continue;
@@ -313,4 +316,18 @@ pub(crate) fn encode_frame(vsn: Vsn, msg: &phoenix::Outbound<'_>) -> Bytes {
     let mut frame = Vec::with_capacity(json.len() + 10);
     ws::frame(ws::Kind::Text, &json, &mut frame);
     Bytes::from(frame)
+}
+
+/// Yields once to the runtime so other ready tasks run.
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
 }

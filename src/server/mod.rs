@@ -48,6 +48,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let store = SqliteStore::new(db)
         .map_err(|source| schema::OpenError::Sqlite { path: config.database_path.display().to_string(), source })?;
     let (reader, _reader_thread) = spawn_reader(&config.database_path)?;
+    schema::spawn_checkpointer(&config.database_path)?;
     let nofile = sys::raise_nofile_limit();
     let workers = config.workers;
     let per_core_fds = 8; // listener, ring, wake pair, spare fd, timer, slack

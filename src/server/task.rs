@@ -97,7 +97,7 @@ async fn drive(core: &Core, conn: &Rc<Conn>, stream: &TcpStream) -> io::Result<(
             return Ok(());
         }
         if let Some(why) = conn.take_close() {
-            start_close(core, conn, &local, why);
+            start_close(core, conn, why);
         }
         write_blocked = !flush(core, conn, &mut local.unsent)?;
         if !write_blocked && conn.phase() == Phase::Closing {
@@ -108,14 +108,14 @@ async fn drive(core: &Core, conn: &Rc<Conn>, stream: &TcpStream) -> io::Result<(
 }
 
 /// Queues the close frame (when a WebSocket is open) and moves to [`Phase::Closing`].
-fn start_close(core: &Core, conn: &Conn, local: &Local, why: Close) {
+fn start_close(core: &Core, conn: &Conn, why: Close) {
     if conn.phase() == Phase::Open {
-        // A slow consumer's queue is gone; its close frame may only follow whole frames.
-        if why != Close::SlowConsumer || local.unsent.is_empty() {
-            let mut frame = Vec::with_capacity(32);
-            ws::close_frame(why.code(), why.reason(), &mut frame);
-            conn.push_final(Bytes::from(frame));
-        }
+        // `unsent` always ends on a frame boundary (it is the tail of whole frames), and the
+        // outbox is sent after it, so the close frame can always follow, even for a slow
+        // consumer whose queue was just dropped.
+        let mut frame = Vec::with_capacity(32);
+        ws::close_frame(why.code(), why.reason(), &mut frame);
+        conn.push_final(Bytes::from(frame));
         tracing::debug!(core = core.id, conn = conn.id, user = %conn.user(), code = why.code(), reason = why.reason(), "closing");
     }
     conn.set_phase(Phase::Closing);
@@ -261,10 +261,10 @@ fn history(core: &Core, conn: &Rc<Conn>, h: http::HistoryRequest) {
     let reply = Box::new(move |result: Result<HistoryPage, HistoryError>| {
         let bytes = match result {
             Ok(page) => response::json(response::Status::OK, &chat::history_json(&page)),
-            Err(HistoryError::UnknownCursor) => {
-                response::json_error(response::Status::BAD_REQUEST, "unknown before id")
+            Err(HistoryError::Storage(e)) => {
+                tracing::warn!(error = %e, "history read failed");
+                response::json_error(response::Status::UNAVAILABLE, "storage unavailable")
             }
-            Err(e) => response::json_error(response::Status::UNAVAILABLE, &e.to_string()),
         };
         shared.mailboxes[core_id].push_blocking(CoreMsg::HttpResponse { ticket, bytes });
     });

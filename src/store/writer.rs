@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
-use uuid::{ContextV7, Timestamp, Uuid};
+use uuid::Uuid;
 
 use super::{BatchSink, CommitBatch, Committed, InsertRequest, Message, Store};
 use crate::{ids, limits};
@@ -71,23 +71,37 @@ pub fn spawn_writer(store: Box<dyn Store>, sink: BatchSink) -> std::io::Result<(
 }
 
 /// Monotonic stamping: strictly increasing microseconds even if the wall clock steps back,
-/// and UUIDv7 ids drawn from the same instant, so id order = time order = commit order.
+/// and ids that order exactly like them: a UUIDv7 whose 48-bit millisecond field and 12-bit
+/// `rand_a` field hold the same instant (ms, then µs within the ms), with random low bits. So
+/// id order = time order = commit order, across restarts too (the store hands back the last
+/// stamp), which the history table's `(conversation_id, id)` order relies on.
 struct Stamper {
     last_us: i64,
-    ctx: ContextV7,
+    /// splitmix64 state for the random id bits (ids are unique by time, not secret; a
+    /// `getrandom` call per message would cost a syscall each).
+    rng: u64,
 }
 
 impl Stamper {
     fn stamp(&mut self) -> (Uuid, i64) {
         let us = ids::now_micros().max(self.last_us + 1);
         self.last_us = us;
-        let ts = Timestamp::from_unix(&self.ctx, (us / 1_000_000) as u64, (us % 1_000_000) as u32 * 1_000);
-        (Uuid::new_v7(ts), us)
+        let sub_ms = (us % 1_000) as u16; // < 1000 fits rand_a's 12 bits
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        let random = (z ^ (z >> 31)).to_le_bytes();
+        let mut bytes = [0u8; 10];
+        bytes[2..].copy_from_slice(&random);
+        bytes[0] = (sub_ms >> 8) as u8; // the builder overwrites the high nibble with the version
+        bytes[1] = sub_ms as u8;
+        (uuid::Builder::from_unix_timestamp_millis((us / 1_000) as u64, &bytes).into_uuid(), us)
     }
 }
 
 fn run(mut store: Box<dyn Store>, mut sink: BatchSink, rx: Receiver<Request>) {
-    let mut stamper = Stamper { last_us: store.last_inserted_at_us(), ctx: ContextV7::new() };
+    let mut stamper = Stamper { last_us: store.last_inserted_at_us(), rng: Uuid::new_v4().as_u64_pair().0 };
     let mut stopping = false;
     while !stopping {
         let first = match rx.recv_timeout(limits::WRITER_IDLE) {
@@ -138,10 +152,14 @@ mod tests {
 
     #[test]
     fn stamps_strictly_increase() {
-        let mut s = Stamper { last_us: i64::MAX / 2, ctx: ContextV7::new() };
-        let (a_id, a) = s.stamp();
-        let (b_id, b) = s.stamp();
-        assert!(b > a && b_id > a_id, "clock behind last stamp still increases");
+        let mut s = Stamper { last_us: ids::now_micros() + 5_000_000, rng: 1 };
+        let mut last = s.stamp();
+        for _ in 0..5_000 {
+            let next = s.stamp();
+            assert!(next.1 > last.1 && next.0 > last.0, "clock behind last stamp still increases");
+            assert_eq!(next.0.get_version_num(), 7);
+            last = next;
+        }
     }
 
     #[test]

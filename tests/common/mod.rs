@@ -1189,6 +1189,7 @@ pub fn run_to_exit(mut cmd: Command, timeout: Duration) -> (std::process::ExitSt
 /// One row of the database (`messages` or `recent`), ids as canonical UUID strings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DbRow {
+    /// Position in commit order (1-based).
     pub seq: i64,
     pub id: String,
     pub conversation: String,
@@ -1207,26 +1208,32 @@ pub fn db_rows(path: &std::path::Path) -> Vec<DbRow> {
     conn.busy_timeout(TIMEOUT).expect("busy_timeout");
     let mut stmt = conn
         .prepare(
-            "SELECT seq, id, conversation_id, sender_id, body, inserted_at FROM messages
-             UNION ALL
-             SELECT seq, id, conversation_id, sender_id, body, inserted_at FROM recent
-             ORDER BY seq",
+            // A row sits in both tables for a while after it is merged: UNION keeps one.
+            // Ids are UUIDv7 in commit order, so id order is commit order.
+            "SELECT id, conversation_id, sender_id, body, inserted_at FROM messages
+             UNION
+             SELECT id, conversation_id, sender_id, body, inserted_at FROM recent
+             ORDER BY id",
         )
         .unwrap_or_else(|e| panic!("query {}: {e}", path.display()));
     let uuid = |b: Vec<u8>| uuid::Uuid::from_slice(&b).expect("16-byte id").hyphenated().to_string();
     let rows = stmt
         .query_map([], |r| {
             Ok(DbRow {
-                seq: r.get(0)?,
-                id: uuid(r.get(1)?),
-                conversation: uuid(r.get(2)?),
-                sender: uuid(r.get(3)?),
-                body: r.get(4)?,
-                inserted_at_us: r.get(5)?,
+                seq: 0,
+                id: uuid(r.get(0)?),
+                conversation: uuid(r.get(1)?),
+                sender: uuid(r.get(2)?),
+                body: r.get(3)?,
+                inserted_at_us: r.get(4)?,
             })
         })
         .expect("query rows");
-    rows.collect::<Result<Vec<_>, _>>().expect("read rows")
+    let mut rows = rows.collect::<Result<Vec<_>, _>>().expect("read rows");
+    for (i, row) in rows.iter_mut().enumerate() {
+        row.seq = i as i64 + 1; // commit position
+    }
+    rows
 }
 
 /// The rows of one conversation (`<uuid>` of `chat:<uuid>`), in commit order.
