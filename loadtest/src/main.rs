@@ -1,0 +1,53 @@
+//! `nexus-load`: a load generator for Nexus that speaks Phoenix V2 over WebSocket, mints its
+//! own tokens from `--secret`, and targets loopback only. Bounded in time and count.
+//!
+//! Scenario `persist`: S senders, each in its own small room, keep a window of `new_msg`s in
+//! flight (closed loop); reports acknowledged messages/s, ack latency percentiles, errors,
+//! and the server's CPU time per acknowledged message (`--server-pid`), optionally with a
+//! history reader running beside it (`--history`).
+
+mod persist;
+mod stats;
+mod wire;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "nexus-load", about = "Load generator for Nexus (loopback only)")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Closed-loop senders in small rooms: the persisted-message path end to end.
+    Persist(persist::Args),
+}
+
+/// Refuses anything but loopback: load runs here never leave the machine.
+pub(crate) fn loopback(addr: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!("{addr} is not a loopback address; nexus-load only targets 127.0.0.0/8 or ::1"));
+    }
+    Ok(addr)
+}
+
+pub(crate) fn parse_secs(s: &str) -> Result<Duration, String> {
+    nexus::config::parse_duration(s)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.scenario {
+        Scenario::Persist(args) => persist::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("nexus-load: {e}");
+        std::process::exit(1);
+    }
+}

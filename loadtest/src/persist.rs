@@ -1,0 +1,226 @@
+//! Scenario `persist`: closed-loop senders, one small room each (socket → writer → broadcast →
+//! ack), optionally with a history reader beside them.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use crate::stats::{cpu_time, percentiles};
+use crate::wire::{token, Client};
+
+/// Arguments of `nexus-load persist`.
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// Server address (loopback only).
+    #[arg(long, default_value = "127.0.0.1:4000")]
+    addr: String,
+    /// JWT secret of the server (tokens are minted here).
+    #[arg(long, env = "JWT_SECRET")]
+    secret: String,
+    /// Concurrent senders, each on its own socket and topic.
+    #[arg(long, default_value_t = 64)]
+    senders: usize,
+    /// Messages each sender keeps in flight.
+    #[arg(long, default_value_t = 8)]
+    window: usize,
+    /// Measured duration (seconds or `10s`).
+    #[arg(long, default_value = "10", value_parser = crate::parse_secs)]
+    duration: Duration,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 100)]
+    body_bytes: usize,
+    /// Server process id, for server CPU per message.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Also read history in a loop on one topic and report its latency.
+    #[arg(long)]
+    history: bool,
+    /// Print one JSON object instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Default)]
+struct SenderResult {
+    acked: u64,
+    errors: u64,
+    broadcasts: u64,
+    latencies_us: Vec<u32>,
+    failure: Option<String>,
+}
+
+pub(crate) fn run(args: Args) -> Result<(), String> {
+    let addr = crate::loopback(&args.addr)?;
+    if args.senders == 0 || args.senders > 10_000 || args.window == 0 || args.window > 10_000 {
+        return Err("--senders and --window must be 1..=10000".into());
+    }
+    let body = "x".repeat(args.body_bytes);
+    let topics: Vec<Uuid> = (0..args.senders).map(|_| Uuid::new_v4()).collect();
+    let start = Arc::new(Barrier::new(args.senders + 1));
+    let mut handles = Vec::new();
+    for topic in &topics {
+        let (secret, body, start) = (args.secret.clone(), body.clone(), start.clone());
+        let (topic, window, duration) = (*topic, args.window, args.duration);
+        handles.push(std::thread::spawn(move || sender(addr, &secret, topic, &body, window, duration, &start)));
+    }
+    let history = args.history.then(|| {
+        let (secret, topic, duration) = (args.secret.clone(), topics[0], args.duration);
+        std::thread::spawn(move || history_reader(addr, &secret, topic, duration))
+    });
+    start.wait();
+    let cpu_before = args.server_pid.and_then(cpu_time);
+    let began = Instant::now();
+    let results: Vec<SenderResult> = handles.into_iter().map(|h| h.join().unwrap_or_default()).collect();
+    let elapsed = began.elapsed().as_secs_f64();
+    let cpu = match (args.server_pid.and_then(cpu_time), cpu_before) {
+        (Some(after), Some(before)) => Some(after.saturating_sub(before)),
+        _ => None,
+    };
+    let history = history.map(|h| h.join().unwrap_or_default());
+    report(&args, &results, elapsed, cpu, history)
+}
+
+fn report(
+    args: &Args,
+    results: &[SenderResult],
+    elapsed: f64,
+    cpu: Option<Duration>,
+    history: Option<Vec<u32>>,
+) -> Result<(), String> {
+    let acked: u64 = results.iter().map(|r| r.acked).sum();
+    let errors: u64 = results.iter().map(|r| r.errors).sum();
+    let broadcasts: u64 = results.iter().map(|r| r.broadcasts).sum();
+    let failures: Vec<&String> = results.iter().filter_map(|r| r.failure.as_ref()).collect();
+    let [p50, p99, p999] = percentiles(results.iter().flat_map(|r| r.latencies_us.iter().copied()).collect());
+    let cpu_us = cpu.map(|c| c.as_secs_f64() * 1e6 / acked.max(1) as f64);
+    let [h50, h99, _] = percentiles(history.clone().unwrap_or_default());
+    let rate = acked as f64 / elapsed;
+    if args.json {
+        println!(
+            "{{\"scenario\":\"persist\",\"senders\":{},\"window\":{},\"secs\":{elapsed:.2},\"acked\":{acked},\
+             \"acks_per_s\":{rate:.0},\"errors\":{errors},\"lost_broadcasts\":{},\"ack_ms_p50\":{p50:.3},\
+             \"ack_ms_p99\":{p99:.3},\"ack_ms_p999\":{p999:.3},\"server_cpu_us_per_msg\":{},\
+             \"history_reads\":{},\"history_ms_p50\":{h50:.3},\"history_ms_p99\":{h99:.3},\"failed_senders\":{}}}",
+            args.senders,
+            args.window,
+            acked.saturating_sub(broadcasts),
+            cpu_us.map_or("null".into(), |c| format!("{c:.2}")),
+            history.as_ref().map_or(0, Vec::len),
+            failures.len()
+        );
+    } else {
+        println!("persist: {} senders x window {} for {elapsed:.1} s", args.senders, args.window);
+        println!("  acked {acked} ({rate:.0}/s), errors {errors}, own broadcasts missing {}", acked.saturating_sub(broadcasts));
+        println!("  ack latency ms p50 {p50:.3} p99 {p99:.3} p99.9 {p999:.3}");
+        if let Some(c) = cpu_us {
+            println!("  server CPU {c:.2} µs per acknowledged message");
+        }
+        if let Some(h) = &history {
+            println!("  history reads {} p50 {h50:.3} ms p99 {h99:.3} ms", h.len());
+        }
+        for f in &failures {
+            println!("  sender failed: {f}");
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} senders failed", failures.len()))
+    }
+}
+
+fn sender(
+    addr: SocketAddr,
+    secret: &str,
+    topic: Uuid,
+    body: &str,
+    window: usize,
+    duration: Duration,
+    start: &Barrier,
+) -> SenderResult {
+    let mut out = SenderResult::default();
+    let setup = token(secret, Uuid::new_v4()).and_then(|t| Client::connect(addr, &t)).and_then(|mut c| {
+        c.join(&format!("chat:{topic}"))?;
+        Ok(c)
+    });
+    start.wait();
+    let mut client = match setup {
+        Ok(c) => c,
+        Err(e) => {
+            out.failure = Some(e);
+            return out;
+        }
+    };
+    client.set_timeout(Some(Duration::from_millis(200)));
+    let frame = |n: u64| format!(r#"["1","{n}","chat:{topic}","new_msg",{{"body":"{body}"}}]"#);
+    let mut inflight: VecDeque<(u64, Instant)> = VecDeque::with_capacity(window);
+    let (mut next, began) = (2u64, Instant::now());
+    let hard_stop = began + duration + Duration::from_secs(10);
+    loop {
+        let sending = began.elapsed() < duration;
+        if sending {
+            while inflight.len() < window {
+                if let Err(e) = client.send(frame(next)) {
+                    out.failure = Some(e);
+                    return out;
+                }
+                inflight.push_back((next, Instant::now()));
+                next += 1;
+            }
+            if let Err(e) = client.flush() {
+                out.failure = Some(e);
+                return out;
+            }
+        } else if inflight.is_empty() || Instant::now() > hard_stop {
+            return out;
+        }
+        match client.recv() {
+            Ok(Some(f)) if f.event == "new_msg" => out.broadcasts += 1,
+            Ok(Some(f)) if f.event == "phx_reply" => {
+                let Some(pos) = f.reference.as_deref().and_then(|r| r.parse::<u64>().ok()).and_then(|r| {
+                    inflight.iter().position(|(n, _)| *n == r)
+                }) else {
+                    continue;
+                };
+                let Some((_, sent)) = inflight.remove(pos) else { continue };
+                if f.ok {
+                    out.acked += 1;
+                    out.latencies_us.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                } else {
+                    out.errors += 1;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                out.failure = Some(e);
+                return out;
+            }
+        }
+    }
+}
+
+/// Reads the newest history page of `topic` in a loop; returns latencies in µs.
+fn history_reader(addr: SocketAddr, secret: &str, topic: Uuid, duration: Duration) -> Vec<u32> {
+    let Ok(token) = token(secret, Uuid::new_v4()) else { return Vec::new() };
+    let request = format!(
+        "GET /api/conversations/{topic}/messages?limit=50 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    let mut out = Vec::new();
+    let began = Instant::now();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    while began.elapsed() < duration {
+        let t = Instant::now();
+        let Ok(mut s) = TcpStream::connect(addr) else { break };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        buf.clear();
+        if s.write_all(request.as_bytes()).is_err() || s.read_to_end(&mut buf).is_err() || !buf.starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        out.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+    }
+    out
+}

@@ -1,0 +1,87 @@
+//! A blocking Phoenix V2 client over tungstenite, enough for load scenarios.
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use tungstenite::{Message, WebSocket};
+use uuid::Uuid;
+
+/// One connected socket.
+pub(crate) struct Client {
+    pub ws: WebSocket<TcpStream>,
+}
+
+/// A decoded server frame: (ref, event, status) — enough to match replies and count broadcasts.
+pub(crate) struct Frame {
+    pub reference: Option<String>,
+    pub event: String,
+    pub ok: bool,
+}
+
+pub(crate) fn token(secret: &str, sub: Uuid) -> Result<String, String> {
+    nexus::auth::mint(secret.as_bytes(), sub, Duration::from_secs(3600)).map_err(|e| e.to_string())
+}
+
+impl Client {
+    pub(crate) fn connect(addr: SocketAddr, token: &str) -> Result<Client, String> {
+        let stream = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let url = format!("ws://{addr}/socket/websocket?vsn=2.0.0&token={token}");
+        let (ws, _) = tungstenite::client(url.as_str(), stream).map_err(|e| format!("upgrade: {e}"))?;
+        Ok(Client { ws })
+    }
+
+    pub(crate) fn set_timeout(&mut self, t: Option<Duration>) {
+        let _ = self.ws.get_ref().set_read_timeout(t);
+    }
+
+    pub(crate) fn send(&mut self, text: String) -> Result<(), String> {
+        self.ws.write(Message::text(text)).map_err(|e| e.to_string())
+    }
+
+    pub(crate) fn flush(&mut self) -> Result<(), String> {
+        self.ws.flush().map_err(|e| e.to_string())
+    }
+
+    /// The next text frame, decoded; `Ok(None)` on read timeout.
+    pub(crate) fn recv(&mut self) -> Result<Option<Frame>, String> {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => return decode(&t).map(Some),
+                Ok(Message::Close(c)) => return Err(format!("closed by server: {c:?}")),
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    pub(crate) fn join(&mut self, topic: &str) -> Result<(), String> {
+        self.send(format!(r#"["1","1","{topic}","phx_join",{{}}]"#))?;
+        self.flush()?;
+        self.set_timeout(Some(Duration::from_secs(5)));
+        loop {
+            match self.recv()? {
+                Some(f) if f.reference.as_deref() == Some("1") && f.event == "phx_reply" => {
+                    return if f.ok { Ok(()) } else { Err(format!("join {topic} refused")) };
+                }
+                Some(_) => {}
+                None => return Err(format!("join {topic}: no reply")),
+            }
+        }
+    }
+}
+
+fn decode(text: &str) -> Result<Frame, String> {
+    use sonic_rs::{JsonContainerTrait, JsonValueTrait};
+    let v: sonic_rs::Value = sonic_rs::from_str(text).map_err(|e| format!("bad frame {text:.80}: {e}"))?;
+    let arr = v.as_array().ok_or("frame is not an array")?;
+    let reference = arr.get(1).and_then(|r| r.as_str()).map(str::to_string);
+    let event = arr.get(3).and_then(|e| e.as_str()).unwrap_or("").to_string();
+    let ok = arr.get(4).and_then(|p| p.get("status")).and_then(|s| s.as_str()) == Some("ok");
+    Ok(Frame { reference, event, ok })
+}
