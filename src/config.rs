@@ -76,6 +76,10 @@ pub struct ServerArgs {
     /// Commit durability: `normal` survives a process crash, `full` also power loss.
     #[arg(long, env = "NEXUS_SYNC", default_value = "normal", value_parser = ["normal", "full"])]
     pub sync: String,
+    /// Messages that may wait for the writer; when full, `new_msg` is refused at once with
+    /// `server busy` (size it from the wait you accept: ~200k msg/s drain rate).
+    #[arg(long, env = "NEXUS_WRITER_QUEUE", default_value_t = limits::WRITER_QUEUE_MAX_DEFAULT)]
+    pub writer_queue: usize,
     /// Refuse to grow the database beyond this many bytes (writes then fail with
     /// `storage unavailable`); unset = no limit.
     #[arg(long, env = "NEXUS_DB_MAX_BYTES")]
@@ -125,6 +129,8 @@ pub struct Config {
     pub sync_full: bool,
     /// Database size cap in bytes.
     pub db_max_bytes: Option<u64>,
+    /// Writer queue depth.
+    pub writer_queue: usize,
 }
 
 impl Config {
@@ -143,6 +149,9 @@ impl Config {
         }
         if args.idle_timeout < Duration::from_secs(1) {
             return Err(invalid("NEXUS_IDLE_TIMEOUT", "must be at least 1s"));
+        }
+        if args.writer_queue == 0 {
+            return Err(invalid("NEXUS_WRITER_QUEUE", "must be at least 1"));
         }
         if args.max_channels == 0 {
             return Err(invalid("NEXUS_MAX_CHANNELS", "must be at least 1"));
@@ -170,6 +179,7 @@ impl Config {
             database_path: args.database_path.clone(),
             sync_full: args.sync == "full",
             db_max_bytes: args.db_max_bytes,
+            writer_queue: args.writer_queue,
         })
     }
 }

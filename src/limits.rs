@@ -45,10 +45,11 @@ pub const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// fast sender cannot starve its core.
 pub const READS_PER_WAKE_MAX: usize = 4;
 
-/// Requests the writer thread may have queued. Full → `Failed to save` / `server busy` at once.
-/// Sized from latency, not memory: at ~100k msg/s this is ~80 ms of waiting (issue 3 sizes it
-/// against the measured commit rate).
-pub const WRITER_QUEUE_MAX: usize = 8_192;
+/// Default requests the writer thread may have queued (`NEXUS_WRITER_QUEUE`). Full → `Failed to
+/// save` / `server busy` at once. Sized from latency, not memory: the writer commits ~200k
+/// msg/s (BENCHMARKS.md), so a full queue is ~40 ms of waiting; a 65,536-deep queue would be
+/// over 300 ms.
+pub const WRITER_QUEUE_MAX_DEFAULT: usize = 8_192;
 
 /// Most requests the writer commits in one batch (one transaction, one hand-off per core).
 pub const WRITER_BATCH_MAX: usize = 1_024;
@@ -68,7 +69,7 @@ pub const FDS_RESERVED: u64 = 64;
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 const _: () = assert!(FRAME_BYTES_MAX_MIN <= FRAME_BYTES_MAX_DEFAULT);
-const _: () = assert!(WRITER_BATCH_MAX <= WRITER_QUEUE_MAX);
+const _: () = assert!(WRITER_BATCH_MAX <= WRITER_QUEUE_MAX_DEFAULT);
 const _: () = assert!(HANDSHAKE_BYTES_MAX <= READ_CHUNK_BYTES);
 
 /// After the server's last bytes (an HTTP error, a close frame), how long it keeps reading and

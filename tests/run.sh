@@ -8,7 +8,7 @@ command -v cargo >/dev/null || { echo "tests/run.sh: cargo is required (https://
 command -v node >/dev/null || { echo "tests/run.sh: node (>= 20) and npm are required" >&2; exit 1; }
 
 echo "== cargo test (unit + integration, real sockets)"
-cargo test --locked --all-targets
+cargo test --locked --workspace --all-targets
 
 echo "== socket tests again on monoio's legacy epoll driver (the io_uring fallback)"
 MONOIO_FORCE_LEGACY_DRIVER=1 cargo test --locked --test phoenix_v2 --test framing --test chat_cross_core \

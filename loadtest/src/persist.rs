@@ -114,7 +114,10 @@ fn report(
         );
     } else {
         println!("persist: {} senders x window {} for {elapsed:.1} s", args.senders, args.window);
-        println!("  acked {acked} ({rate:.0}/s), errors {errors}, own broadcasts missing {}", acked.saturating_sub(broadcasts));
+        println!(
+            "  acked {acked} ({rate:.0}/s), errors {errors}, own broadcasts missing {}",
+            acked.saturating_sub(broadcasts)
+        );
         println!("  ack latency ms p50 {p50:.3} p99 {p99:.3} p99.9 {p999:.3}");
         if let Some(c) = cpu_us {
             println!("  server CPU {c:.2} µs per acknowledged message");
@@ -181,9 +184,12 @@ fn sender(
         match client.recv() {
             Ok(Some(f)) if f.event == "new_msg" => out.broadcasts += 1,
             Ok(Some(f)) if f.event == "phx_reply" => {
-                let Some(pos) = f.reference.as_deref().and_then(|r| r.parse::<u64>().ok()).and_then(|r| {
-                    inflight.iter().position(|(n, _)| *n == r)
-                }) else {
+                let Some(pos) = f
+                    .reference
+                    .as_deref()
+                    .and_then(|r| r.parse::<u64>().ok())
+                    .and_then(|r| inflight.iter().position(|(n, _)| *n == r))
+                else {
                     continue;
                 };
                 let Some((_, sent)) = inflight.remove(pos) else { continue };
@@ -217,7 +223,10 @@ fn history_reader(addr: SocketAddr, secret: &str, topic: Uuid, duration: Duratio
         let Ok(mut s) = TcpStream::connect(addr) else { break };
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
         buf.clear();
-        if s.write_all(request.as_bytes()).is_err() || s.read_to_end(&mut buf).is_err() || !buf.starts_with(b"HTTP/1.1 200") {
+        if s.write_all(request.as_bytes()).is_err()
+            || s.read_to_end(&mut buf).is_err()
+            || !buf.starts_with(b"HTTP/1.1 200")
+        {
             break;
         }
         out.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);

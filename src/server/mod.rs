@@ -76,7 +76,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         }
     });
     let database = config_summary(&shared.config);
-    let (store, writer) = spawn_writer(Box::new(store), sink)?;
+    let (store, writer) = spawn_writer(Box::new(store), sink, shared.config.writer_queue)?;
     block_signals();
     let uring = monoio::utils::detect_uring();
     for (id, (listener, wake)) in listeners.into_iter().zip(wakes).enumerate() {

@@ -64,8 +64,13 @@ impl StoreHandle {
 
 /// Starts the writer thread. It runs until stopped through the [`WriterStopper`] (or every
 /// handle is dropped), committing everything it accepted first.
-pub fn spawn_writer(store: Box<dyn Store>, sink: BatchSink) -> std::io::Result<(StoreHandle, WriterStopper)> {
-    let (tx, rx) = crossbeam_channel::bounded(limits::WRITER_QUEUE_MAX);
+/// `queue` bounds the requests waiting for the writer; a full queue answers `server busy`.
+pub fn spawn_writer(
+    store: Box<dyn Store>,
+    sink: BatchSink,
+    queue: usize,
+) -> std::io::Result<(StoreHandle, WriterStopper)> {
+    let (tx, rx) = crossbeam_channel::bounded(queue.max(1));
     let join = std::thread::Builder::new().name("writer".into()).spawn(move || run(store, sink, rx))?;
     Ok((StoreHandle { tx: tx.clone() }, WriterStopper { tx, join }))
 }
@@ -166,7 +171,7 @@ mod tests {
     fn batches_in_order_and_stops_when_handles_drop() {
         let (tx, rx) = mpsc::channel();
         let (handle, stopper) =
-            spawn_writer(Box::new(MemoryStore), Box::new(move |b| tx.send(b).expect("send"))).expect("spawn");
+            spawn_writer(Box::new(MemoryStore), Box::new(move |b| tx.send(b).expect("send")), 128).expect("spawn");
         for i in 0..100u32 {
             let origin = Origin { core: 0, ticket: i };
             let req = InsertRequest { conversation: Uuid::nil(), sender: Uuid::nil(), body: i.to_string(), origin };

@@ -1605,3 +1605,14 @@ impl Client {
         }
     }
 }
+
+impl Client {
+    /// Writes every frame, then flushes once (one or few TCP segments: a burst).
+    #[track_caller]
+    pub fn send_burst(&mut self, frames: &[String]) {
+        for f in frames {
+            self.ws.write(Message::text(f.as_str())).unwrap_or_else(|e| panic!("write {f:?}: {e}"));
+        }
+        self.ws.flush().unwrap_or_else(|e| panic!("flush: {e}"));
+    }
+}
