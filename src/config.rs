@@ -61,6 +61,9 @@ pub struct ServerArgs {
     /// empty = any origin (token auth, not cookies).
     #[arg(long, env = "NEXUS_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+    /// Most open connections (beyond it: 503) [default: what the open-file limit allows].
+    #[arg(long, env = "NEXUS_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// Most topics one socket may join at once.
     #[arg(long, env = "NEXUS_MAX_CHANNELS", default_value_t = limits::CHANNELS_PER_CONN_MAX_DEFAULT)]
     pub max_channels: usize,
@@ -131,6 +134,8 @@ pub struct Config {
     pub db_max_bytes: Option<u64>,
     /// Writer queue depth.
     pub writer_queue: usize,
+    /// Connection cap, if set (else derived from the open-file limit).
+    pub max_connections: Option<usize>,
 }
 
 impl Config {
@@ -180,6 +185,7 @@ impl Config {
             sync_full: args.sync == "full",
             db_max_bytes: args.db_max_bytes,
             writer_queue: args.writer_queue,
+            max_connections: args.max_connections,
         })
     }
 }

@@ -92,6 +92,14 @@ pub const WRITER_IDLE: Duration = Duration::from_millis(200);
 /// sweep) and so how many rows share each leaf write.
 pub const MERGE_STEP_CONVERSATIONS: usize = 16;
 
+/// Committed rows per merge step while busy: ties the sweep's pace to the message rate, not to
+/// how many (possibly tiny) batches carried them.
+pub const MERGE_STEP_EVERY_ROWS: usize = 1_024;
+
+/// A merge step runs at least this often while rows wait, so at low rates a sweep still ends
+/// within a few seconds (10,000 conversations / 16 per step × 5 ms ≈ 3 s).
+pub const MERGE_STEP_EVERY: Duration = Duration::from_millis(5);
+
 /// Most rows one merge step moves: bounds the step's time, so commits keep their latency.
 pub const MERGE_STEP_ROWS: usize = 4_096;
 

@@ -47,3 +47,41 @@ fn connections_beyond_the_descriptor_limit_get_503_and_others_keep_working() {
     held[0].heartbeat("still");
     assert!(server.logs().contains("at capacity"));
 }
+
+/// With a connection cap above what the descriptors allow, `accept` runs out of descriptors
+/// (EMFILE). The core must not spin or crash: it refuses pending connections (closing them)
+/// and backs off, existing connections keep working, and new ones are admitted once
+/// descriptors free up.
+#[test]
+fn running_out_of_descriptors_refuses_and_backs_off_without_harm() {
+    let server = start_server(&[("RLIMIT_NOFILE", "120"), ("NEXUS_MAX_CONNECTIONS", "10000")]);
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..150 {
+        match try_connect(server.port, &v2_query(), &[], &[]) {
+            Ok(c) => held.push(c),
+            Err(ConnectError::Other(_)) => refused += 1,
+            Err(e) => panic!("unexpected answer while out of descriptors: {e:?}"),
+        }
+    }
+    assert!(held.len() >= 20 && refused > 0, "held {} refused {refused}", held.len());
+    assert!(server.logs().contains("out of descriptors"), "{}", server.logs());
+    for (i, c) in held.iter_mut().enumerate().step_by(9) {
+        c.heartbeat(&i.to_string());
+    }
+
+    // Free a few descriptors: a new connection gets in again.
+    for mut c in held.drain(..5) {
+        c.close_handshake();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut admitted = loop {
+        match try_connect(server.port, &v2_query(), &[], &[]) {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => continue,
+            Err(e) => panic!("no descriptor freed within 5 s: {e:?}"),
+        }
+    };
+    admitted.heartbeat("after");
+    held[0].heartbeat("still");
+}

@@ -53,7 +53,16 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let workers = config.workers;
     let per_core_fds = 8; // listener, ring, wake pair, spare fd, timer, slack
     let reserved = limits::FDS_RESERVED + per_core_fds * workers as u64;
-    let connections_max = nofile.saturating_sub(reserved).max(1) as usize;
+    let fd_cap = nofile.saturating_sub(reserved).max(1) as usize;
+    let connections_max = config.max_connections.unwrap_or(fd_cap);
+    if connections_max > fd_cap {
+        tracing::warn!(
+            max_connections = connections_max,
+            open_files = nofile,
+            "NEXUS_MAX_CONNECTIONS is above what the open-file limit allows ({fd_cap}); connections past it \
+             are refused when descriptors run out"
+        );
+    }
     let listeners = bind_listeners(config.listen, workers)?;
     let local = listeners[0].local_addr().map_err(ServerError::Start)?;
     let (mailboxes, wakes): (Vec<Mailbox>, Vec<WakeReceiver>) = (0..workers)

@@ -61,6 +61,11 @@ pub struct SqliteStore {
     deleted_below: i64,
     /// Consecutive failed merge steps (a full disk keeps failing: log the first, then rarely).
     merge_failures: u32,
+    /// Rows committed since the last merge step, and when it ran: steps are paced by rows (so
+    /// small batches do not each pay a step) and by time (so a sweep, and with it the unindexed
+    /// `recent` table that history reads scan, stays short at low rates).
+    rows_since_step: usize,
+    last_step: Instant,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -103,6 +108,8 @@ impl SqliteStore {
             delete_target: min_recent,
             deleted_below: min_recent,
             merge_failures: 0,
+            rows_since_step: 0,
+            last_step: Instant::now(),
         };
         let rows: Vec<(Uuid, PendingRow)> = {
             let mut stmt = store.conn.prepare(UNMERGED)?;
@@ -215,6 +222,8 @@ impl SqliteStore {
     }
 
     fn step_logged(&mut self) -> bool {
+        self.rows_since_step = self.rows_since_step.saturating_sub(limits::MERGE_STEP_EVERY_ROWS);
+        self.last_step = Instant::now();
         match self.merge_step() {
             Ok(did) => {
                 if self.merge_failures > 0 {
@@ -246,6 +255,7 @@ impl Store for SqliteStore {
             self.pending.entry(m.conversation).or_default().push(row);
         }
         self.pending_rows += batch.len();
+        self.rows_since_step += batch.len();
         self.next_seq += batch.len() as i64;
         if let Some(last) = batch.last() {
             self.last_inserted_at_us = last.message.inserted_at_us;
@@ -253,15 +263,17 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    /// Busy: one sweep step per batch (more while the backlog is over its bound). Idle: steps
-    /// until everything is merged and deleted, within a time budget.
+    /// Busy: a sweep step per [`limits::MERGE_STEP_EVERY_ROWS`] committed rows or per
+    /// [`limits::MERGE_STEP_EVERY`], more while the backlog is over its bound. Idle: steps until
+    /// everything is merged and deleted. Always within [`limits::MERGE_STEP_BUDGET`].
     fn maintain(&mut self, idle: bool) {
         let started = Instant::now();
         loop {
-            let did = self.step_logged();
-            let backlog = self.pending_rows > limits::MERGE_BACKLOG_ROWS;
-            let budget_left = started.elapsed() < limits::MERGE_STEP_BUDGET;
-            if !did || !budget_left || (!idle && !backlog) {
+            let due = idle
+                || self.rows_since_step >= limits::MERGE_STEP_EVERY_ROWS
+                || self.pending_rows > limits::MERGE_BACKLOG_ROWS
+                || self.last_step.elapsed() >= limits::MERGE_STEP_EVERY;
+            if !due || started.elapsed() >= limits::MERGE_STEP_BUDGET || !self.step_logged() {
                 break;
             }
         }
