@@ -16,13 +16,68 @@ use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 
+use uuid::Uuid;
+
+use crate::presence::{Meta, PhxRef};
 use crate::store::CommitBatch;
+
+/// A connection on a given core: its slab key and its per-core id (keys are reused; ids not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnRef {
+    /// Slab key on its core.
+    pub key: u32,
+    /// Per-core connection id.
+    pub id: u64,
+}
 
 /// What other threads tell a core.
 #[derive(Debug)]
 pub enum CoreMsg {
     /// A batch from the writer: broadcast its messages, answer its requests from this core.
     Committed(Arc<CommitBatch>),
+    /// To a topic's owner: a connection on core `from` joined; add its meta and answer with the
+    /// full state.
+    Track {
+        /// Conversation (topic) id.
+        conversation: Uuid,
+        /// User id.
+        user: Uuid,
+        /// The new meta.
+        meta: Meta,
+        /// Core of the joining connection.
+        from: u16,
+        /// The joining connection.
+        conn: ConnRef,
+        /// Its join reference (the state is pushed with it).
+        join_ref: Box<str>,
+    },
+    /// To a topic's owner: a meta left (leave, rejoin, close).
+    Untrack {
+        /// Conversation (topic) id.
+        conversation: Uuid,
+        /// User id.
+        user: Uuid,
+        /// The meta that left.
+        phx_ref: PhxRef,
+    },
+    /// From the owner to the joiner's core: push `presence_state` to that connection.
+    PresenceState {
+        /// Conversation (topic) id.
+        conversation: Uuid,
+        /// The joined connection.
+        conn: ConnRef,
+        /// The join the state belongs to.
+        join_ref: Box<str>,
+        /// `presence_state` payload.
+        state: Vec<u8>,
+    },
+    /// From the owner to every core: broadcast `presence_diff` to local members.
+    PresenceDiff {
+        /// Conversation (topic) id.
+        conversation: Uuid,
+        /// `presence_diff` payload, encoded once for all cores.
+        diff: Arc<[u8]>,
+    },
     /// The reader's answer to an HTTP request waiting on this core: complete response bytes.
     HttpResponse {
         /// Key of the waiting connection on the core.

@@ -61,6 +61,10 @@ pub struct ServerArgs {
     /// empty = any origin (token auth, not cookies).
     #[arg(long, env = "NEXUS_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+    /// Window in ms over which presence joins/leaves of one topic are coalesced into one
+    /// `presence_diff` (0 = a diff per join/leave).
+    #[arg(long, env = "NEXUS_PRESENCE_BATCH_MS", default_value_t = 5)]
+    pub presence_batch_ms: u64,
     /// Most open connections (beyond it: 503) [default: what the open-file limit allows].
     #[arg(long, env = "NEXUS_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -136,6 +140,8 @@ pub struct Config {
     pub writer_queue: usize,
     /// Connection cap, if set (else derived from the open-file limit).
     pub max_connections: Option<usize>,
+    /// Presence diff coalescing window (zero: none).
+    pub presence_batch: Duration,
 }
 
 impl Config {
@@ -154,6 +160,9 @@ impl Config {
         }
         if args.idle_timeout < Duration::from_secs(1) {
             return Err(invalid("NEXUS_IDLE_TIMEOUT", "must be at least 1s"));
+        }
+        if args.presence_batch_ms > 1_000 {
+            return Err(invalid("NEXUS_PRESENCE_BATCH_MS", "must be at most 1000"));
         }
         if args.writer_queue == 0 {
             return Err(invalid("NEXUS_WRITER_QUEUE", "must be at least 1"));
@@ -186,6 +195,7 @@ impl Config {
             db_max_bytes: args.db_max_bytes,
             writer_queue: args.writer_queue,
             max_connections: args.max_connections,
+            presence_batch: Duration::from_millis(args.presence_batch_ms),
         })
     }
 }

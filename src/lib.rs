@@ -5,7 +5,7 @@
 //! - L0 leaves: [`limits`] (every bound), [`ids`] (UUID/time formats), [`close`] (why
 //!   connections end).
 //! - L1 pure, sans-IO: [`config`], [`http`] (upgrade parsing), [`ws`] (frames), [`phoenix`]
-//!   (V1/V2 serializers), [`auth`] (JWT).
+//!   (V1/V2 serializers), [`auth`] (JWT), [`presence`] (presence tables and diffs).
 //! - L2 state without sockets: [`channel`] (topics and owners), [`store`] (writer thread),
 //!   [`bus`] (cross-core mailboxes).
 //! - L3 semantics: [`chat`] (what `new_msg` means).
@@ -22,6 +22,7 @@ pub mod http;
 pub mod ids;
 pub mod limits;
 pub mod phoenix;
+pub mod presence;
 pub mod server;
 pub mod store;
 pub mod ws;

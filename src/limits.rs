@@ -126,3 +126,6 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
 /// WAL size (pages of 4 KiB) at which the writer checkpoints by itself: a safety net if the
 /// checkpointer thread falls behind. 16,384 pages = 64 MiB of WAL.
 pub const WAL_AUTOCHECKPOINT_PAGES: i64 = 2_000;
+
+/// How often a core retries messages for another core whose mailbox was full.
+pub const MAILBOX_RETRY: Duration = Duration::from_millis(1);

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::close::Close;
 use crate::phoenix::Vsn;
+use crate::presence::PhxRef;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +39,8 @@ pub(crate) struct Joined {
     pub topic: Rc<str>,
     /// The join's reference, stamped on every push and reply of the channel.
     pub join_ref: Rc<str>,
+    /// This join's presence meta.
+    pub phx_ref: PhxRef,
 }
 
 /// Shared per-connection state.

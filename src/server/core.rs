@@ -3,9 +3,9 @@
 //! core's thread only (`Rc`/`RefCell`, no locks).
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,6 +16,7 @@ use slab::Slab;
 use uuid::Uuid;
 
 use super::conn::{Conn, Phase};
+use super::presence::PresenceShard;
 use super::{session, sys, task};
 use crate::auth::Verifier;
 use crate::bus::{CoreMsg, Mailbox};
@@ -75,10 +76,18 @@ pub(crate) struct Core {
     started: Instant,
     now_ms: Cell<u64>,
     next_conn_id: Cell<u64>,
+    /// This core itself, for spawning its own helper tasks.
+    pub me: Weak<Core>,
+    /// Presence of the topics this core owns, and their diffs not yet sent.
+    pub presence: RefCell<PresenceShard>,
+    /// Messages for other cores whose mailbox was full, retried in order.
+    pub outgoing: RefCell<Vec<VecDeque<CoreMsg>>>,
+    pub retry_scheduled: Cell<bool>,
 }
 
 impl Core {
-    pub(crate) fn new(id: usize, shared: Arc<Shared>, store: StoreHandle) -> Core {
+    pub(crate) fn new(id: usize, shared: Arc<Shared>, store: StoreHandle, me: Weak<Core>) -> Core {
+        let cores = shared.mailboxes.len();
         Core {
             id,
             shared,
@@ -92,6 +101,10 @@ impl Core {
             started: Instant::now(),
             now_ms: Cell::new(0),
             next_conn_id: Cell::new(0),
+            me,
+            presence: RefCell::new(PresenceShard::new(id as u16)),
+            outgoing: RefCell::new((0..cores).map(|_| VecDeque::new()).collect()),
+            retry_scheduled: Cell::new(false),
         }
     }
 
@@ -157,10 +170,12 @@ impl Core {
         conn
     }
 
-    /// Forgets a connection: leaves its channels, drops it from the slab.
+    /// Forgets a connection: leaves its channels (presence leaves included), drops it.
     pub(crate) fn unregister(&self, conn: &Rc<Conn>) {
-        for joined in conn.channels.borrow_mut().drain(..) {
+        let channels = std::mem::take(&mut *conn.channels.borrow_mut());
+        for joined in channels {
             self.remove_member(joined.conversation, conn.key);
+            self.untrack(conn.user(), joined.conversation, joined.phx_ref);
         }
         self.conns.borrow_mut().try_remove(conn.key);
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
@@ -216,6 +231,14 @@ impl Core {
                 match msg {
                     CoreMsg::Committed(batch) => self.on_committed(&batch),
                     CoreMsg::HttpResponse { ticket, bytes } => self.on_http_response(ticket, bytes),
+                    CoreMsg::Track { conversation, user, meta, from, conn, join_ref } => {
+                        self.on_track(conversation, user, meta, from, conn, join_ref)
+                    }
+                    CoreMsg::Untrack { conversation, user, phx_ref } => self.on_untrack(conversation, user, phx_ref),
+                    CoreMsg::PresenceState { conversation, conn, join_ref, state } => {
+                        self.on_presence_state(conversation, conn, &join_ref, &state)
+                    }
+                    CoreMsg::PresenceDiff { conversation, diff } => self.fan_out(conversation, "presence_diff", &diff),
                 }
                 // Let the woken connections flush before the next batch: a backlog of batches
                 // broadcast in one go could push a member that reads fine over its queue limit.
@@ -277,12 +300,17 @@ impl Core {
         }
     }
 
-    /// Encodes a message once per (serializer, topic spelling) present and queues the shared
-    /// bytes on every local member.
     fn broadcast(&self, m: &Message) {
+        if self.topics.borrow().contains_key(&m.conversation) {
+            self.fan_out(m.conversation, chat::NEW_MSG, &chat::new_msg_payload(m));
+        }
+    }
+
+    /// Broadcasts `[null, null, topic, event, payload]` to every local member of a
+    /// conversation: encoded once per (serializer, topic spelling) present, the bytes shared.
+    pub(crate) fn fan_out(&self, conversation: Uuid, event: &str, payload: &[u8]) {
         let topics = self.topics.borrow();
-        let Some(topic) = topics.get(&m.conversation) else { return };
-        let payload = chat::new_msg_payload(m);
+        let Some(topic) = topics.get(&conversation) else { return };
         let mut frames: Vec<(Vsn, Rc<str>, Bytes)> = Vec::new();
         let max = self.config().max_outbox_bytes;
         for member in topic.members.values() {
@@ -292,13 +320,8 @@ impl Core {
             let frame = match cached {
                 Some((_, _, f)) => f.clone(),
                 None => {
-                    let msg = phoenix::Outbound {
-                        join_ref: None,
-                        reference: None,
-                        topic: &member.topic,
-                        event: chat::NEW_MSG,
-                        payload: &payload,
-                    };
+                    let msg =
+                        phoenix::Outbound { join_ref: None, reference: None, topic: &member.topic, event, payload };
                     let f = encode_frame(vsn, &msg);
                     frames.push((vsn, member.topic.clone(), f.clone()));
                     f

@@ -3,6 +3,7 @@
 
 mod conn;
 mod core;
+mod presence;
 mod session;
 mod sys;
 mod task;
@@ -148,7 +149,7 @@ fn spawn_core(
             rt.block_on(async move {
                 let listener = monoio::net::TcpListener::from_std(listener)?;
                 let wake = monoio::net::UnixStream::from_std(wake.0)?;
-                Rc::new(Core::new(id, shared, store)).run(listener, wake).await;
+                Rc::new_cyclic(|me| Core::new(id, shared, store, me.clone())).run(listener, wake).await;
                 Ok(())
             })
         });

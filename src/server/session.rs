@@ -68,12 +68,15 @@ fn join(core: &Core, conn: &Rc<Conn>, m: &Inbound<'_>) {
         return reply(core, conn, m.join_ref.as_deref(), r, &m.topic, false, TOO_MANY_CHANNELS);
     }
     if let Some((i, _, _)) = previous {
-        conn.channels.borrow_mut().swap_remove(i);
+        let old = conn.channels.borrow_mut().swap_remove(i);
         core.remove_member(conversation, conn.key);
+        core.untrack(conn.user(), conversation, old.phx_ref);
     }
     let topic = core.add_member(conversation, conn, &m.topic);
-    conn.channels.borrow_mut().push(Joined { conversation, topic: topic.clone(), join_ref: join_ref.clone() });
     reply(core, conn, Some(&join_ref), r, &topic, true, phoenix::EMPTY);
+    // After the reply (Phoenix order): the owner core answers with presence_state.
+    let phx_ref = core.track(conn, conversation, &join_ref);
+    conn.channels.borrow_mut().push(Joined { conversation, topic: topic.clone(), join_ref: join_ref.clone(), phx_ref });
     if let Some((_, old_ref, old_topic)) = previous {
         // Duplicate join: the new reply first, then the close of the old membership.
         send(core, conn, Some(&old_ref), Some(&old_ref), &old_topic, "phx_close", phoenix::EMPTY);
@@ -89,8 +92,9 @@ fn leave(core: &Core, conn: &Rc<Conn>, m: &Inbound<'_>) {
     if m.join_ref.as_deref().is_some_and(|jr| jr != &*join_ref) {
         return; // stale: the client raced a server close (Phoenix ignores it too)
     }
-    let conversation = conn.channels.borrow_mut().swap_remove(i).conversation;
-    core.remove_member(conversation, conn.key);
+    let left = conn.channels.borrow_mut().swap_remove(i);
+    core.remove_member(left.conversation, conn.key);
+    core.untrack(conn.user(), left.conversation, left.phx_ref);
     reply(core, conn, Some(&join_ref), r, &m.topic, true, phoenix::EMPTY);
     send(core, conn, Some(&join_ref), Some(&join_ref), &topic, "phx_close", phoenix::EMPTY);
 }

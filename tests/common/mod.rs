@@ -598,6 +598,30 @@ impl Client {
     pub fn response_header(&self, name: &str) -> Option<String> {
         self.response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
     }
+
+    /// The underlying TCP stream (e.g. to shut it down without a close frame).
+    pub fn tcp(&self) -> &TcpStream {
+        self.ws.get_ref()
+    }
+
+    /// Drops the connection without a close frame, with a TCP reset (`SO_LINGER` 0): the
+    /// peer vanished.
+    pub fn abort(self) {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(self.ws.get_ref());
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        // SAFETY: a valid socket descriptor we own and a correctly sized `linger` value.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+        drop(self);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ function snapshot(presence) {
 const sameUsers = (snap, subs) =>
   JSON.stringify(Object.keys(snap).sort()) === JSON.stringify([...subs].sort());
 
-test("presence_state is pushed to the joiner with its join_ref and includes itself", { skip: "presence lands with issue 4" }, async (t) => {
+test("presence_state is pushed to the joiner with its join_ref and includes itself", async (t) => {
   const clients = new Clients(server);
   t.after(() => clients.closeAll());
   const alice = await joinWithPresence(await clients.open(), chatTopic());
@@ -61,7 +61,7 @@ test("presence_state is pushed to the joiner with its join_ref and includes itse
   assert.deepEqual(diff.payload.joins[alice.sub].metas, metas);
 });
 
-test("members converge on the same presence list through joins and leaves", { skip: "presence lands with issue 4" }, async (t) => {
+test("members converge on the same presence list through joins and leaves", async (t) => {
   const clients = new Clients(server);
   t.after(() => clients.closeAll());
   const topic = chatTopic();

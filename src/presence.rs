@@ -1,0 +1,228 @@
+//! Phoenix.Presence for one topic, as a pure data structure: who is present (one meta per
+//! joined connection, keyed by user), and the exact JSON of `presence_state` and
+//! `presence_diff` (protocol.md §5, phoenix-reference.md §7).
+//!
+//! The core that owns a topic holds its [`TopicPresence`] and is the single source of every
+//! diff for it, so every member sees the same sequence (design.md "Presence path").
+
+use std::collections::HashMap;
+
+use base64::Engine;
+use uuid::Uuid;
+
+use crate::ids;
+
+/// A meta's `phx_ref`: 16 URL-safe base64 characters, unique per connection-join (Phoenix's
+/// own format and length).
+pub type PhxRef = [u8; 16];
+
+/// One joined connection's presence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    /// Unique reference of this meta.
+    pub phx_ref: PhxRef,
+    /// When the connection joined (µs since the epoch).
+    pub online_at_us: i64,
+}
+
+/// Makes unique `phx_ref`s: 12 bytes (core, counter, time) as 16 URL-safe base64 characters.
+#[derive(Debug)]
+pub struct RefMaker {
+    core: u16,
+    counter: u32,
+}
+
+impl RefMaker {
+    /// A maker for one core (refs from different cores never collide).
+    pub fn new(core: u16) -> RefMaker {
+        RefMaker { core, counter: 0 }
+    }
+
+    /// The next reference.
+    pub fn next(&mut self) -> PhxRef {
+        self.counter = self.counter.wrapping_add(1);
+        let mut raw = [0u8; 12];
+        raw[..6].copy_from_slice(&ids::now_micros().to_be_bytes()[2..]);
+        raw[6..8].copy_from_slice(&self.core.to_be_bytes());
+        raw[8..].copy_from_slice(&self.counter.to_be_bytes());
+        let mut out = [0u8; 16];
+        // 12 bytes encode to exactly 16 characters without padding.
+        let _ = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_slice(raw, &mut out);
+        out
+    }
+}
+
+/// The presence table of one topic.
+#[derive(Debug, Default)]
+pub struct TopicPresence {
+    users: HashMap<Uuid, Vec<Meta>>,
+    metas: usize,
+}
+
+/// Joins and leaves since the last diff (for one topic).
+#[derive(Debug, Default)]
+pub struct Diff {
+    /// Metas that joined.
+    pub joins: Vec<(Uuid, Meta)>,
+    /// Metas that left.
+    pub leaves: Vec<(Uuid, Meta)>,
+}
+
+impl Diff {
+    /// Whether there is nothing to send.
+    pub fn is_empty(&self) -> bool {
+        self.joins.is_empty() && self.leaves.is_empty()
+    }
+
+    /// Records a join.
+    pub fn join(&mut self, user: Uuid, meta: Meta) {
+        self.joins.push((user, meta));
+    }
+
+    /// Records a leave; a meta that joined within this same diff simply disappears (the
+    /// members never saw it), which keeps coalesced diffs exact.
+    pub fn leave(&mut self, user: Uuid, meta: Meta) {
+        match self.joins.iter().position(|(_, m)| m.phx_ref == meta.phx_ref) {
+            Some(i) => {
+                self.joins.remove(i);
+            }
+            None => self.leaves.push((user, meta)),
+        }
+    }
+
+    /// `{"joins":{...},"leaves":{...}}`.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + 96 * (self.joins.len() + self.leaves.len()));
+        out.extend_from_slice(b"{\"joins\":");
+        write_grouped(&mut out, &self.joins);
+        out.extend_from_slice(b",\"leaves\":");
+        write_grouped(&mut out, &self.leaves);
+        out.push(b'}');
+        out
+    }
+}
+
+impl TopicPresence {
+    /// Adds a meta.
+    pub fn track(&mut self, user: Uuid, meta: Meta) {
+        self.users.entry(user).or_default().push(meta);
+        self.metas += 1;
+    }
+
+    /// Removes a meta; returns it if it was present.
+    pub fn untrack(&mut self, user: Uuid, phx_ref: &PhxRef) -> Option<Meta> {
+        let metas = self.users.get_mut(&user)?;
+        let i = metas.iter().position(|m| &m.phx_ref == phx_ref)?;
+        let meta = metas.remove(i);
+        if metas.is_empty() {
+            self.users.remove(&user);
+        }
+        self.metas -= 1;
+        Some(meta)
+    }
+
+    /// Whether nobody is present (the table can be freed).
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// Number of metas.
+    pub fn len(&self) -> usize {
+        self.metas
+    }
+
+    /// The full state `{"<user>":{"metas":[...]},...}`.
+    pub fn state_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(2 + 110 * self.metas);
+        out.push(b'{');
+        for (i, (user, metas)) in self.users.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_user(&mut out, user, metas.iter());
+        }
+        out.push(b'}');
+        out
+    }
+}
+
+fn write_grouped(out: &mut Vec<u8>, entries: &[(Uuid, Meta)]) {
+    out.push(b'{');
+    let mut users: Vec<Uuid> = Vec::new();
+    for (user, _) in entries {
+        if !users.contains(user) {
+            users.push(*user);
+        }
+    }
+    for (i, user) in users.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_user(out, user, entries.iter().filter(|(u, _)| u == user).map(|(_, m)| m));
+    }
+    out.push(b'}');
+}
+
+fn write_user<'a>(out: &mut Vec<u8>, user: &Uuid, metas: impl Iterator<Item = &'a Meta>) {
+    out.push(b'"');
+    out.extend_from_slice(user.hyphenated().encode_lower(&mut Uuid::encode_buffer()).as_bytes());
+    out.extend_from_slice(b"\":{\"metas\":[");
+    for (i, m) in metas.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"phx_ref\":\"");
+        out.extend_from_slice(&m.phx_ref);
+        out.extend_from_slice(b"\",\"online_at\":\"");
+        out.extend_from_slice(ids::format_micros(m.online_at_us).as_bytes());
+        out.extend_from_slice(b"\"}");
+    }
+    out.extend_from_slice(b"]}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refs_are_unique_and_url_safe() {
+        let mut a = RefMaker::new(0);
+        let mut b = RefMaker::new(1);
+        let refs: Vec<PhxRef> = (0..1000).flat_map(|_| [a.next(), b.next()]).collect();
+        let unique: std::collections::HashSet<_> = refs.iter().collect();
+        assert_eq!(unique.len(), refs.len());
+        assert!(refs.iter().flatten().all(|c| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_'));
+    }
+
+    #[test]
+    fn state_and_diffs() {
+        let mut t = TopicPresence::default();
+        let (u1, u2) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let m = |c: u8, at: i64| Meta { phx_ref: [c; 16], online_at_us: at };
+        t.track(u1, m(b'a', 0));
+        t.track(u1, m(b'b', 1_000_000));
+        let state = String::from_utf8(t.state_json()).expect("utf8");
+        assert_eq!(
+            state,
+            r#"{"00000000-0000-0000-0000-000000000001":{"metas":[{"phx_ref":"aaaaaaaaaaaaaaaa","online_at":"1970-01-01T00:00:00.000000Z"},{"phx_ref":"bbbbbbbbbbbbbbbb","online_at":"1970-01-01T00:00:01.000000Z"}]}}"#
+        );
+        assert_eq!(t.untrack(u1, &[b'a'; 16]), Some(m(b'a', 0)));
+        assert_eq!(t.untrack(u1, &[b'a'; 16]), None);
+        assert_eq!(t.len(), 1);
+        t.untrack(u1, &[b'b'; 16]);
+        assert!(t.is_empty() && t.state_json() == b"{}");
+
+        let mut d = Diff::default();
+        d.join(u1, m(b'c', 0));
+        d.join(u2, m(b'd', 0));
+        d.leave(u1, m(b'c', 0)); // joined and left within one diff: gone
+        d.leave(u2, m(b'e', 0));
+        let json = String::from_utf8(d.to_json()).expect("utf8");
+        assert!(json.starts_with(
+            r#"{"joins":{"00000000-0000-0000-0000-000000000002":{"metas":[{"phx_ref":"dddddddddddddddd""#
+        ));
+        assert!(json
+            .contains(r#""leaves":{"00000000-0000-0000-0000-000000000002":{"metas":[{"phx_ref":"eeeeeeeeeeeeeeee""#));
+        assert_eq!(Diff::default().to_json(), br#"{"joins":{},"leaves":{}}"#);
+    }
+}
