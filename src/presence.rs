@@ -39,7 +39,7 @@ impl RefMaker {
     }
 
     /// The next reference.
-    pub fn next(&mut self) -> PhxRef {
+    pub fn make(&mut self) -> PhxRef {
         self.counter = self.counter.wrapping_add(1);
         let mut raw = [0u8; 12];
         raw[..6].copy_from_slice(&ids::now_micros().to_be_bytes()[2..]);
@@ -188,7 +188,7 @@ mod tests {
     fn refs_are_unique_and_url_safe() {
         let mut a = RefMaker::new(0);
         let mut b = RefMaker::new(1);
-        let refs: Vec<PhxRef> = (0..1000).flat_map(|_| [a.next(), b.next()]).collect();
+        let refs: Vec<PhxRef> = (0..1000).flat_map(|_| [a.make(), b.make()]).collect();
         let unique: std::collections::HashSet<_> = refs.iter().collect();
         assert_eq!(unique.len(), refs.len());
         assert!(refs.iter().flatten().all(|c| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_'));

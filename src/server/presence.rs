@@ -46,7 +46,7 @@ impl Core {
 
     /// Starts tracking a fresh join of `conn`; returns its `phx_ref`.
     pub(crate) fn track(&self, conn: &Conn, conversation: Uuid, join_ref: &str) -> PhxRef {
-        let phx_ref = self.presence.borrow_mut().refs.next();
+        let phx_ref = self.presence.borrow_mut().refs.make();
         let meta = Meta { phx_ref, online_at_us: ids::now_micros() };
         let msg = CoreMsg::Track {
             conversation,
