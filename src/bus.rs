@@ -68,8 +68,8 @@ pub enum CoreMsg {
         conn: ConnRef,
         /// The join the state belongs to.
         join_ref: Box<str>,
-        /// `presence_state` payload.
-        state: Vec<u8>,
+        /// `presence_state` payload (shared by every joiner of one batch window).
+        state: Arc<[u8]>,
     },
     /// From the owner to every core: broadcast `presence_diff` to local members.
     PresenceDiff {

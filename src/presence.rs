@@ -21,8 +21,20 @@ pub type PhxRef = [u8; 16];
 pub struct Meta {
     /// Unique reference of this meta.
     pub phx_ref: PhxRef,
-    /// When the connection joined (µs since the epoch).
-    pub online_at_us: i64,
+    /// When the connection joined, as the wire's RFC 3339 text (formatted once, not per state).
+    pub online_at: [u8; 27],
+}
+
+impl Meta {
+    /// A meta joined at `online_at_us` (µs since the epoch).
+    pub fn new(phx_ref: PhxRef, online_at_us: i64) -> Meta {
+        let mut online_at = [b'0'; 27];
+        let text = ids::format_micros(online_at_us);
+        if text.len() == online_at.len() {
+            online_at.copy_from_slice(text.as_bytes());
+        }
+        Meta { phx_ref, online_at }
+    }
 }
 
 /// Makes unique `phx_ref`s: 12 bytes (core, counter, time) as 16 URL-safe base64 characters.
@@ -146,19 +158,23 @@ impl TopicPresence {
     }
 }
 
+/// Writes `{user: {"metas": [...]}, ...}` with users in first-seen order, metas in order.
 fn write_grouped(out: &mut Vec<u8>, entries: &[(Uuid, Meta)]) {
-    out.push(b'{');
-    let mut users: Vec<Uuid> = Vec::new();
-    for (user, _) in entries {
-        if !users.contains(user) {
-            users.push(*user);
-        }
+    let mut index: HashMap<Uuid, usize> = HashMap::with_capacity(entries.len());
+    let mut groups: Vec<(Uuid, Vec<&Meta>)> = Vec::new();
+    for (user, meta) in entries {
+        let i = *index.entry(*user).or_insert_with(|| {
+            groups.push((*user, Vec::new()));
+            groups.len() - 1
+        });
+        groups[i].1.push(meta);
     }
-    for (i, user) in users.iter().enumerate() {
+    out.push(b'{');
+    for (i, (user, metas)) in groups.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        write_user(out, user, entries.iter().filter(|(u, _)| u == user).map(|(_, m)| m));
+        write_user(out, user, metas.iter().copied());
     }
     out.push(b'}');
 }
@@ -174,7 +190,7 @@ fn write_user<'a>(out: &mut Vec<u8>, user: &Uuid, metas: impl Iterator<Item = &'
         out.extend_from_slice(b"{\"phx_ref\":\"");
         out.extend_from_slice(&m.phx_ref);
         out.extend_from_slice(b"\",\"online_at\":\"");
-        out.extend_from_slice(ids::format_micros(m.online_at_us).as_bytes());
+        out.extend_from_slice(&m.online_at);
         out.extend_from_slice(b"\"}");
     }
     out.extend_from_slice(b"]}");
@@ -198,7 +214,7 @@ mod tests {
     fn state_and_diffs() {
         let mut t = TopicPresence::default();
         let (u1, u2) = (Uuid::from_u128(1), Uuid::from_u128(2));
-        let m = |c: u8, at: i64| Meta { phx_ref: [c; 16], online_at_us: at };
+        let m = |c: u8, at: i64| Meta::new([c; 16], at);
         t.track(u1, m(b'a', 0));
         t.track(u1, m(b'b', 1_000_000));
         let state = String::from_utf8(t.state_json()).expect("utf8");

@@ -1065,3 +1065,120 @@ fn a_join_and_leave_inside_one_window_is_never_sent() {
     room.quiet("end");
     report_cores(&server, &room.topic, room.joins + flickers.len());
 }
+
+/// What the JS Presence helper does with a diff: joins first (a known phx_ref is not added
+/// twice), then leaves (unknown ones ignored).
+fn apply(view: &mut Flat, d: &Diff) {
+    view.extend(flat(&d.joins));
+    for x in flat(&d.leaves) {
+        view.remove(&x);
+    }
+}
+
+#[test]
+fn a_meta_shown_in_a_state_and_gone_inside_the_window_still_leaves() {
+    // X joins and leaves inside one window, but Y joined in between and got a presence_state
+    // that lists X: dropping X's join and leave from the coalesced diff would leave a ghost X
+    // in Y's list forever. The window is long (1 s) so all of it happens inside it.
+    let server = start(&[("NEXUS_PRESENCE_BATCH_MS", "1000")]);
+    let mut room = Room::new(server.port);
+    for _ in 0..4 {
+        room.join(&new_sub());
+    }
+    let topic = room.topic.clone();
+    let before = flat(&room.model);
+
+    // X joins: reply, then its state (its own join diff waits for the window).
+    let x = new_sub();
+    let mut cx = open(server.port, &x);
+    cx.send_text(&v2(Some("x1"), Some("x1"), &topic, "phx_join", "{}"));
+    expect_exact(&mut cx, &topic, &v2_ok(Some("x1"), "x1", &topic), "X join reply");
+    let x_meta = match next(&mut cx, &topic, Instant::now() + WAIT, "X state") {
+        Frame::State { state, .. } => state[&x][0].clone(),
+        other => panic!("X: expected its presence_state, got {other:?}"),
+    };
+
+    // Y joins: its state lists X.
+    let y = new_sub();
+    let mut cy = open(server.port, &y);
+    cy.send_text(&v2(Some("y1"), Some("y1"), &topic, "phx_join", "{}"));
+    expect_exact(&mut cy, &topic, &v2_ok(Some("y1"), "y1", &topic), "Y join reply");
+    let mut y_view = match next(&mut cy, &topic, Instant::now() + WAIT, "Y state") {
+        Frame::State { state, .. } => flat(&state),
+        other => panic!("Y: expected its presence_state, got {other:?}"),
+    };
+    assert!(y_view.contains(&(x.clone(), x_meta.clone())), "Y's state must list X (joined before Y): {y_view:?}");
+
+    // X leaves, still inside the window.
+    cx.send_text(&v2(Some("x1"), Some("x2"), &topic, "phx_leave", "{}"));
+    expect_exact(&mut cx, &topic, &v2_ok(Some("x1"), "x2", &topic), "X leave reply");
+
+    // A sentinel: its state is the truth; Y's view must reach it by the diff with its join.
+    let s = new_sub();
+    let mut cs = open(server.port, &s);
+    cs.send_text(&v2(Some("s1"), Some("s1"), &topic, "phx_join", "{}"));
+    expect_exact(&mut cs, &topic, &v2_ok(Some("s1"), "s1", &topic), "sentinel join reply");
+    let truth = match next(&mut cs, &topic, Instant::now() + WAIT, "sentinel state") {
+        Frame::State { state, .. } => flat(&state),
+        other => panic!("sentinel: expected its presence_state, got {other:?}"),
+    };
+    let s_meta = truth.iter().find(|(u, _)| *u == s).expect("sentinel in its own state").1.clone();
+    let y_meta = truth.iter().find(|(u, _)| *u == y).expect("Y in the sentinel's state").1.clone();
+    let mut expected = before.clone();
+    expected.insert((y.clone(), y_meta));
+    expected.insert((s.clone(), s_meta.clone()));
+    assert_eq!(truth, expected, "the sentinel's state: the members, Y and itself, no X");
+
+    let deadline = Instant::now() + WAIT;
+    let mut diffs = Vec::new();
+    while !y_view.contains(&(s.clone(), s_meta.clone())) {
+        match next(&mut cy, &topic, deadline, "Y: diffs up to the sentinel's join") {
+            Frame::Diff(d) => {
+                apply(&mut y_view, &d);
+                diffs.push(d);
+            }
+            other => panic!("Y: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        y_view, truth,
+        "Y's presence list (state + diffs, as the JS helper applies them) keeps a ghost of X \
+         {x_meta:?}; diffs Y got after its state: {diffs:#?}"
+    );
+    room.quiet("end");
+}
+
+#[test]
+fn no_diff_reaches_a_joiner_before_its_state() {
+    // protocol.md §4: reply, then presence_state, then diffs. A diff the joiner gets before its
+    // state is old news the state already holds, but the JS helper buffers it as a "pending
+    // diff" and, if the socket rejoins before that state arrives, applies it after the next
+    // join's state: a ghost (found by presence_churn.test.js). Concurrent joins, no window:
+    // every diff is flushed at once, so other joins' diffs race each joiner's state.
+    const STORM: usize = 30;
+    let server = start(&[("NEXUS_PRESENCE_BATCH_MS", "0")]);
+    let mut room = Room::new(server.port);
+    for _ in 0..2 {
+        room.join(&new_sub());
+    }
+    let topic = room.topic.clone();
+    let mut storm: Vec<(String, Client)> =
+        (0..STORM).map(|i| (format!("s{i}"), open(server.port, &new_sub()))).collect();
+    for (jr, c) in &mut storm {
+        c.send_text(&v2(Some(jr), Some(jr), &topic, "phx_join", "{}"));
+    }
+    let mut early = Vec::new();
+    for (jr, c) in &mut storm {
+        expect_exact(c, &topic, &v2_ok(Some(jr), jr, &topic), "join reply");
+        match next(c, &topic, Instant::now() + WAIT, "the first presence frame") {
+            Frame::State { join_ref, .. } => assert_eq!(join_ref.as_deref(), Some(jr.as_str())),
+            Frame::Diff(d) => early.push((jr.clone(), d)),
+            Frame::Other(t) => panic!("{jr}: unexpected {t}"),
+        }
+    }
+    assert!(
+        early.is_empty(),
+        "{} of {STORM} joiners got a presence_diff before their presence_state: {early:#?}",
+        early.len()
+    );
+}

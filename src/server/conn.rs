@@ -150,7 +150,10 @@ impl Conn {
         if self.closing() {
             return;
         }
-        if self.outbox_bytes.get() + frame.len() > max_bytes {
+        // One frame larger than the limit (a big room's presence_state) may still go to a
+        // connection that is keeping up; only a backlog on top of it counts as slow.
+        let queued = self.outbox_bytes.get();
+        if queued > 0 && queued + frame.len() > max_bytes {
             self.clear_outbox();
             self.request_close(Close::SlowConsumer);
             return;

@@ -25,6 +25,9 @@ pub(crate) struct PresenceShard {
     topics: HashMap<Uuid, TopicPresence>,
     /// Diffs not yet sent, per topic.
     pending: HashMap<Uuid, Diff>,
+    /// Joiners waiting for a state, per topic: one state encoding serves every joiner of a
+    /// batch window (a join storm would otherwise encode O(N) states of O(N) metas).
+    waiting: HashMap<Uuid, Vec<(u16, ConnRef, Box<str>)>>,
     flush_scheduled: bool,
 }
 
@@ -34,6 +37,7 @@ impl PresenceShard {
             refs: RefMaker::new(core),
             topics: HashMap::new(),
             pending: HashMap::new(),
+            waiting: HashMap::new(),
             flush_scheduled: false,
         }
     }
@@ -47,7 +51,7 @@ impl Core {
     /// Starts tracking a fresh join of `conn`; returns its `phx_ref`.
     pub(crate) fn track(&self, conn: &Conn, conversation: Uuid, join_ref: &str) -> PhxRef {
         let phx_ref = self.presence.borrow_mut().refs.make();
-        let meta = Meta { phx_ref, online_at_us: ids::now_micros() };
+        let meta = Meta::new(phx_ref, ids::now_micros());
         let msg = CoreMsg::Track {
             conversation,
             user: conn.user(),
@@ -65,7 +69,8 @@ impl Core {
         self.send_to(self.owner(conversation), CoreMsg::Untrack { conversation, user, phx_ref });
     }
 
-    /// Owner: add the meta, answer the joiner's core with the full state, queue the diff.
+    /// Owner: add the meta, queue the joiner for the full state and the diff (both go out at
+    /// the end of the batch window: the state first).
     pub(crate) fn on_track(
         &self,
         conversation: Uuid,
@@ -75,13 +80,11 @@ impl Core {
         conn: ConnRef,
         join_ref: Box<str>,
     ) {
-        let state = {
+        {
             let mut shard = self.presence.borrow_mut();
-            let topic = shard.topics.entry(conversation).or_default();
-            topic.track(user, meta);
-            topic.state_json()
-        };
-        self.send_to(usize::from(from), CoreMsg::PresenceState { conversation, conn, join_ref, state });
+            shard.topics.entry(conversation).or_default().track(user, meta);
+            shard.waiting.entry(conversation).or_default().push((from, conn, join_ref));
+        }
         self.queue_diff(conversation, |d| d.join(user, meta));
     }
 
@@ -141,13 +144,24 @@ impl Core {
         }
     }
 
-    /// Sends every pending diff to every core (each fans it out to its local members).
+    /// Sends the states the joiners wait for, then every pending diff to every core (each fans
+    /// it out to its local members). Per core the state arrives before the diff.
     fn flush_diffs(&self) {
-        let pending = {
+        let (pending, waiting) = {
             let mut shard = self.presence.borrow_mut();
             shard.flush_scheduled = false;
-            std::mem::take(&mut shard.pending)
+            (std::mem::take(&mut shard.pending), std::mem::take(&mut shard.waiting))
         };
+        for (conversation, joiners) in waiting {
+            let state: Arc<[u8]> = match self.presence.borrow().topics.get(&conversation) {
+                Some(topic) => topic.state_json().into(),
+                None => Arc::from(&b"{}"[..]),
+            };
+            for (from, conn, join_ref) in joiners {
+                let msg = CoreMsg::PresenceState { conversation, conn, join_ref, state: state.clone() };
+                self.send_to(usize::from(from), msg);
+            }
+        }
         for (conversation, diff) in pending {
             if diff.is_empty() {
                 continue;
