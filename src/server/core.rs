@@ -43,6 +43,8 @@ pub(crate) struct Member {
     pub conn: Rc<Conn>,
     /// The member's spelling of the topic (frames echo it).
     pub topic: Rc<str>,
+    /// Its presence_state was pushed: presence diffs may follow.
+    pub presence_ready: Cell<bool>,
 }
 
 /// This core's members of one conversation.
@@ -172,13 +174,19 @@ impl Core {
 
     /// Forgets a connection: leaves its channels (presence leaves included), drops it.
     pub(crate) fn unregister(&self, conn: &Rc<Conn>) {
+        self.leave_all(conn);
+        self.conns.borrow_mut().try_remove(conn.key);
+        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Leaves every channel of a connection (presence leaves included). Called as soon as a
+    /// close is decided, so members see the leave without waiting for the close to finish.
+    pub(crate) fn leave_all(&self, conn: &Conn) {
         let channels = std::mem::take(&mut *conn.channels.borrow_mut());
         for joined in channels {
             self.remove_member(joined.conversation, conn.key);
             self.untrack(conn.user(), joined.conversation, joined.phx_ref);
         }
-        self.conns.borrow_mut().try_remove(conn.key);
-        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Adds `conn` to a topic's local members; returns the interned spelling to store.
@@ -187,7 +195,9 @@ impl Core {
         let topic = topics.entry(conversation).or_default();
         let shared = topic.members.values().map(|m| &m.topic).find(|t| ***t == *spelling).cloned();
         let spelling: Rc<str> = shared.unwrap_or_else(|| Rc::from(spelling));
-        topic.members.insert(conn.key, Member { conn: conn.clone(), topic: spelling.clone() });
+        topic
+            .members
+            .insert(conn.key, Member { conn: conn.clone(), topic: spelling.clone(), presence_ready: Cell::new(false) });
         spelling
     }
 
@@ -238,7 +248,9 @@ impl Core {
                     CoreMsg::PresenceState { conversation, conn, join_ref, state } => {
                         self.on_presence_state(conversation, conn, &join_ref, &state)
                     }
-                    CoreMsg::PresenceDiff { conversation, diff } => self.fan_out(conversation, "presence_diff", &diff),
+                    CoreMsg::PresenceDiff { conversation, diff } => {
+                        self.fan_out(conversation, "presence_diff", &diff, true)
+                    }
                 }
                 // Let the woken connections flush before the next batch: a backlog of batches
                 // broadcast in one go could push a member that reads fine over its queue limit.
@@ -302,18 +314,21 @@ impl Core {
 
     fn broadcast(&self, m: &Message) {
         if self.topics.borrow().contains_key(&m.conversation) {
-            self.fan_out(m.conversation, chat::NEW_MSG, &chat::new_msg_payload(m));
+            self.fan_out(m.conversation, chat::NEW_MSG, &chat::new_msg_payload(m), false);
         }
     }
 
     /// Broadcasts `[null, null, topic, event, payload]` to every local member of a
     /// conversation: encoded once per (serializer, topic spelling) present, the bytes shared.
-    pub(crate) fn fan_out(&self, conversation: Uuid, event: &str, payload: &[u8]) {
+    pub(crate) fn fan_out(&self, conversation: Uuid, event: &str, payload: &[u8], presence: bool) {
         let topics = self.topics.borrow();
         let Some(topic) = topics.get(&conversation) else { return };
         let mut frames: Vec<(Vsn, Rc<str>, Bytes)> = Vec::new();
         let max = self.config().max_outbox_bytes;
         for member in topic.members.values() {
+            if presence && !member.presence_ready.get() {
+                continue;
+            }
             let vsn = member.conn.vsn();
             let cached =
                 frames.iter().find(|(v, t, _)| *v == vsn && (Rc::ptr_eq(t, &member.topic) || *t == member.topic));

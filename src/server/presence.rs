@@ -123,6 +123,9 @@ impl Core {
             payload: state,
         };
         target.send(encode_frame(target.vsn(), &msg), self.config().max_outbox_bytes);
+        if let Some(m) = self.topics.borrow().get(&conversation).and_then(|t| t.members.get(&(conn.key as usize))) {
+            m.presence_ready.set(true);
+        }
     }
 
     fn queue_diff(&self, conversation: Uuid, change: impl FnOnce(&mut Diff)) {

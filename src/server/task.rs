@@ -109,6 +109,7 @@ async fn drive(core: &Core, conn: &Rc<Conn>, stream: &TcpStream) -> io::Result<(
 
 /// Queues the close frame (when a WebSocket is open) and moves to [`Phase::Closing`].
 fn start_close(core: &Core, conn: &Conn, why: Close) {
+    core.leave_all(conn);
     if conn.phase() == Phase::Open {
         // `unsent` always ends on a frame boundary (it is the tail of whole frames), and the
         // outbox is sent after it, so the close frame can always follow, even for a slow

@@ -113,9 +113,20 @@ test("every member's Presence.list() is the true set after random churn", { time
   }
 
   async function leave(slot) {
+    const joinRef = slot.channel.joinRef();
     const reply = await pushResult(slot.channel.leave());
     assert.deepEqual(reply, { status: "ok", response: {} }, `leave of slot ${slot.i}`);
     Object.assign(slot, { channel: null, presence: null, syncs: null, joinOks: null });
+    // phoenix.js resolves leave() at once, locally, and routes broadcasts (join_ref null) by
+    // topic alone: a presence_diff the server sent to the old membership before it read the
+    // phx_leave would land in the next channel's Presence, which keeps pre-state diffs in a
+    // buffer it never clears across rejoins, and could replay it after a later state (a ghost
+    // no server can prevent). So wait for the server's phx_close of the old join first.
+    await slot.client.messages.waitFor(
+      (m) => m.event === "phx_close" && m.topic === topic && m.join_ref === joinRef,
+      undefined,
+      `the server's phx_close of slot ${slot.i}'s join ${joinRef}`,
+    );
   }
 
   async function drop(slot) {
