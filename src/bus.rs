@@ -69,7 +69,7 @@ pub enum CoreMsg {
         /// The join the state belongs to.
         join_ref: Box<str>,
         /// `presence_state` payload (shared by every joiner of one batch window).
-        state: Arc<[u8]>,
+        state: bytes::Bytes,
     },
     /// From the owner to every core: broadcast `presence_diff` to local members.
     PresenceDiff {

@@ -5,9 +5,12 @@
 //! flight (closed loop); reports acknowledged messages/s, ack latency percentiles, errors,
 //! and the server's CPU time per acknowledged message (`--server-pid`), optionally with a
 //! history reader running beside it (`--history`).
+//!
+//! Scenario `storm`: N members join one topic at once; presence frames, bytes and settle time.
 
 mod persist;
 mod stats;
+mod storm;
 mod wire;
 
 use std::net::SocketAddr;
@@ -26,6 +29,8 @@ struct Cli {
 enum Scenario {
     /// Closed-loop senders in small rooms: the persisted-message path end to end.
     Persist(persist::Args),
+    /// N members join one topic at once: presence traffic and time to settle.
+    Storm(storm::Args),
 }
 
 /// Refuses anything but loopback: load runs here never leave the machine.
@@ -45,6 +50,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.scenario {
         Scenario::Persist(args) => persist::run(args),
+        Scenario::Storm(args) => storm::run(args),
     };
     if let Err(e) = result {
         eprintln!("nexus-load: {e}");

@@ -7,7 +7,7 @@ mod serializer;
 
 pub use binary::{decode_binary_push, BinaryPush};
 pub use json::{string_field, write_str};
-pub use serializer::{decode, encode, DecodeError, Inbound, Outbound, Vsn};
+pub use serializer::{decode, encode, encode_around, DecodeError, Inbound, Outbound, Vsn};
 
 /// Reply `{"status":"ok","response":{}}` response body.
 pub const EMPTY: &[u8] = b"{}";

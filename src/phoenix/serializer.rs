@@ -165,9 +165,36 @@ pub fn encode(vsn: Vsn, msg: &Outbound<'_>, out: &mut Vec<u8>) {
     }
 }
 
+/// The JSON of `msg` split around its payload: `(before, after)`, so a large shared payload
+/// can be sent between two small per-connection pieces without being copied (`msg.payload`
+/// is ignored).
+pub fn encode_around(vsn: Vsn, msg: &Outbound<'_>) -> (Vec<u8>, Vec<u8>) {
+    let mut out = Vec::with_capacity(64 + msg.topic.len());
+    encode(vsn, &Outbound { payload: b"", ..*msg }, &mut out);
+    let at = match vsn {
+        Vsn::V2 => out.len() - 1,
+        // `{"topic":..,"event":..,"payload":<here>,"ref":..}`: the last `,"ref":` is ours.
+        Vsn::V1 => out.windows(7).rposition(|w| w == b",\"ref\":").unwrap_or(out.len() - 1),
+    };
+    let after = out.split_off(at);
+    (out, after)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_around_payload() {
+        for vsn in Vsn::ALL {
+            let o =
+                Outbound { join_ref: Some("1"), reference: None, topic: "t\",ref", event: "e", payload: b"{\"a\":1}" };
+            let mut whole = Vec::new();
+            encode(vsn, &o, &mut whole);
+            let (a, b) = encode_around(vsn, &o);
+            assert_eq!([a, o.payload.to_vec(), b].concat(), whole);
+        }
+    }
 
     #[test]
     fn negotiation() {

@@ -147,18 +147,27 @@ impl Conn {
     /// Queues one complete frame. Over `max_bytes` queued, the connection is a slow
     /// consumer: its queue is dropped and it is closed with 1013.
     pub(crate) fn send(&self, frame: Bytes, max_bytes: usize) {
+        self.send_parts([frame], max_bytes);
+    }
+
+    /// Queues one frame given as consecutive pieces (a large shared payload between small
+    /// per-connection pieces), with the same limit as [`Conn::send`].
+    pub(crate) fn send_parts<const N: usize>(&self, parts: [Bytes; N], max_bytes: usize) {
         if self.closing() {
             return;
         }
         // One frame larger than the limit (a big room's presence_state) may still go to a
         // connection that is keeping up; only a backlog on top of it counts as slow.
         let queued = self.outbox_bytes.get();
-        if queued > 0 && queued + frame.len() > max_bytes {
+        let len: usize = parts.iter().map(Bytes::len).sum();
+        if queued > 0 && queued + len > max_bytes {
             self.clear_outbox();
             self.request_close(Close::SlowConsumer);
             return;
         }
-        self.push_final(frame);
+        for part in parts {
+            self.push_final(part);
+        }
     }
 
     /// Queues bytes the task itself must send even while closing (an HTTP answer, the close

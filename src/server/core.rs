@@ -246,7 +246,7 @@ impl Core {
                     }
                     CoreMsg::Untrack { conversation, user, phx_ref } => self.on_untrack(conversation, user, phx_ref),
                     CoreMsg::PresenceState { conversation, conn, join_ref, state } => {
-                        self.on_presence_state(conversation, conn, &join_ref, &state)
+                        self.on_presence_state(conversation, conn, &join_ref, state)
                     }
                     CoreMsg::PresenceDiff { conversation, diff } => {
                         self.fan_out(conversation, "presence_diff", &diff, true)

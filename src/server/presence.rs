@@ -9,15 +9,17 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use uuid::Uuid;
 
 use super::conn::Conn;
-use super::core::{encode_frame, Core};
+use super::core::Core;
 use crate::bus::{ConnRef, CoreMsg};
 use crate::channel;
 use crate::ids;
-use crate::phoenix::Outbound;
+use crate::phoenix::{self, Outbound};
 use crate::presence::{Diff, Meta, PhxRef, RefMaker, TopicPresence};
+use crate::ws;
 
 /// Presence state of the topics one core owns.
 pub(crate) struct PresenceShard {
@@ -105,7 +107,7 @@ impl Core {
     }
 
     /// Joiner's core: push `presence_state` if the connection is still in that join.
-    pub(crate) fn on_presence_state(&self, conversation: Uuid, conn: ConnRef, join_ref: &str, state: &[u8]) {
+    pub(crate) fn on_presence_state(&self, conversation: Uuid, conn: ConnRef, join_ref: &str, state: Bytes) {
         let Some(target) = self.conns.borrow().get(conn.key as usize).filter(|c| c.id == conn.id).cloned() else {
             return;
         };
@@ -120,9 +122,14 @@ impl Core {
             reference: None,
             topic: &topic,
             event: "presence_state",
-            payload: state,
+            payload: b"",
         };
-        target.send(encode_frame(target.vsn(), &msg), self.config().max_outbox_bytes);
+        // A big room's state is ~110 B per meta; every joiner of a window shares its bytes.
+        let (before, after) = phoenix::encode_around(target.vsn(), &msg);
+        let mut head = Vec::with_capacity(before.len() + 10);
+        ws::text_header(before.len() + state.len() + after.len(), &mut head);
+        head.extend_from_slice(&before);
+        target.send_parts([Bytes::from(head), state, Bytes::from(after)], self.config().max_outbox_bytes);
         if let Some(m) = self.topics.borrow().get(&conversation).and_then(|t| t.members.get(&(conn.key as usize))) {
             m.presence_ready.set(true);
         }
@@ -156,9 +163,9 @@ impl Core {
             (std::mem::take(&mut shard.pending), std::mem::take(&mut shard.waiting))
         };
         for (conversation, joiners) in waiting {
-            let state: Arc<[u8]> = match self.presence.borrow().topics.get(&conversation) {
-                Some(topic) => topic.state_json().into(),
-                None => Arc::from(&b"{}"[..]),
+            let state = match self.presence.borrow().topics.get(&conversation) {
+                Some(topic) => Bytes::from(topic.state_json()),
+                None => Bytes::from_static(b"{}"),
             };
             for (from, conn, join_ref) in joiners {
                 let msg = CoreMsg::PresenceState { conversation, conn, join_ref, state: state.clone() };

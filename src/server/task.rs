@@ -111,9 +111,10 @@ async fn drive(core: &Core, conn: &Rc<Conn>, stream: &TcpStream) -> io::Result<(
 fn start_close(core: &Core, conn: &Conn, why: Close) {
     core.leave_all(conn);
     if conn.phase() == Phase::Open {
-        // `unsent` always ends on a frame boundary (it is the tail of whole frames), and the
-        // outbox is sent after it, so the close frame can always follow, even for a slow
-        // consumer whose queue was just dropped.
+        // The close frame goes after everything already handed to `send`. For a slow consumer
+        // whose queue was just dropped this is on a frame boundary unless a frame sent in
+        // pieces (a presence_state) was cut between `unsent` and the dropped queue; the
+        // connection is closing either way.
         let mut frame = Vec::with_capacity(32);
         ws::close_frame(why.code(), why.reason(), &mut frame);
         conn.push_final(Bytes::from(frame));

@@ -29,6 +29,11 @@ pub fn frame(kind: Kind, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+/// Appends the header of an unfragmented text frame of `len` payload bytes.
+pub fn text_header(len: usize, out: &mut Vec<u8>) {
+    header(OpCode::Data(Data::Text), len, out);
+}
+
 /// A pong answering a ping with `payload` (≤ 125 bytes, checked by the decoder).
 pub fn pong_frame(payload: &[u8], out: &mut Vec<u8>) {
     header(OpCode::Control(Control::Pong), payload.len(), out);

@@ -1,0 +1,210 @@
+//! Scenario `storm`: N members join one topic as fast as the client can send the joins, and
+//! every member reads everything the server sends. Reports presence traffic (frames and bytes
+//! delivered to members) and the wall time until the last byte arrived, for comparing
+//! `NEXUS_PRESENCE_BATCH_MS=0` (one diff per join: O(N²) frames) with coalescing.
+//!
+//! One thread reads all sockets with epoll and counts WebSocket frames per socket; the run ends
+//! when nothing arrived for `--quiet` after the last join was sent (bounded by `--timeout`).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use crate::wire::token;
+
+/// Arguments of `nexus-load storm`.
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// Server address (loopback only).
+    #[arg(long, default_value = "127.0.0.1:4000")]
+    addr: String,
+    /// JWT secret of the server.
+    #[arg(long, env = "JWT_SECRET")]
+    secret: String,
+    /// Members joining the one topic.
+    #[arg(long, default_value_t = 10_000)]
+    members: usize,
+    /// Source addresses 127.0.0.2 .. 127.0.0.(1+N) to spread the client ports over.
+    #[arg(long, default_value_t = 20)]
+    sources: u8,
+    /// End when nothing arrived for this long after the last join.
+    #[arg(long, default_value = "1", value_parser = crate::parse_secs)]
+    quiet: Duration,
+    /// Hard bound on the whole storm.
+    #[arg(long, default_value = "300", value_parser = crate::parse_secs)]
+    timeout: Duration,
+    /// Print one JSON object instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Per-socket frame counter: bytes left in the current frame, or a partial header.
+#[derive(Default)]
+struct Counter {
+    header: Vec<u8>,
+    left: u64,
+    frames: u64,
+    bytes: u64,
+    closed: bool,
+}
+
+impl Counter {
+    fn feed(&mut self, mut data: &[u8]) {
+        self.bytes += data.len() as u64;
+        while !data.is_empty() {
+            if self.left > 0 {
+                let n = (self.left as usize).min(data.len());
+                self.left -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            self.header.push(data[0]);
+            data = &data[1..];
+            let h = &self.header;
+            let need = match h.get(1).map(|b| b & 0x7f) {
+                None => continue,
+                Some(126) => 4,
+                Some(127) => 10,
+                Some(_) => 2,
+            };
+            if h.len() < need {
+                continue;
+            }
+            self.left = match need {
+                4 => u16::from_be_bytes([h[2], h[3]]) as u64,
+                10 => u64::from_be_bytes([h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9]]),
+                _ => (h[1] & 0x7f) as u64,
+            };
+            self.frames += 1;
+            self.header.clear();
+        }
+    }
+}
+
+fn masked_text(payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x81];
+    if payload.len() < 126 {
+        out.push(0x80 | payload.len() as u8);
+    } else {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    out.extend_from_slice(&[0, 0, 0, 0]); // a zero mask leaves the payload as is
+    out.extend_from_slice(payload);
+    out
+}
+
+fn open(addr: SocketAddr, source: u8, token: &str) -> Result<TcpStream, String> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|e| e.to_string())?;
+    let local = SocketAddr::from(([127, 0, 0, source], 0));
+    socket.bind(&local.into()).map_err(|e| format!("bind {local}: {e}"))?;
+    socket.connect(&addr.into()).map_err(|e| format!("connect: {e}"))?;
+    let mut s: TcpStream = socket.into();
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    let req = format!(
+        "GET /socket/websocket?vsn=2.0.0&token={token} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).map_err(|e| format!("upgrade: {e}"))?;
+        head.push(byte[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        return Err(format!("upgrade refused: {}", String::from_utf8_lossy(&head[..head.len().min(40)])));
+    }
+    s.set_nonblocking(true).map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+pub(crate) fn run(args: Args) -> Result<(), String> {
+    let addr = crate::loopback(&args.addr)?;
+    if args.members == 0 || args.members > 19_000 || args.sources == 0 || args.sources > 250 {
+        return Err("--members must be 1..=19000 (one process's descriptors) and --sources 1..=250".into());
+    }
+    let topic = format!("chat:{}", Uuid::new_v4());
+    let mut socks = Vec::with_capacity(args.members);
+    for i in 0..args.members {
+        let t = token(&args.secret, Uuid::new_v4())?;
+        socks.push(open(addr, 2 + (i % args.sources as usize) as u8, &t)?);
+    }
+    // SAFETY: plain epoll syscalls on descriptors we own; events buffer sized below.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        return Err("epoll_create1 failed".into());
+    }
+    for (i, s) in socks.iter().enumerate() {
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: i as u64 };
+        // SAFETY: valid epoll fd, socket fd and event pointer.
+        if unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev) } != 0 {
+            return Err("epoll_ctl failed".into());
+        }
+    }
+    let mut counters: Vec<Counter> = (0..socks.len()).map(|_| Counter::default()).collect();
+    let join = |i: usize| masked_text(format!(r#"["{i}","{i}","{topic}","phx_join",{{}}]"#).as_bytes());
+    let started = Instant::now();
+    let mut next_join = 0;
+    let mut last_byte = started;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+    loop {
+        // Send joins in slices so reading keeps up (members' queues are bounded server-side).
+        let until = (next_join + 64).min(socks.len());
+        while next_join < until {
+            socks[next_join].write_all(&join(next_join)).map_err(|e| format!("join {next_join}: {e}"))?;
+            next_join += 1;
+        }
+        let all_sent = next_join == socks.len();
+        // SAFETY: events has room for its length.
+        let n =
+            unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, if all_sent { 50 } else { 0 }) };
+        for ev in events.iter().take(n.max(0) as usize) {
+            let i = ev.u64 as usize;
+            loop {
+                match socks[i].read(&mut buf) {
+                    Ok(0) => {
+                        counters[i].closed = true;
+                        // SAFETY: removing a registered descriptor.
+                        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, socks[i].as_raw_fd(), std::ptr::null_mut()) };
+                        break;
+                    }
+                    Ok(k) => {
+                        counters[i].feed(&buf[..k]);
+                        last_byte = Instant::now();
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        if all_sent && last_byte.elapsed() >= args.quiet {
+            break;
+        }
+        if started.elapsed() > args.timeout {
+            return Err(format!("storm did not settle within {:?}", args.timeout));
+        }
+    }
+    let secs = (last_byte - started).as_secs_f64();
+    let frames: u64 = counters.iter().map(|c| c.frames).sum();
+    let bytes: u64 = counters.iter().map(|c| c.bytes).sum();
+    let closed = counters.iter().filter(|c| c.closed).count();
+    // Every member must at least have its join reply and its presence_state.
+    let min_frames = counters.iter().map(|c| c.frames).min().unwrap_or(0);
+    if args.json {
+        println!(
+            "{{\"scenario\":\"storm\",\"members\":{},\"frames\":{frames},\"bytes\":{bytes},\"secs\":{secs:.2},\"closed\":{closed},\"min_frames_per_member\":{min_frames}}}",
+            args.members
+        );
+    } else {
+        println!("storm: {} members joined one topic", args.members);
+        println!(
+            "  delivered {frames} frames, {:.1} MB, last byte after {secs:.2} s, {closed} closed by the server",
+            bytes as f64 / 1e6
+        );
+    }
+    Ok(())
+}
