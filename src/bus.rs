@@ -156,16 +156,6 @@ impl Mailbox {
         self.sleeping.store(false, Ordering::SeqCst);
         false
     }
-
-    /// Messages queued now (for metrics).
-    pub fn len(&self) -> usize {
-        self.queue.len()
-    }
-
-    /// Whether nothing is queued.
-    pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
-    }
 }
 
 #[cfg(test)]

@@ -15,8 +15,6 @@ pub enum Close {
     InvalidUtf8,
     /// RFC 6455 violation by the client.
     Protocol,
-    /// The server is shutting down.
-    ShuttingDown,
     /// The client sent a close frame; echo its code.
     Echo(u16),
 }
@@ -30,7 +28,6 @@ impl Close {
             Close::TooBig => 1009,
             Close::InvalidUtf8 => 1007,
             Close::Protocol => 1002,
-            Close::ShuttingDown => 1012,
             Close::Echo(code) => code,
         }
     }
@@ -43,7 +40,6 @@ impl Close {
             Close::TooBig => "message too big",
             Close::InvalidUtf8 => "invalid utf-8",
             Close::Protocol => "protocol error",
-            Close::ShuttingDown => "server restart",
             Close::Echo(_) => "",
         }
     }

@@ -33,6 +33,17 @@ enum Scenario {
     Storm(storm::Args),
 }
 
+/// The server every scenario talks to.
+#[derive(clap::Args)]
+pub(crate) struct Target {
+    /// Server address (loopback only).
+    #[arg(long, default_value = "127.0.0.1:4000")]
+    pub addr: String,
+    /// JWT secret of the server (tokens are minted here).
+    #[arg(long, env = "JWT_SECRET")]
+    pub secret: String,
+}
+
 /// Refuses anything but loopback: load runs here never leave the machine.
 pub(crate) fn loopback(addr: &str) -> Result<SocketAddr, String> {
     let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;

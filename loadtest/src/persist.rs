@@ -15,12 +15,8 @@ use crate::wire::{token, Client};
 /// Arguments of `nexus-load persist`.
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// Server address (loopback only).
-    #[arg(long, default_value = "127.0.0.1:4000")]
-    addr: String,
-    /// JWT secret of the server (tokens are minted here).
-    #[arg(long, env = "JWT_SECRET")]
-    secret: String,
+    #[command(flatten)]
+    target: crate::Target,
     /// Concurrent senders, each on its own socket and topic.
     #[arg(long, default_value_t = 64)]
     senders: usize,
@@ -54,7 +50,7 @@ struct SenderResult {
 }
 
 pub(crate) fn run(args: Args) -> Result<(), String> {
-    let addr = crate::loopback(&args.addr)?;
+    let addr = crate::loopback(&args.target.addr)?;
     if args.senders == 0 || args.senders > 10_000 || args.window == 0 || args.window > 10_000 {
         return Err("--senders and --window must be 1..=10000".into());
     }
@@ -63,12 +59,12 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     let start = Arc::new(Barrier::new(args.senders + 1));
     let mut handles = Vec::new();
     for topic in &topics {
-        let (secret, body, start) = (args.secret.clone(), body.clone(), start.clone());
+        let (secret, body, start) = (args.target.secret.clone(), body.clone(), start.clone());
         let (topic, window, duration) = (*topic, args.window, args.duration);
         handles.push(std::thread::spawn(move || sender(addr, &secret, topic, &body, window, duration, &start)));
     }
     let history = args.history.then(|| {
-        let (secret, topic, duration) = (args.secret.clone(), topics[0], args.duration);
+        let (secret, topic, duration) = (args.target.secret.clone(), topics[0], args.duration);
         std::thread::spawn(move || history_reader(addr, &secret, topic, duration))
     });
     start.wait();

@@ -18,12 +18,8 @@ use crate::wire::token;
 /// Arguments of `nexus-load storm`.
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// Server address (loopback only).
-    #[arg(long, default_value = "127.0.0.1:4000")]
-    addr: String,
-    /// JWT secret of the server.
-    #[arg(long, env = "JWT_SECRET")]
-    secret: String,
+    #[command(flatten)]
+    target: crate::Target,
     /// Members joining the one topic.
     #[arg(long, default_value_t = 10_000)]
     members: usize,
@@ -123,14 +119,14 @@ fn open(addr: SocketAddr, source: u8, token: &str) -> Result<TcpStream, String> 
 }
 
 pub(crate) fn run(args: Args) -> Result<(), String> {
-    let addr = crate::loopback(&args.addr)?;
+    let addr = crate::loopback(&args.target.addr)?;
     if args.members == 0 || args.members > 19_000 || args.sources == 0 || args.sources > 250 {
         return Err("--members must be 1..=19000 (one process's descriptors) and --sources 1..=250".into());
     }
     let topic = format!("chat:{}", Uuid::new_v4());
     let mut socks = Vec::with_capacity(args.members);
     for i in 0..args.members {
-        let t = token(&args.secret, Uuid::new_v4())?;
+        let t = token(&args.target.secret, Uuid::new_v4())?;
         socks.push(open(addr, 2 + (i % args.sources as usize) as u8, &t)?);
     }
     // SAFETY: plain epoll syscalls on descriptors we own; events buffer sized below.

@@ -34,17 +34,6 @@ impl Vsn {
             _ => None,
         }
     }
-
-    /// Both versions, for per-version encode caches.
-    pub const ALL: [Vsn; 2] = [Vsn::V1, Vsn::V2];
-
-    /// Index into per-version arrays.
-    pub fn index(self) -> usize {
-        match self {
-            Vsn::V1 => 0,
-            Vsn::V2 => 1,
-        }
-    }
 }
 
 /// A message from the client. `payload` is the raw JSON text of the payload, parsed only by
@@ -186,7 +175,7 @@ mod tests {
 
     #[test]
     fn split_around_payload() {
-        for vsn in Vsn::ALL {
+        for vsn in [Vsn::V1, Vsn::V2] {
             let o =
                 Outbound { join_ref: Some("1"), reference: None, topic: "t\",ref", event: "e", payload: b"{\"a\":1}" };
             let mut whole = Vec::new();

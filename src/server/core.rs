@@ -347,13 +347,19 @@ impl Core {
     }
 }
 
-/// One Phoenix message as a complete WebSocket text frame.
+/// One Phoenix message as a complete WebSocket text frame, in one allocation: the JSON is
+/// written after room for the largest header, the header is written right before it, and the
+/// frame is a slice of that buffer (every reply and broadcast goes through here).
 pub(crate) fn encode_frame(vsn: Vsn, msg: &phoenix::Outbound<'_>) -> Bytes {
-    let mut json = Vec::with_capacity(64 + msg.payload.len() + msg.topic.len());
-    phoenix::encode(vsn, msg, &mut json);
-    let mut frame = Vec::with_capacity(json.len() + 10);
-    ws::frame(ws::Kind::Text, &json, &mut frame);
-    Bytes::from(frame)
+    const HEADROOM: usize = 10; // largest unmasked header: 2 + 8 length bytes
+    let mut buf = Vec::with_capacity(HEADROOM + 64 + msg.payload.len() + msg.topic.len());
+    buf.resize(HEADROOM, 0);
+    phoenix::encode(vsn, msg, &mut buf);
+    let mut header = Vec::with_capacity(HEADROOM);
+    ws::text_header(buf.len() - HEADROOM, &mut header);
+    let start = HEADROOM - header.len();
+    buf[start..HEADROOM].copy_from_slice(&header);
+    Bytes::from(buf).slice(start..)
 }
 
 /// Yields once to the runtime so other ready tasks run.

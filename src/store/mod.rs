@@ -6,7 +6,6 @@
 //! a topic one order, on every core.
 
 mod history;
-mod memory;
 pub mod schema;
 mod sqlite;
 mod writer;
@@ -16,7 +15,6 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 pub use history::{read_history, spawn_reader, HistoryError, HistoryJob, HistoryPage, HistoryQuery, ReaderHandle};
-pub use memory::MemoryStore;
 pub use sqlite::SqliteStore;
 pub use writer::{spawn_writer, StoreHandle, SubmitError, WriterStopper};
 

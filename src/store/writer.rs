@@ -151,8 +151,17 @@ fn stamped(stamper: &mut Stamper, req: InsertRequest) -> Committed {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{MemoryStore, Origin};
+    use super::super::{Origin, StoreError};
     use super::*;
+
+    /// Keeps nothing: the writer's batching, stamping and ordering without a database.
+    struct MemoryStore;
+
+    impl Store for MemoryStore {
+        fn commit(&mut self, _batch: &[Committed]) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
     use std::sync::mpsc;
 
     #[test]

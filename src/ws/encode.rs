@@ -3,30 +3,10 @@
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
-/// Kind of a data frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// UTF-8 text (all Phoenix JSON).
-    Text,
-    /// Binary.
-    Binary,
-}
-
 fn header(opcode: OpCode, len: usize, out: &mut Vec<u8>) {
     let h = FrameHeader { opcode, ..FrameHeader::default() };
     // Writing into a Vec cannot fail.
     let _ = h.format(len as u64, out);
-}
-
-/// Appends one complete frame carrying `payload` to `out`.
-pub fn frame(kind: Kind, payload: &[u8], out: &mut Vec<u8>) {
-    let op = match kind {
-        Kind::Text => OpCode::Data(Data::Text),
-        Kind::Binary => OpCode::Data(Data::Binary),
-    };
-    out.reserve(payload.len() + 10);
-    header(op, payload.len(), out);
-    out.extend_from_slice(payload);
 }
 
 /// Appends the header of an unfragmented text frame of `len` payload bytes.
@@ -58,11 +38,11 @@ mod tests {
     #[test]
     fn header_sizes() {
         let mut out = Vec::new();
-        frame(Kind::Text, &[b'x'; 148], &mut out);
-        assert_eq!(&out[..4], &[0x81, 0x7e, 0x00, 0x94]);
+        text_header(148, &mut out);
+        assert_eq!(out, [0x81, 0x7e, 0x00, 0x94]);
         out.clear();
-        frame(Kind::Text, b"hi", &mut out);
-        assert_eq!(out, b"\x81\x02hi");
+        text_header(2, &mut out);
+        assert_eq!(out, [0x81, 0x02]);
         out.clear();
         close_frame(1001, "idle", &mut out);
         assert_eq!(out, b"\x88\x06\x03\xe9idle");

@@ -10,5 +10,5 @@ mod encode;
 mod mask;
 
 pub use codec::{Decoder, Message, WsError};
-pub use encode::{close_frame, frame, pong_frame, text_header, Kind};
+pub use encode::{close_frame, pong_frame, text_header};
 pub use mask::apply_mask;
