@@ -24,7 +24,7 @@ use crate::close::Close;
 use crate::config::Config;
 use crate::phoenix::{self, Vsn};
 use crate::store::{CommitBatch, Message, ReaderHandle, StoreHandle};
-use crate::{chat, limits, ws};
+use crate::{chat, limits};
 
 /// Read-only state every core shares.
 pub(crate) struct Shared {
@@ -337,7 +337,7 @@ impl Core {
                 None => {
                     let msg =
                         phoenix::Outbound { join_ref: None, reference: None, topic: &member.topic, event, payload };
-                    let f = encode_frame(vsn, &msg);
+                    let f = phoenix::encode_frame(vsn, &msg);
                     frames.push((vsn, member.topic.clone(), f.clone()));
                     f
                 }
@@ -345,21 +345,6 @@ impl Core {
             member.conn.send(frame, max);
         }
     }
-}
-
-/// One Phoenix message as a complete WebSocket text frame, in one allocation: the JSON is
-/// written after room for the largest header, the header is written right before it, and the
-/// frame is a slice of that buffer (every reply and broadcast goes through here).
-pub(crate) fn encode_frame(vsn: Vsn, msg: &phoenix::Outbound<'_>) -> Bytes {
-    const HEADROOM: usize = 10; // largest unmasked header: 2 + 8 length bytes
-    let mut buf = Vec::with_capacity(HEADROOM + 64 + msg.payload.len() + msg.topic.len());
-    buf.resize(HEADROOM, 0);
-    phoenix::encode(vsn, msg, &mut buf);
-    let mut header = Vec::with_capacity(HEADROOM);
-    ws::text_header(buf.len() - HEADROOM, &mut header);
-    let start = HEADROOM - header.len();
-    buf[start..HEADROOM].copy_from_slice(&header);
-    Bytes::from(buf).slice(start..)
 }
 
 /// Yields once to the runtime so other ready tasks run.

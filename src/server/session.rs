@@ -4,7 +4,7 @@
 use std::rc::Rc;
 
 use super::conn::{Conn, Joined};
-use super::core::{encode_frame, Core, PendingAck};
+use super::core::{Core, PendingAck};
 use crate::phoenix::{self, Inbound, Outbound};
 use crate::store::{InsertRequest, Origin};
 use crate::{channel, chat};
@@ -159,5 +159,5 @@ fn send(
     payload: &[u8],
 ) {
     let msg = Outbound { join_ref, reference, topic, event, payload };
-    conn.send(encode_frame(conn.vsn(), &msg), core.config().max_outbox_bytes);
+    conn.send(crate::phoenix::encode_frame(conn.vsn(), &msg), core.config().max_outbox_bytes);
 }
