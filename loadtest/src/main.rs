@@ -7,8 +7,21 @@
 //! history reader running beside it (`--history`).
 //!
 //! Scenario `storm`: N members join one topic at once; presence frames, bytes and settle time.
+//!
+//! Scenario `connect`: N connections over T topics held with heartbeats; join latency, server
+//! RSS per connection, kernel TCP memory; `--processes` spreads the sockets over processes.
+//!
+//! Scenario `churn`: joins, leaves, drops and reconnects at a rate while every client keeps a
+//! presence view; the views must converge to the truth once the churn stops.
+//!
+//! Scenario `fanout`: members over topics, senders closed loop; deliveries/s, loss, order,
+//! latency percentiles and server CPU per delivery.
 
+mod churn;
+mod connect;
+mod fanout;
 mod persist;
+mod reactor;
 mod stats;
 mod storm;
 mod wire;
@@ -31,6 +44,12 @@ enum Scenario {
     Persist(persist::Args),
     /// N members join one topic at once: presence traffic and time to settle.
     Storm(storm::Args),
+    /// Members over topics, senders closed loop: deliveries/s, loss, order, latency.
+    Fanout(fanout::Args),
+    /// N connections joined to T topics and held: join latency, memory per connection.
+    Connect(connect::Args),
+    /// Joins, leaves, drops and reconnects at a rate; presence views must converge.
+    Churn(churn::Args),
 }
 
 /// The server every scenario talks to.
@@ -57,11 +76,27 @@ pub(crate) fn parse_secs(s: &str) -> Result<Duration, String> {
     nexus::config::parse_duration(s)
 }
 
+/// Raises this process's descriptor limit to its hard limit (scenarios hold many sockets).
+fn raise_nofile() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit write/read the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn main() {
+    raise_nofile();
     let cli = Cli::parse();
     let result = match cli.scenario {
         Scenario::Persist(args) => persist::run(args),
         Scenario::Storm(args) => storm::run(args),
+        Scenario::Fanout(args) => fanout::run(args),
+        Scenario::Connect(args) => connect::run(args),
+        Scenario::Churn(args) => churn::run(args),
     };
     if let Err(e) = result {
         eprintln!("nexus-load: {e}");

@@ -23,3 +23,14 @@ pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Some(Duration::from_micros(ticks * 1_000_000 / hz))
 }
+
+/// CPU time (user + system) of this process so far.
+pub(crate) fn own_cpu_time() -> Option<Duration> {
+    // SAFETY: getrusage writes into the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return None;
+    }
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Some(Duration::from_micros(us(ru.ru_utime) + us(ru.ru_stime)))
+}

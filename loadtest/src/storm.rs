@@ -7,12 +7,12 @@
 //! when nothing arrived for `--quiet` after the last join was sent (bounded by `--timeout`).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use crate::reactor;
 use crate::wire::token;
 
 /// Arguments of `nexus-load storm`.
@@ -80,44 +80,6 @@ impl Counter {
     }
 }
 
-fn masked_text(payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x81];
-    if payload.len() < 126 {
-        out.push(0x80 | payload.len() as u8);
-    } else {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    }
-    out.extend_from_slice(&[0, 0, 0, 0]); // a zero mask leaves the payload as is
-    out.extend_from_slice(payload);
-    out
-}
-
-fn open(addr: SocketAddr, source: u8, token: &str) -> Result<TcpStream, String> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|e| e.to_string())?;
-    let local = SocketAddr::from(([127, 0, 0, source], 0));
-    socket.bind(&local.into()).map_err(|e| format!("bind {local}: {e}"))?;
-    socket.connect(&addr.into()).map_err(|e| format!("connect: {e}"))?;
-    let mut s: TcpStream = socket.into();
-    s.set_nodelay(true).map_err(|e| e.to_string())?;
-    let req = format!(
-        "GET /socket/websocket?vsn=2.0.0&token={token} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
-         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).map_err(|e| format!("upgrade: {e}"))?;
-        head.push(byte[0]);
-    }
-    if !head.starts_with(b"HTTP/1.1 101") {
-        return Err(format!("upgrade refused: {}", String::from_utf8_lossy(&head[..head.len().min(40)])));
-    }
-    s.set_nonblocking(true).map_err(|e| e.to_string())?;
-    Ok(s)
-}
-
 pub(crate) fn run(args: Args) -> Result<(), String> {
     let addr = crate::loopback(&args.target.addr)?;
     if args.members == 0 || args.members > 19_000 || args.sources == 0 || args.sources > 250 {
@@ -127,7 +89,7 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     let mut socks = Vec::with_capacity(args.members);
     for i in 0..args.members {
         let t = token(&args.target.secret, Uuid::new_v4())?;
-        socks.push(open(addr, 2 + (i % args.sources as usize) as u8, &t)?);
+        socks.push(reactor::open(addr, 2 + (i % args.sources as usize) as u8, &t)?.stream);
     }
     // SAFETY: plain epoll syscalls on descriptors we own; events buffer sized below.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -142,7 +104,11 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
         }
     }
     let mut counters: Vec<Counter> = (0..socks.len()).map(|_| Counter::default()).collect();
-    let join = |i: usize| masked_text(format!(r#"["{i}","{i}","{topic}","phx_join",{{}}]"#).as_bytes());
+    let join = |i: usize| {
+        let mut frame = Vec::new();
+        reactor::masked_text(format!(r#"["{i}","{i}","{topic}","phx_join",{{}}]"#).as_bytes(), &mut frame);
+        frame
+    };
     let started = Instant::now();
     let mut next_join = 0;
     let mut last_byte = started;
