@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 
 use base64::Engine;
+use smallvec::SmallVec;
 use uuid::Uuid;
 
 use crate::ids;
@@ -67,7 +68,9 @@ impl RefMaker {
 /// The presence table of one topic.
 #[derive(Debug, Default)]
 pub struct TopicPresence {
-    users: HashMap<Uuid, Vec<Meta>>,
+    /// Metas by user; one meta per user is the common case and is kept inline (no allocation
+    /// per presence).
+    users: HashMap<Uuid, SmallVec<[Meta; 1]>>,
     metas: usize,
 }
 

@@ -204,8 +204,9 @@ impl Conn {
             moved += frame.len();
         }
         self.outbox_bytes.set(self.outbox_bytes.get() - moved);
-        if outbox.is_empty() && outbox.capacity() > 16 {
-            // A burst grew the queue; give the memory back while idle.
+        if outbox.is_empty() {
+            // Idle connections hold no queue memory (even four slots are 128 B per connection);
+            // the next burst allocates again, once per flush.
             *outbox = VecDeque::new();
         }
         moved

@@ -157,7 +157,15 @@ impl Core {
             tracing::warn!(core = self.id, max = shared.connections_max, "connection refused: at capacity");
         }
         let _ = stream.set_nodelay(true);
-        monoio::spawn(task::serve(self.clone(), stream, over));
+        match sys::into_socket(stream) {
+            Ok(socket) => {
+                monoio::spawn(task::serve(self.clone(), socket, over));
+            }
+            Err(e) => {
+                tracing::warn!(core = self.id, error = %e, "accepted socket could not be registered");
+                shared.connections.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Registers a freshly accepted socket.

@@ -76,7 +76,12 @@ fn join(core: &Core, conn: &Rc<Conn>, m: &Inbound<'_>) {
     reply(core, conn, Some(&join_ref), r, &topic, true, phoenix::EMPTY);
     // After the reply (Phoenix order): the owner core answers with presence_state.
     let phx_ref = core.track(conn, conversation, &join_ref);
-    conn.channels.borrow_mut().push(Joined { conversation, topic: topic.clone(), join_ref: join_ref.clone(), phx_ref });
+    let mut channels = conn.channels.borrow_mut();
+    // Most connections join one channel: grow one slot at a time (a first push would reserve
+    // four, 256 B per idle connection).
+    channels.reserve_exact(1);
+    channels.push(Joined { conversation, topic: topic.clone(), join_ref: join_ref.clone(), phx_ref });
+    drop(channels);
     if let Some((_, old_ref, old_topic)) = previous {
         // Duplicate join: the new reply first, then the close of the old membership.
         send(core, conn, Some(&old_ref), Some(&old_ref), &old_topic, "phx_close", phoenix::EMPTY);

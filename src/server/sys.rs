@@ -3,7 +3,25 @@
 //! buffer keeps idle connections free of read buffers), `shutdown`, and `RLIMIT_NOFILE`.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+
+use monoio::net::{TcpStream, UnixStream};
+
+/// What a connection task waits on: the socket as monoio's smallest descriptor owner.
+///
+/// The task only needs readiness (an io_uring POLL_ADD, or epoll), which does not depend on
+/// the socket's family; all IO is `recv`/`send` below. monoio's `TcpStream` carries 72 B of
+/// cached addresses next to its descriptor, and it lives in every connection's task, so the
+/// accepted socket is re-wrapped in a `UnixStream` (8 B).
+pub(crate) type Socket = UnixStream;
+
+/// Re-wraps an accepted TCP socket as a [`Socket`] (see there for why).
+pub(crate) fn into_socket(stream: TcpStream) -> io::Result<Socket> {
+    let fd = stream.into_raw_fd();
+    // SAFETY: `into_raw_fd` released the descriptor; nothing else owns it.
+    let std = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+    UnixStream::from_std(std)
+}
 
 fn retry<F: FnMut() -> isize>(mut f: F) -> io::Result<usize> {
     loop {
