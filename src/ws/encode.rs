@@ -3,14 +3,14 @@
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
-fn header(opcode: OpCode, len: usize, out: &mut Vec<u8>) {
+fn header(opcode: OpCode, len: usize, out: &mut impl std::io::Write) {
     let h = FrameHeader { opcode, ..FrameHeader::default() };
-    // Writing into a Vec cannot fail.
+    // Callers write into a Vec or a 10-byte array (the largest header): cannot fail.
     let _ = h.format(len as u64, out);
 }
 
-/// Appends the header of an unfragmented text frame of `len` payload bytes.
-pub fn text_header(len: usize, out: &mut Vec<u8>) {
+/// Writes the header of an unfragmented text frame of `len` payload bytes (at most 10 bytes).
+pub fn text_header(len: usize, out: &mut impl std::io::Write) {
     header(OpCode::Data(Data::Text), len, out);
 }
 
