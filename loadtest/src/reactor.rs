@@ -45,7 +45,8 @@ pub(crate) fn open(addr: SocketAddr, source: u8, token: &str) -> Result<Sock, St
         head.push(byte[0]);
     }
     if !head.starts_with(b"HTTP/1.1 101") {
-        return Err(format!("upgrade refused: {}", String::from_utf8_lossy(&head[..head.len().min(40)])));
+        let status = head.split(|b| *b == b'\r').next().unwrap_or_default();
+        return Err(format!("upgrade refused: {}", String::from_utf8_lossy(status)));
     }
     s.set_nonblocking(true).map_err(|e| e.to_string())?;
     Ok(Sock { stream: s, pending: Vec::new(), closed: false })
