@@ -84,6 +84,10 @@ pub trait Store: Send {
     /// writer does it on its own thread while requests queue.
     fn maintain(&mut self, _idle: bool) {}
 
+    /// Gives the store a probe that says whether requests are waiting, so background work can
+    /// stop early and let them through (the writer installs it once).
+    fn set_waiting_probe(&mut self, _probe: Box<dyn Fn() -> bool + Send>) {}
+
     /// The newest `inserted_at` already stored, so stamps keep increasing across restarts
     /// even if the clock stepped back.
     fn last_inserted_at_us(&self) -> i64 {

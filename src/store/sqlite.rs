@@ -66,6 +66,18 @@ pub struct SqliteStore {
     /// `recent` table that history reads scan, stays short at low rates).
     rows_since_step: usize,
     last_step: Instant,
+    /// Whether requests are waiting for the writer (set by the writer; see `merge_step`).
+    waiting: Box<dyn Fn() -> bool + Send>,
+}
+
+/// How a merge step ended.
+enum Step {
+    /// Nothing to merge or delete.
+    Nothing,
+    /// The slice was merged (and a delete chunk done).
+    Done,
+    /// Requests arrived: the rows moved so far were committed and the step stopped early.
+    Preempted(usize),
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -109,6 +121,7 @@ impl SqliteStore {
             deleted_below: min_recent,
             merge_failures: 0,
             rows_since_step: 0,
+            waiting: Box::new(|| false),
             last_step: Instant::now(),
         };
         let rows: Vec<(Uuid, PendingRow)> = {
@@ -173,8 +186,15 @@ impl SqliteStore {
     }
 
     /// One merge step in one transaction: a slice of conversations into `messages`, plus a
-    /// chunk of already-merged `recent` rows deleted. Returns whether there was anything to do.
-    fn merge_step(&mut self) -> Result<bool, rusqlite::Error> {
+    /// chunk of already-merged `recent` rows deleted.
+    ///
+    /// Preemptible: once [`limits::MERGE_PREEMPT_MIN_ROWS`] rows are moved, the step checks
+    /// every 64 rows whether requests are waiting and, if so, commits what it moved and stops
+    /// (the rest of a conversation stays pending and the cursor stays before it, so the sweep
+    /// resumes there). A message then waits behind a few hundred rows of merge work, not a
+    /// whole step. Not while the backlog is over [`limits::MERGE_BACKLOG_ROWS`]: then merging
+    /// must win.
+    fn merge_step(&mut self) -> Result<Step, rusqlite::Error> {
         let keys = self.next_slice();
         if self.pending.is_empty() {
             // Nothing waits in memory: every committed row is in `messages`.
@@ -188,51 +208,100 @@ impl SqliteStore {
         }
         let delete_upto = self.delete_target.min(self.deleted_below + limits::MERGE_DELETE_ROWS as i64);
         if keys.is_empty() && delete_upto <= self.deleted_below {
-            return Ok(false);
+            return Ok(Step::Nothing);
         }
+        let preemptible = self.pending_rows <= limits::MERGE_BACKLOG_ROWS;
         if self.cursor.is_none() && !keys.is_empty() {
             self.sweep_floor = self.next_seq;
         }
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut moved = 0;
+        // Conversations fully moved, then (if preempted) how many rows of the next one.
+        let mut done = 0;
+        let mut partial = None;
+        let deleted;
         {
             let mut insert = tx.prepare_cached(INSERT_MESSAGES)?;
-            for k in &keys {
-                for row in self.pending.get(k).map(Vec::as_slice).unwrap_or_default() {
+            'slice: for k in &keys {
+                let rows = self.pending.get(k).map(Vec::as_slice).unwrap_or_default();
+                for (i, row) in rows.iter().enumerate() {
                     let p =
                         params![k.as_bytes(), row.id.as_bytes(), row.sender.as_bytes(), row.body, row.inserted_at_us];
                     insert.execute(p)?;
                     moved += 1;
+                    if preemptible
+                        && moved >= limits::MERGE_PREEMPT_MIN_ROWS
+                        && moved % 64 == 0
+                        && i + 1 < rows.len()
+                        && requests_waiting(&*self.waiting)
+                    {
+                        partial = Some(i + 1);
+                        break 'slice;
+                    }
+                }
+                done += 1;
+                if preemptible
+                    && moved >= limits::MERGE_PREEMPT_MIN_ROWS
+                    && done < keys.len()
+                    && requests_waiting(&*self.waiting)
+                {
+                    break;
                 }
             }
-            if delete_upto > self.deleted_below {
+            // A preempted step leaves the delete chunk to the next one.
+            if done < keys.len() || delete_upto <= self.deleted_below {
+                deleted = false;
+            } else {
                 tx.prepare_cached(DELETE_RECENT)?.execute([delete_upto])?;
+                deleted = true;
             }
         }
         tx.commit()?;
-        for k in &keys {
+        if deleted {
+            self.deleted_below = self.deleted_below.max(delete_upto);
+        }
+        for k in &keys[..done] {
             self.pending.remove(k);
         }
+        if let (Some(n), Some(k)) = (partial, keys.get(done)) {
+            if let Some(rows) = self.pending.get_mut(k) {
+                rows.drain(..n);
+            }
+        }
         self.pending_rows -= moved;
-        self.deleted_below = self.deleted_below.max(delete_upto);
-        if let Some(last) = keys.last() {
+        if let Some(last) = keys[..done].last() {
             self.cursor = Some(*last);
         }
-        Ok(true)
+        Ok(if done < keys.len() { Step::Preempted(moved) } else { Step::Done })
     }
 
+    /// Runs a step; returns whether another one may follow now (something was done and no
+    /// request is waiting).
     fn step_logged(&mut self) -> bool {
-        self.rows_since_step = self.rows_since_step.saturating_sub(limits::MERGE_STEP_EVERY_ROWS);
         self.last_step = Instant::now();
-        match self.merge_step() {
-            Ok(did) => {
-                if self.merge_failures > 0 {
-                    tracing::info!(failures = self.merge_failures, "moving recent rows into history works again");
-                    self.merge_failures = 0;
-                }
-                did
+        let step = self.merge_step();
+        if let Ok(Step::Done | Step::Preempted(_)) = &step {
+            if self.merge_failures > 0 {
+                tracing::info!(failures = self.merge_failures, "moving recent rows into history works again");
+                self.merge_failures = 0;
+            }
+        }
+        match step {
+            Ok(Step::Nothing) => {
+                self.rows_since_step = 0;
+                false
+            }
+            Ok(Step::Done) => {
+                self.rows_since_step = self.rows_since_step.saturating_sub(limits::MERGE_STEP_EVERY_ROWS);
+                true
+            }
+            Ok(Step::Preempted(moved)) => {
+                // Only what was moved counts: the next step stays due until the pace is made up.
+                self.rows_since_step = self.rows_since_step.saturating_sub(moved);
+                false
             }
             Err(e) => {
+                self.rows_since_step = self.rows_since_step.saturating_sub(limits::MERGE_STEP_EVERY_ROWS);
                 if self.merge_failures % 1000 == 0 {
                     tracing::warn!(error = %e, failures = self.merge_failures + 1, "moving recent rows into history failed; will retry");
                 }
@@ -279,7 +348,20 @@ impl Store for SqliteStore {
         }
     }
 
+    fn set_waiting_probe(&mut self, probe: Box<dyn Fn() -> bool + Send>) {
+        self.waiting = probe;
+    }
+
     fn last_inserted_at_us(&self) -> i64 {
         self.last_inserted_at_us
     }
+}
+
+/// Whether requests wait for the writer. Yields the CPU first: where the writer shares a
+/// CPU with a core thread (2 vCPUs here), that core must run to enqueue the requests the
+/// probe is looking for. Measured at 75k msg/s: ack p99 9.1 ms without the yield, 6.5 ms
+/// with it (2.8 ms with the 10 ms checkpointer).
+fn requests_waiting(probe: &(dyn Fn() -> bool + Send)) -> bool {
+    std::thread::yield_now();
+    probe()
 }

@@ -106,6 +106,8 @@ impl Stamper {
 }
 
 fn run(mut store: Box<dyn Store>, mut sink: BatchSink, rx: Receiver<Request>) {
+    let probe = rx.clone();
+    store.set_waiting_probe(Box::new(move || !probe.is_empty()));
     let mut stamper = Stamper { last_us: store.last_inserted_at_us(), rng: Uuid::new_v4().as_u64_pair().0 };
     let mut stopping = false;
     while !stopping {
