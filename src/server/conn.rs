@@ -9,6 +9,7 @@ use std::rc::Rc;
 use std::task::Waker;
 
 use bytes::Bytes;
+use smallvec::SmallVec;
 use uuid::Uuid;
 
 use crate::close::Close;
@@ -38,9 +39,29 @@ pub(crate) struct Joined {
     /// Topic as this client spelled it.
     pub topic: Rc<str>,
     /// The join's reference, stamped on every push and reply of the channel.
-    pub join_ref: Rc<str>,
+    pub join_ref: JoinRef,
     /// This join's presence meta.
     pub phx_ref: PhxRef,
+}
+
+/// A join reference, inline up to 16 bytes (phoenix.js counts "1", "2", …): every joined
+/// channel holds one, and a heap string would cost an allocation per idle connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct JoinRef(SmallVec<[u8; 16]>);
+
+impl From<&str> for JoinRef {
+    fn from(s: &str) -> JoinRef {
+        JoinRef(SmallVec::from_slice(s.as_bytes()))
+    }
+}
+
+impl std::ops::Deref for JoinRef {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        // Built only from a `&str` (above): always UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 /// Shared per-connection state.

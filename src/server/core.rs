@@ -15,7 +15,7 @@ use monoio::net::{TcpListener, TcpStream, UnixStream};
 use slab::Slab;
 use uuid::Uuid;
 
-use super::conn::{Conn, Phase};
+use super::conn::{Conn, JoinRef, Phase};
 use super::presence::PresenceShard;
 use super::{session, sys, task};
 use crate::auth::Verifier;
@@ -41,22 +41,37 @@ pub(crate) struct Shared {
 /// One local member of a topic.
 pub(crate) struct Member {
     pub conn: Rc<Conn>,
-    /// The member's spelling of the topic (frames echo it).
-    pub topic: Rc<str>,
     /// Its presence_state was pushed: presence diffs may follow.
     pub presence_ready: Cell<bool>,
 }
 
 /// This core's members of one conversation.
-#[derive(Default)]
+///
+/// Frames echo the topic as each client spelled it, and the UUID is case-insensitive, so
+/// spellings can differ; almost always they do not. The first member's spelling is the
+/// topic's, and only members who spell it differently have an entry in `other_spellings`: a
+/// member costs no spelling of its own (16 B less per connection), and a join finds its
+/// spelling without scanning the members.
 pub(crate) struct Topic {
     pub members: HashMap<usize, Member>,
+    pub spelling: Rc<str>,
+    pub other_spellings: HashMap<usize, Rc<str>>,
+}
+
+impl Topic {
+    /// The spelling member `key` uses.
+    fn spelling_of(&self, key: usize) -> &Rc<str> {
+        if self.other_spellings.is_empty() {
+            return &self.spelling;
+        }
+        self.other_spellings.get(&key).unwrap_or(&self.spelling)
+    }
 }
 
 /// A `new_msg` waiting for the writer's answer.
 pub(crate) struct PendingAck {
     pub conn: Rc<Conn>,
-    pub join_ref: Rc<str>,
+    pub join_ref: JoinRef,
     pub reference: Option<String>,
     pub topic: Rc<str>,
 }
@@ -200,13 +215,21 @@ impl Core {
     /// Adds `conn` to a topic's local members; returns the interned spelling to store.
     pub(crate) fn add_member(&self, conversation: Uuid, conn: &Rc<Conn>, spelling: &str) -> Rc<str> {
         let mut topics = self.topics.borrow_mut();
-        let topic = topics.entry(conversation).or_default();
-        let shared = topic.members.values().map(|m| &m.topic).find(|t| ***t == *spelling).cloned();
-        let spelling: Rc<str> = shared.unwrap_or_else(|| Rc::from(spelling));
-        topic
-            .members
-            .insert(conn.key, Member { conn: conn.clone(), topic: spelling.clone(), presence_ready: Cell::new(false) });
-        spelling
+        let topic = topics.entry(conversation).or_insert_with(|| Topic {
+            members: HashMap::new(),
+            spelling: Rc::from(spelling),
+            other_spellings: HashMap::new(),
+        });
+        let interned = if *topic.spelling == *spelling {
+            topic.spelling.clone()
+        } else {
+            let known = topic.other_spellings.values().find(|t| ***t == *spelling).cloned();
+            let other = known.unwrap_or_else(|| Rc::from(spelling));
+            topic.other_spellings.insert(conn.key, other.clone());
+            other
+        };
+        topic.members.insert(conn.key, Member { conn: conn.clone(), presence_ready: Cell::new(false) });
+        interned
     }
 
     /// Removes a member; frees the topic when it was the last one.
@@ -214,6 +237,7 @@ impl Core {
         let mut topics = self.topics.borrow_mut();
         if let Some(topic) = topics.get_mut(&conversation) {
             topic.members.remove(&key);
+            topic.other_spellings.remove(&key);
             if topic.members.is_empty() {
                 topics.remove(&conversation);
             }
@@ -333,20 +357,20 @@ impl Core {
         let Some(topic) = topics.get(&conversation) else { return };
         let mut frames: Vec<(Vsn, Rc<str>, Bytes)> = Vec::new();
         let max = self.config().max_outbox_bytes;
-        for member in topic.members.values() {
+        for (key, member) in &topic.members {
             if presence && !member.presence_ready.get() {
                 continue;
             }
             let vsn = member.conn.vsn();
-            let cached =
-                frames.iter().find(|(v, t, _)| *v == vsn && (Rc::ptr_eq(t, &member.topic) || *t == member.topic));
+            let spelling = topic.spelling_of(*key);
+            // Spellings are interned per topic: pointer equality is string equality.
+            let cached = frames.iter().find(|(v, t, _)| *v == vsn && Rc::ptr_eq(t, spelling));
             let frame = match cached {
                 Some((_, _, f)) => f.clone(),
                 None => {
-                    let msg =
-                        phoenix::Outbound { join_ref: None, reference: None, topic: &member.topic, event, payload };
+                    let msg = phoenix::Outbound { join_ref: None, reference: None, topic: spelling, event, payload };
                     let f = phoenix::encode_frame(vsn, &msg);
-                    frames.push((vsn, member.topic.clone(), f.clone()));
+                    frames.push((vsn, spelling.clone(), f.clone()));
                     f
                 }
             };

@@ -3,7 +3,7 @@
 
 use std::rc::Rc;
 
-use super::conn::{Conn, Joined};
+use super::conn::{Conn, JoinRef, Joined};
 use super::core::{Core, PendingAck};
 use crate::phoenix::{self, Inbound, Outbound};
 use crate::store::{InsertRequest, Origin};
@@ -48,7 +48,7 @@ fn dispatch(core: &Core, conn: &Rc<Conn>, m: &Inbound<'_>) {
 }
 
 /// The channel this socket has joined for `topic`, if any: (index, join_ref, spelling).
-fn joined(conn: &Conn, topic: &str) -> Option<(usize, Rc<str>, Rc<str>)> {
+fn joined(conn: &Conn, topic: &str) -> Option<(usize, JoinRef, Rc<str>)> {
     let conversation = channel::parse_topic(topic)?;
     let channels = conn.channels.borrow();
     let i = channels.iter().position(|j| j.conversation == conversation)?;
@@ -62,7 +62,7 @@ fn join(core: &Core, conn: &Rc<Conn>, m: &Inbound<'_>) {
         return reply(core, conn, None, r, &m.topic, false, UNMATCHED_TOPIC);
     };
     // phoenix.js always sends join_ref == ref; fall back to ref for hand-written clients.
-    let join_ref: Rc<str> = Rc::from(m.join_ref.as_deref().or(r).unwrap_or(""));
+    let join_ref = JoinRef::from(m.join_ref.as_deref().or(r).unwrap_or(""));
     let previous = joined(conn, &m.topic);
     if previous.is_none() && conn.channels.borrow().len() >= core.config().max_channels {
         return reply(core, conn, m.join_ref.as_deref(), r, &m.topic, false, TOO_MANY_CHANNELS);
@@ -119,7 +119,7 @@ fn push(core: &Core, conn: &Rc<Conn>, m: &Inbound<'_>) {
     }
 }
 
-fn new_msg(core: &Core, conn: &Rc<Conn>, m: &Inbound<'_>, join_ref: Rc<str>, topic: Rc<str>) {
+fn new_msg(core: &Core, conn: &Rc<Conn>, m: &Inbound<'_>, join_ref: JoinRef, topic: Rc<str>) {
     let r = m.reference.as_deref();
     let body = match chat::parse_body(m.payload()) {
         Ok(body) => body,
