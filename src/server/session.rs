@@ -164,5 +164,5 @@ fn send(
     payload: &[u8],
 ) {
     let msg = Outbound { join_ref, reference, topic, event, payload };
-    conn.send(crate::phoenix::encode_frame(conn.vsn(), &msg), core.config().max_outbox_bytes);
+    conn.send(phoenix::encode_frame(conn.vsn(), &msg), core.config().max_outbox_bytes);
 }
