@@ -78,6 +78,8 @@ pub enum CoreMsg {
         /// `presence_diff` payload, encoded once for all cores.
         diff: Arc<[u8]>,
     },
+    /// Graceful shutdown: refuse new sessions, close open sockets spread over the drain time.
+    Drain,
     /// The reader's answer to an HTTP request waiting on this core: complete response bytes.
     HttpResponse {
         /// Key of the waiting connection on the core.

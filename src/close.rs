@@ -17,6 +17,10 @@ pub enum Close {
     Protocol,
     /// The client sent a close frame; echo its code.
     Echo(u16),
+    /// The server is shutting down (graceful drain): the client should reconnect elsewhere.
+    GoingAway,
+    /// The client kept sending over its message rate after being told.
+    RateLimited,
 }
 
 impl Close {
@@ -29,6 +33,8 @@ impl Close {
             Close::InvalidUtf8 => 1007,
             Close::Protocol => 1002,
             Close::Echo(code) => code,
+            Close::GoingAway => 1001,
+            Close::RateLimited => 1008,
         }
     }
 
@@ -41,6 +47,8 @@ impl Close {
             Close::InvalidUtf8 => "invalid utf-8",
             Close::Protocol => "protocol error",
             Close::Echo(_) => "",
+            Close::GoingAway => "going away",
+            Close::RateLimited => "rate limited",
         }
     }
 

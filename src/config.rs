@@ -57,6 +57,14 @@ pub struct ServerArgs {
     /// Close a socket that sent nothing for this long (1001). Seconds, or `90s`, `2m`.
     #[arg(long, env = "NEXUS_IDLE_TIMEOUT", default_value = "60", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+    /// On SIGTERM/SIGINT, close open sockets (1001) spread over this long before exiting; a
+    /// second signal exits at once. Seconds, or `10s`, `1m`.
+    #[arg(long, env = "NEXUS_DRAIN_SECS", default_value = "10", value_parser = parse_duration)]
+    pub drain: Duration,
+    /// Messages per second one socket may send (token bucket, burst of one second's worth);
+    /// over it: error reply `rate limited`, persistently over it: close 1008. 0 = no limit.
+    #[arg(long, env = "NEXUS_MSG_RATE", default_value_t = limits::MSG_RATE_DEFAULT)]
+    pub msg_rate: u32,
     /// Comma list of allowed `Origin`s (`https://host`, `//host:port`, `https://*.host`);
     /// empty = any origin (token auth, not cookies).
     #[arg(long, env = "NEXUS_ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -142,6 +150,10 @@ pub struct Config {
     pub max_connections: Option<usize>,
     /// Presence diff coalescing window (zero: none).
     pub presence_batch: Duration,
+    /// How long a graceful shutdown spreads the closing of open sockets over.
+    pub drain: Duration,
+    /// Messages per second per socket (0: unlimited).
+    pub msg_rate: u32,
 }
 
 impl Config {
@@ -160,6 +172,9 @@ impl Config {
         }
         if args.idle_timeout < Duration::from_secs(1) {
             return Err(invalid("NEXUS_IDLE_TIMEOUT", "must be at least 1s"));
+        }
+        if args.drain > Duration::from_secs(3_600) {
+            return Err(invalid("NEXUS_DRAIN_SECS", "must be at most 1h"));
         }
         if args.presence_batch_ms > 1_000 {
             return Err(invalid("NEXUS_PRESENCE_BATCH_MS", "must be at most 1000"));
@@ -196,6 +211,8 @@ impl Config {
             writer_queue: args.writer_queue,
             max_connections: args.max_connections,
             presence_batch: Duration::from_millis(args.presence_batch_ms),
+            drain: args.drain,
+            msg_rate: args.msg_rate,
         })
     }
 }

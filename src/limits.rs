@@ -33,6 +33,17 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `max_channels_per_transport`).
 pub const CHANNELS_PER_CONN_MAX_DEFAULT: usize = 100;
 
+/// Default messages per second one socket may send (`NEXUS_MSG_RATE`; burst: one second's
+/// worth). Far above any person's client; a flood from one socket is cut without touching
+/// the others. Benchmarks that drive thousands per socket set 0 (no limit).
+pub const MSG_RATE_DEFAULT: u32 = 1_000;
+
+/// Messages refused in a row for rate before the socket is closed (1008).
+pub const MSG_RATE_STRIKES_MAX: u32 = 100;
+
+/// How often a draining core closes its next slice of sockets.
+pub const DRAIN_TICK: Duration = Duration::from_millis(50);
+
 /// Default most bytes queued for one connection before it counts as a slow consumer and is
 /// closed with 1013. Bounds the memory a client that stops reading can pin.
 pub const OUTBOX_BYTES_MAX_DEFAULT: usize = 1 << 20;

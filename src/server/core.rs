@@ -6,7 +6,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::rc::{Rc, Weak};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -36,6 +36,8 @@ pub(crate) struct Shared {
     pub connections: AtomicUsize,
     /// Most connections the descriptor limit allows.
     pub connections_max: usize,
+    /// Graceful shutdown started: new sessions are refused, `/healthz` answers 503.
+    pub draining: AtomicBool,
 }
 
 /// One local member of a topic.
@@ -273,6 +275,9 @@ impl Core {
                 match msg {
                     CoreMsg::Committed(batch) => self.on_committed(&batch),
                     CoreMsg::HttpResponse { ticket, bytes } => self.on_http_response(ticket, bytes),
+                    CoreMsg::Drain => {
+                        monoio::spawn(self.clone().drain());
+                    }
                     CoreMsg::Track { conversation, user, meta, from, conn, join_ref } => {
                         self.on_track(conversation, user, meta, from, conn, join_ref)
                     }
@@ -295,6 +300,25 @@ impl Core {
                 tracing::error!(core = self.id, error = %e, "mailbox wait failed");
             }
             while matches!(sys::recv(wake.as_raw_fd(), &mut sink), Ok(n) if n > 0) {}
+        }
+    }
+
+    /// Graceful shutdown: closes this core's open sockets with 1001 in equal slices over the
+    /// drain time, so clients reconnect (elsewhere) spread out instead of all at once.
+    async fn drain(self: Rc<Self>) {
+        let open: Vec<Rc<Conn>> =
+            self.conns.borrow().iter().filter(|(_, c)| c.phase() == Phase::Open).map(|(_, c)| c.clone()).collect();
+        let ticks = (self.config().drain.as_millis() / limits::DRAIN_TICK.as_millis()).max(1) as usize;
+        tracing::info!(core = self.id, sockets = open.len(), over = ?self.config().drain, "draining");
+        // By the end of tick t, (t + 1) / ticks of the sockets are closed.
+        let mut closed = 0;
+        for tick in 1..=ticks {
+            monoio::time::sleep(limits::DRAIN_TICK).await;
+            let upto = open.len() * tick / ticks;
+            for conn in &open[closed..upto] {
+                conn.request_close(Close::GoingAway);
+            }
+            closed = upto;
         }
     }
 

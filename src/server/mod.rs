@@ -10,8 +10,9 @@ mod task;
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use monoio::{FusionDriver, RuntimeBuilder};
 use socket2::{Domain, Socket, Type};
@@ -78,6 +79,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         mailboxes,
         connections: AtomicUsize::new(0),
         connections_max,
+        draining: AtomicBool::new(false),
     });
     let fanout = shared.clone();
     let sink = Box::new(move |batch| {
@@ -99,10 +101,37 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     tracing::info!(
         "listening on {local} workers={workers} driver={driver} open_files={nofile} max_connections={connections_max} {database}"
     );
-    let signal = wait_for_signal();
-    tracing::info!(signal, "shutting down: committing accepted messages");
+    let signal = wait_for_signal(None).unwrap_or("signal");
+    drain(&shared, signal);
+    tracing::info!("committing accepted messages");
     writer.stop();
     Ok(())
+}
+
+/// Graceful shutdown: refuse new sessions, have every core close its sockets (1001) over the
+/// drain time, and return once all are gone, the time (plus the close linger) is up, or a
+/// second signal asks to stop at once. The writer keeps committing meanwhile.
+fn drain(shared: &Shared, signal: &str) {
+    let over = shared.config.drain;
+    let open = shared.connections.load(Ordering::Relaxed);
+    tracing::info!(
+        signal,
+        connections = open,
+        ?over,
+        "draining: closing sockets (1001), send the signal again to stop now"
+    );
+    shared.draining.store(true, Ordering::Relaxed);
+    for mailbox in &shared.mailboxes {
+        mailbox.push_blocking(CoreMsg::Drain);
+    }
+    let deadline = Instant::now() + over + limits::CLOSE_LINGER;
+    while shared.connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        if let Some(second) = wait_for_signal(Some(Duration::from_millis(50))) {
+            let left = shared.connections.load(Ordering::Relaxed);
+            tracing::warn!(signal = second, connections = left, "second signal: stopping now");
+            return;
+        }
+    }
 }
 
 fn config_summary(config: &Config) -> String {
@@ -174,19 +203,30 @@ fn block_signals() {
     }
 }
 
-fn wait_for_signal() -> &'static str {
-    // SAFETY: sigset operations on a local set; sigwait writes the signal number.
-    unsafe {
+/// Waits for SIGINT/SIGTERM (blocked in every thread), at most `timeout` if given.
+fn wait_for_signal(timeout: Option<Duration>) -> Option<&'static str> {
+    // SAFETY: sigset operations on a local set; sigtimedwait only reads the set and timespec.
+    let sig = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
-        let mut sig: libc::c_int = 0;
-        libc::sigwait(&set, &mut sig);
-        if sig == libc::SIGINT {
-            "SIGINT"
-        } else {
-            "SIGTERM"
+        match timeout {
+            None => {
+                let mut sig: libc::c_int = 0;
+                libc::sigwait(&set, &mut sig);
+                sig
+            }
+            Some(t) => {
+                let ts =
+                    libc::timespec { tv_sec: t.as_secs() as libc::time_t, tv_nsec: t.subsec_nanos() as libc::c_long };
+                libc::sigtimedwait(&set, std::ptr::null_mut(), &ts)
+            }
         }
+    };
+    match sig {
+        libc::SIGINT => Some("SIGINT"),
+        libc::SIGTERM => Some("SIGTERM"),
+        _ => None,
     }
 }

@@ -11,6 +11,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::{pin, Pin};
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::task::Poll;
 
 use bytes::Bytes;
@@ -250,10 +251,16 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
         Err(e) => return answer(core, conn, e.status(), &e.to_string()),
     };
     let upgrade = match http::route(&head, &core.config().origins) {
+        Route::Health if core.shared.draining.load(Ordering::Relaxed) => {
+            return answer(core, conn, response::Status::UNAVAILABLE, "draining")
+        }
         Route::Health => return answer(core, conn, response::Status::OK, "ok"),
         Route::Reject(status, why) => return answer(core, conn, status, why),
         Route::ApiError(status, why) => return answer_bytes(core, conn, response::json_error(status, why)),
         Route::History(h) => return history(core, conn, h),
+        Route::Upgrade(_) if core.shared.draining.load(Ordering::Relaxed) => {
+            return answer(core, conn, response::Status::UNAVAILABLE, "draining")
+        }
         Route::Upgrade(up) => up,
     };
     let Some(vsn) = Vsn::negotiate(upgrade.vsn.as_deref()) else {

@@ -105,6 +105,8 @@ pub fn start_server(env: &[(&str, &str)]) -> Server {
         .env("JWT_SECRET", SECRET)
         .env("NEXUS_WORKERS", "2")
         .env("DATABASE_PATH", &db)
+        // SIGTERM drains sockets over this long before exiting; short keeps shutdown tests quick.
+        .env("NEXUS_DRAIN_SECS", "1")
         .env("RUST_LOG", "info");
     for (key, value) in env {
         if *key == "RLIMIT_NOFILE" {
