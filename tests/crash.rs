@@ -23,6 +23,8 @@ const ACKED_BEFORE_KILL: usize = 200;
 const WAIT: Duration = Duration::from_secs(15);
 
 fn kill_mid_stream_then_restart(env: &[(&str, &str)]) {
+    // The senders flood on purpose (thousands of messages a second per socket): no rate limit.
+    let env: &[(&str, &str)] = &[env, &[("NEXUS_MSG_RATE", "0")]].concat();
     let mut first = start_server(env);
     let port = first.port;
     let db = first.db_path();

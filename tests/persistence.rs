@@ -177,7 +177,8 @@ fn sigterm_after_a_burst_exits_0_with_every_acked_message_stored() {
 #[test]
 fn sigterm_while_messages_stream_in_keeps_every_acked_message() {
     const WINDOW: usize = 20;
-    let mut server = start_server(&[]);
+    // A flood on purpose (thousands of messages a second per socket): no rate limit.
+    let mut server = start_server(&[("NEXUS_MSG_RATE", "0")]);
     let port = server.port;
     let topic = new_topic();
     let subs: Vec<String> = (0..2).map(|_| new_sub()).collect();

@@ -13,8 +13,20 @@ use smallvec::SmallVec;
 use uuid::Uuid;
 
 use crate::close::Close;
+use crate::limits;
 use crate::phoenix::Vsn;
 use crate::presence::PhxRef;
+
+/// What [`Conn::spend`] decided about one client message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Spend {
+    /// Within the rate.
+    Ok,
+    /// Over the rate: answer `rate limited`.
+    Refused,
+    /// Over the rate [`limits::MSG_RATE_STRIKES_MAX`] times in a row: close the socket.
+    Abusive,
+}
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +95,11 @@ pub(crate) struct Conn {
     outbox: RefCell<VecDeque<Bytes>>,
     outbox_bytes: Cell<usize>,
     waker: Cell<Option<Waker>>,
+    /// Message budget (token bucket): tokens left, when it was last refilled (core ms, `u32`
+    /// wraps after 49 days, compared with wrapping arithmetic), refusals in a row.
+    tokens: Cell<u32>,
+    refilled_ms: Cell<u32>,
+    strikes: Cell<u32>,
     /// Joined channels (few per connection; linear search beats a map at this size).
     pub channels: RefCell<Vec<Joined>>,
 }
@@ -102,6 +119,9 @@ impl Conn {
             outbox: RefCell::new(VecDeque::new()),
             outbox_bytes: Cell::new(0),
             waker: Cell::new(None),
+            tokens: Cell::new(0),
+            refilled_ms: Cell::new(0),
+            strikes: Cell::new(0),
             channels: RefCell::new(Vec::new()),
         }
     }
@@ -231,6 +251,44 @@ impl Conn {
             *outbox = VecDeque::new();
         }
         moved
+    }
+
+    /// Spends one message of the client's budget (`rate` per second, a burst of one second's
+    /// worth; 0 = unlimited).
+    pub(crate) fn spend(&self, now_ms: u64, rate: u32) -> Spend {
+        if rate == 0 {
+            return Spend::Ok;
+        }
+        // Shifted by one so 0 can mean "never refilled" (a fresh socket starts with a full burst).
+        let now = (now_ms as u32).wrapping_add(1);
+        let last = self.refilled_ms.get();
+        if last == 0 {
+            self.tokens.set(rate);
+            self.refilled_ms.set(now);
+        } else {
+            let elapsed = now.wrapping_sub(last);
+            let added = (u64::from(elapsed) * u64::from(rate) / 1_000).min(u64::from(rate)) as u32;
+            if added > 0 {
+                self.tokens.set(self.tokens.get().saturating_add(added).min(rate));
+                self.refilled_ms.set(now);
+            }
+        }
+        match self.tokens.get() {
+            0 => {
+                let strikes = self.strikes.get() + 1;
+                self.strikes.set(strikes);
+                if strikes > limits::MSG_RATE_STRIKES_MAX {
+                    Spend::Abusive
+                } else {
+                    Spend::Refused
+                }
+            }
+            t => {
+                self.tokens.set(t - 1);
+                self.strikes.set(0);
+                Spend::Ok
+            }
+        }
     }
 
     pub(crate) fn set_waker(&self, waker: &Waker) {

@@ -3,8 +3,9 @@
 
 use std::rc::Rc;
 
-use super::conn::{Conn, JoinRef, Joined};
+use super::conn::{Conn, JoinRef, Joined, Spend};
 use super::core::{Core, PendingAck};
+use crate::close::Close;
 use crate::phoenix::{self, Inbound, Outbound};
 use crate::store::{InsertRequest, Origin};
 use crate::{channel, chat};
@@ -13,10 +14,18 @@ const UNMATCHED_TOPIC: &[u8] = br#"{"reason":"unmatched topic"}"#;
 const TOO_MANY_CHANNELS: &[u8] = br#"{"reason":"too many channels joined"}"#;
 const UNKNOWN_EVENT: &[u8] = br#"{"reason":"unknown event"}"#;
 const BINARY_UNSUPPORTED: &[u8] = br#"{"reason":"binary payload not supported"}"#;
+const RATE_LIMITED: &[u8] = br#"{"reason":"rate limited"}"#;
 
 /// Handles one text frame.
 pub(crate) fn on_text(core: &Core, conn: &Rc<Conn>, text: &str) {
+    let spend = over_budget(core, conn);
+    if spend == Some(Spend::Abusive) {
+        return;
+    }
     match phoenix::decode(conn.vsn(), text) {
+        Ok(msg) if spend.is_some() => {
+            reply(core, conn, msg.join_ref.as_deref(), msg.reference.as_deref(), &msg.topic, false, RATE_LIMITED)
+        }
         Ok(msg) => dispatch(core, conn, &msg),
         Err(e) => {
             tracing::warn!(core = core.id, conn = conn.id, user = %conn.user(), error = %e, "dropped malformed message")
@@ -27,6 +36,9 @@ pub(crate) fn on_text(core: &Core, conn: &Rc<Conn>, text: &str) {
 /// Handles one binary frame: V2 binary pushes are answered with an error (Nexus events are
 /// JSON); anything else is dropped.
 pub(crate) fn on_binary(core: &Core, conn: &Rc<Conn>, data: &[u8]) {
+    if over_budget(core, conn).is_some() {
+        return;
+    }
     let push = match conn.vsn() {
         phoenix::Vsn::V2 => phoenix::decode_binary_push(data),
         phoenix::Vsn::V1 => None,
@@ -34,6 +46,20 @@ pub(crate) fn on_binary(core: &Core, conn: &Rc<Conn>, data: &[u8]) {
     match push {
         Some(p) => reply(core, conn, p.join_ref, p.reference, p.topic, false, BINARY_UNSUPPORTED),
         None => tracing::warn!(core = core.id, conn = conn.id, len = data.len(), "dropped binary frame"),
+    }
+}
+
+/// Spends one message of the socket's rate budget: `None` within it; otherwise what to do
+/// (a persistently abusive client is closed here, 1008).
+pub(crate) fn over_budget(core: &Core, conn: &Conn) -> Option<Spend> {
+    match conn.spend(core.now_ms(), core.config().msg_rate) {
+        Spend::Ok => None,
+        Spend::Refused => Some(Spend::Refused),
+        Spend::Abusive => {
+            tracing::warn!(core = core.id, conn = conn.id, user = %conn.user(), "closing: over the message rate");
+            conn.request_close(Close::RateLimited);
+            Some(Spend::Abusive)
+        }
     }
 }
 

@@ -233,6 +233,7 @@ fn on_message(core: &Core, conn: &Rc<Conn>, msg: Message<'_>) {
     match msg {
         Message::Text(text) => session::on_text(core, conn, &text),
         Message::Binary(data) => session::on_binary(core, conn, &data),
+        Message::Ping(_) if session::over_budget(core, conn).is_some() => {} // no pong
         Message::Ping(payload) => {
             let mut frame = Vec::with_capacity(payload.len() + 2);
             ws::pong_frame(payload, &mut frame);
