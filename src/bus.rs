@@ -142,6 +142,16 @@ impl Mailbox {
         }
     }
 
+    /// Messages waiting (for `/metrics`).
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether no message waits.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
     /// Takes the next message (consumer side).
     pub fn pop(&self) -> Option<CoreMsg> {
         self.queue.pop()

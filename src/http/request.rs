@@ -113,6 +113,8 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
 pub enum Route {
     /// `GET /healthz`.
     Health,
+    /// `GET /metrics` (Prometheus text format).
+    Metrics,
     /// A WebSocket upgrade on the socket path that passed the checks that come before
     /// authentication (Phoenix order: method, origin, subprotocol, then `vsn` and `connect`).
     Upgrade(Upgrade),
@@ -155,6 +157,8 @@ pub struct Upgrade {
 pub const SOCKET_PATH: &str = "/socket/websocket";
 /// Liveness endpoint.
 pub const HEALTH_PATH: &str = "/healthz";
+/// Prometheus scrape endpoint.
+pub const METRICS_PATH: &str = "/metrics";
 /// phoenix.js 1.8 `authToken` subprotocol prefix.
 pub const AUTH_TOKEN_PREFIX: &str = "base64url.bearer.phx.";
 
@@ -163,6 +167,8 @@ pub fn route(head: &Head, origins: &OriginPolicy) -> Route {
     match head.path.as_str() {
         HEALTH_PATH if head.method == "GET" || head.method == "HEAD" => Route::Health,
         HEALTH_PATH => Route::Reject(Status::METHOD_NOT_ALLOWED, "method not allowed"),
+        METRICS_PATH if head.method == "GET" => Route::Metrics,
+        METRICS_PATH => Route::Reject(Status::METHOD_NOT_ALLOWED, "method not allowed"),
         SOCKET_PATH => route_socket(head, origins),
         path if path.starts_with(API_PREFIX) => route_history(head, &path[API_PREFIX.len()..]),
         _ => Route::Reject(Status::NOT_FOUND, "not found"),

@@ -36,6 +36,17 @@ pub fn plain(status: Status, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A complete `200` Prometheus exposition that closes the connection.
+pub fn metrics(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{}",
+        body.len(),
+        body
+    )
+    .into_bytes()
+}
+
 /// The 101 answer to an accepted WebSocket upgrade.
 pub fn switching_protocols(accept: &str, protocol_phoenix: bool) -> Vec<u8> {
     let protocol = if protocol_phoenix { "sec-websocket-protocol: phoenix\r\n" } else { "" };

@@ -16,6 +16,7 @@ use slab::Slab;
 use uuid::Uuid;
 
 use super::conn::{Conn, JoinRef, Phase};
+use super::metrics::{Counter, Counters, Published};
 use super::presence::PresenceShard;
 use super::{session, sys, task};
 use crate::auth::Verifier;
@@ -38,6 +39,18 @@ pub(crate) struct Shared {
     pub connections_max: usize,
     /// Graceful shutdown started: new sessions are refused, `/healthz` answers 503.
     pub draining: AtomicBool,
+    /// Every core's last published counters, for `/metrics`.
+    pub published: Published,
+}
+
+impl Shared {
+    pub(crate) fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
 }
 
 /// One local member of a topic.
@@ -102,6 +115,8 @@ pub(crate) struct Core {
     /// Messages for other cores whose mailbox was full, retried in order.
     pub outgoing: RefCell<Vec<VecDeque<CoreMsg>>>,
     pub retry_scheduled: Cell<bool>,
+    /// This core's counters for `/metrics` (published on every sweep).
+    pub counters: Counters,
 }
 
 impl Core {
@@ -124,6 +139,7 @@ impl Core {
             presence: RefCell::new(PresenceShard::new(id as u16)),
             outgoing: RefCell::new((0..cores).map(|_| VecDeque::new()).collect()),
             retry_scheduled: Cell::new(false),
+            counters: Counters::default(),
         }
     }
 
@@ -134,6 +150,15 @@ impl Core {
     /// Coarse core clock in ms, advanced by the sweeper (and at accept).
     pub(crate) fn now_ms(&self) -> u64 {
         self.now_ms.get()
+    }
+
+    pub(crate) fn count(&self, c: Counter) {
+        self.counters.bump(c);
+    }
+
+    /// Copies this core's counters where a scrape on any core can add them up.
+    pub(crate) fn publish(&self) {
+        self.shared.published.publish(self.id, &self.counters, self.presence.borrow().sizes());
     }
 
     fn tick(&self) -> u64 {
@@ -156,6 +181,9 @@ impl Core {
                 Ok((stream, _peer)) => self.admit(stream),
                 Err(e) if sys::is_resource_exhaustion(&e) => {
                     let refused = spare.refuse_one(listener.as_raw_fd());
+                    if refused {
+                        self.count(Counter::RefusedDescriptors);
+                    }
                     tracing::warn!(core = self.id, error = %e, refused, "accept: out of descriptors; backing off");
                     monoio::time::sleep(limits::ACCEPT_BACKOFF).await;
                 }
@@ -170,7 +198,9 @@ impl Core {
         // still served, but only with a 503 and a linger, never upgraded: the client gets an
         // answer instead of a reset.
         let over = shared.connections.fetch_add(1, Ordering::Relaxed) >= shared.connections_max;
+        self.count(Counter::Accepted);
         if over {
+            self.count(Counter::RefusedCapacity);
             tracing::warn!(core = self.id, max = shared.connections_max, "connection refused: at capacity");
         }
         let _ = stream.set_nodelay(true);
@@ -252,6 +282,7 @@ impl Core {
         loop {
             monoio::time::sleep(limits::SWEEP_INTERVAL).await;
             let now = self.tick();
+            self.publish();
             for (_, conn) in self.conns.borrow().iter() {
                 if conn.deadline_ms() > now {
                     continue;
@@ -343,15 +374,18 @@ impl Core {
             }
             let Some(ack) = self.acks.borrow_mut().try_remove(m.origin.ticket as usize) else { continue };
             match batch.failure {
-                None => session::reply(
-                    self,
-                    &ack.conn,
-                    Some(&ack.join_ref),
-                    ack.reference.as_deref(),
-                    &ack.topic,
-                    true,
-                    phoenix::EMPTY,
-                ),
+                None => {
+                    self.count(Counter::NewMsgAcked);
+                    session::reply(
+                        self,
+                        &ack.conn,
+                        Some(&ack.join_ref),
+                        ack.reference.as_deref(),
+                        &ack.topic,
+                        true,
+                        phoenix::EMPTY,
+                    )
+                }
                 Some(detail) => {
                     let response = chat::failed_to_save(detail);
                     session::reply(
@@ -381,6 +415,7 @@ impl Core {
         let Some(topic) = topics.get(&conversation) else { return };
         let mut frames: Vec<(Vsn, Rc<str>, Bytes)> = Vec::new();
         let max = self.config().max_outbox_bytes;
+        let mut delivered = 0;
         for (key, member) in &topic.members {
             if presence && !member.presence_ready.get() {
                 continue;
@@ -399,7 +434,9 @@ impl Core {
                 }
             };
             member.conn.send(frame, max);
+            delivered += 1;
         }
+        self.counters.add(Counter::Deliveries, delivered);
     }
 }
 

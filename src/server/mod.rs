@@ -3,6 +3,7 @@
 
 mod conn;
 mod core;
+mod metrics;
 mod presence;
 mod session;
 mod sys;
@@ -80,6 +81,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         connections: AtomicUsize::new(0),
         connections_max,
         draining: AtomicBool::new(false),
+        published: metrics::Published::new(workers),
     });
     let fanout = shared.clone();
     let sink = Box::new(move |batch| {

@@ -34,6 +34,11 @@ pub(crate) struct PresenceShard {
 }
 
 impl PresenceShard {
+    /// Topics this core owns the presence of, and their metas (for `/metrics`).
+    pub(crate) fn sizes(&self) -> (usize, usize) {
+        (self.topics.len(), self.topics.values().map(TopicPresence::len).sum())
+    }
+
     pub(crate) fn new(core: u16) -> PresenceShard {
         PresenceShard {
             refs: RefMaker::new(core),

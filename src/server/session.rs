@@ -5,6 +5,7 @@ use std::rc::Rc;
 
 use super::conn::{Conn, JoinRef, Joined, Spend};
 use super::core::{Core, PendingAck};
+use super::metrics::Counter;
 use crate::close::Close;
 use crate::phoenix::{self, Inbound, Outbound};
 use crate::store::{InsertRequest, Origin};
@@ -18,6 +19,7 @@ const RATE_LIMITED: &[u8] = br#"{"reason":"rate limited"}"#;
 
 /// Handles one text frame.
 pub(crate) fn on_text(core: &Core, conn: &Rc<Conn>, text: &str) {
+    core.count(Counter::MessagesIn);
     let spend = over_budget(core, conn);
     if spend == Some(Spend::Abusive) {
         return;
@@ -36,6 +38,7 @@ pub(crate) fn on_text(core: &Core, conn: &Rc<Conn>, text: &str) {
 /// Handles one binary frame: V2 binary pushes are answered with an error (Nexus events are
 /// JSON); anything else is dropped.
 pub(crate) fn on_binary(core: &Core, conn: &Rc<Conn>, data: &[u8]) {
+    core.count(Counter::MessagesIn);
     if over_budget(core, conn).is_some() {
         return;
     }
@@ -54,8 +57,12 @@ pub(crate) fn on_binary(core: &Core, conn: &Rc<Conn>, data: &[u8]) {
 pub(crate) fn over_budget(core: &Core, conn: &Conn) -> Option<Spend> {
     match conn.spend(core.now_ms(), core.config().msg_rate) {
         Spend::Ok => None,
-        Spend::Refused => Some(Spend::Refused),
+        Spend::Refused => {
+            core.count(Counter::RateLimited);
+            Some(Spend::Refused)
+        }
         Spend::Abusive => {
+            core.count(Counter::RateLimited);
             tracing::warn!(core = core.id, conn = conn.id, user = %conn.user(), "closing: over the message rate");
             conn.request_close(Close::RateLimited);
             Some(Spend::Abusive)
@@ -100,6 +107,7 @@ fn join(core: &Core, conn: &Rc<Conn>, m: &Inbound<'_>) {
     }
     let topic = core.add_member(conversation, conn, &m.topic);
     reply(core, conn, Some(&join_ref), r, &topic, true, phoenix::EMPTY);
+    core.count(Counter::Joins);
     // After the reply (Phoenix order): the owner core answers with presence_state.
     let phx_ref = core.track(conn, conversation, &join_ref);
     let mut channels = conn.channels.borrow_mut();
@@ -158,6 +166,7 @@ fn new_msg(core: &Core, conn: &Rc<Conn>, m: &Inbound<'_>, join_ref: JoinRef, top
     let req = InsertRequest { conversation, sender: conn.user(), body, origin };
     if let Err(e) = core.store.try_submit(req) {
         core.acks.borrow_mut().try_remove(ticket);
+        core.count(Counter::NewMsgBusy);
         tracing::warn!(core = core.id, conn = conn.id, error = %e, "new_msg refused");
         reply(core, conn, Some(&join_ref), r, &m.topic, false, &chat::failed_to_save(&e.to_string()));
     }
@@ -190,5 +199,6 @@ fn send(
     payload: &[u8],
 ) {
     let msg = Outbound { join_ref, reference, topic, event, payload };
+    core.count(Counter::Replies);
     conn.send(phoenix::encode_frame(conn.vsn(), &msg), core.config().max_outbox_bytes);
 }

@@ -18,6 +18,7 @@ use bytes::Bytes;
 
 use super::conn::{Conn, Phase};
 use super::core::Core;
+use super::metrics::{self, Counter};
 use super::session;
 use super::sys::{self, Socket};
 use crate::bus::CoreMsg;
@@ -150,6 +151,7 @@ async fn drive(core: &Core, conn: &Rc<Conn>, stream: &Socket) -> io::Result<()> 
 
 /// Queues the close frame (when a WebSocket is open) and moves to [`Phase::Closing`].
 fn start_close(core: &Core, conn: &Conn, why: Close) {
+    core.count(Counter::close(why));
     core.leave_all(conn);
     if conn.phase() == Phase::Open {
         // The close frame goes after everything already handed to `send`. For a slow consumer
@@ -256,11 +258,16 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
             return answer(core, conn, response::Status::UNAVAILABLE, "draining")
         }
         Route::Health => return answer(core, conn, response::Status::OK, "ok"),
+        Route::Metrics => {
+            core.publish();
+            return answer_bytes(core, conn, response::metrics(&metrics::render(&core.shared, &core.store)));
+        }
         Route::Reject(status, why) => return answer(core, conn, status, why),
         Route::ApiError(status, why) => return answer_bytes(core, conn, response::json_error(status, why)),
         Route::History(h) => return history(core, conn, h),
         Route::Upgrade(_) if core.shared.draining.load(Ordering::Relaxed) => {
-            return answer(core, conn, response::Status::UNAVAILABLE, "draining")
+            core.count(Counter::RefusedDraining);
+            return answer(core, conn, response::Status::UNAVAILABLE, "draining");
         }
         Route::Upgrade(up) => up,
     };

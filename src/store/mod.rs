@@ -8,6 +8,7 @@
 mod history;
 pub mod schema;
 mod sqlite;
+pub mod stats;
 mod writer;
 
 use std::sync::Arc;

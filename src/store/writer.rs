@@ -4,10 +4,12 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 use uuid::Uuid;
 
+use super::stats::WriterStats;
 use super::{BatchSink, CommitBatch, Committed, InsertRequest, Message, Store};
 use crate::{ids, limits};
 
@@ -34,6 +36,7 @@ enum Request {
 #[derive(Debug, Clone)]
 pub struct StoreHandle {
     tx: Sender<Request>,
+    stats: Arc<WriterStats>,
 }
 
 /// Stops the writer after everything accepted so far is committed (graceful shutdown).
@@ -60,6 +63,16 @@ impl StoreHandle {
             TrySendError::Disconnected(_) => SubmitError::Closed,
         })
     }
+
+    /// Requests waiting for the writer now.
+    pub fn queued(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// The writer's batch and commit histograms.
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
 }
 
 /// Starts the writer thread. It runs until stopped through the [`WriterStopper`] (or every
@@ -71,8 +84,10 @@ pub fn spawn_writer(
     queue: usize,
 ) -> std::io::Result<(StoreHandle, WriterStopper)> {
     let (tx, rx) = crossbeam_channel::bounded(queue.max(1));
-    let join = std::thread::Builder::new().name("writer".into()).spawn(move || run(store, sink, rx))?;
-    Ok((StoreHandle { tx: tx.clone() }, WriterStopper { tx, join }))
+    let stats = Arc::new(WriterStats::default());
+    let recorder = stats.clone();
+    let join = std::thread::Builder::new().name("writer".into()).spawn(move || run(store, sink, rx, &recorder))?;
+    Ok((StoreHandle { tx: tx.clone(), stats }, WriterStopper { tx, join }))
 }
 
 /// Monotonic stamping: strictly increasing microseconds even if the wall clock steps back,
@@ -105,7 +120,7 @@ impl Stamper {
     }
 }
 
-fn run(mut store: Box<dyn Store>, mut sink: BatchSink, rx: Receiver<Request>) {
+fn run(mut store: Box<dyn Store>, mut sink: BatchSink, rx: Receiver<Request>, stats: &WriterStats) {
     let probe = rx.clone();
     store.set_waiting_probe(Box::new(move || !probe.is_empty()));
     let mut stamper = Stamper { last_us: store.last_inserted_at_us(), rng: Uuid::new_v4().as_u64_pair().0 };
@@ -132,7 +147,10 @@ fn run(mut store: Box<dyn Store>, mut sink: BatchSink, rx: Receiver<Request>) {
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
-        let failure = match store.commit(&batch) {
+        let started = Instant::now();
+        let committed = store.commit(&batch);
+        stats.record(batch.len(), started.elapsed(), committed.is_ok());
+        let failure = match committed {
             Ok(()) => None,
             Err(e) => {
                 tracing::error!(error = %e, rows = batch.len(), "commit failed");
