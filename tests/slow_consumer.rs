@@ -225,6 +225,8 @@ fn slow_consumer_is_closed_and_the_topic_goes_on() {
         ("RUST_LOG", "debug"),
         ("NEXUS_MAX_FRAME_BYTES", "1024"),
         ("NEXUS_MAX_OUTBOX_BYTES", &outbox),
+        // The sender floods on purpose (thousands of messages a second): no rate limit.
+        ("NEXUS_MSG_RATE", "0"),
     ]);
     let topic = new_topic();
     let (slow_sub, healthy_sub, sender_sub) = (new_sub(), new_sub(), new_sub());
