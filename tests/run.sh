@@ -14,7 +14,7 @@ cargo test --locked --workspace --all-targets
 echo "== socket tests again on monoio's legacy epoll driver (the io_uring fallback)"
 MONOIO_FORCE_LEGACY_DRIVER=1 cargo test --locked --test phoenix_v2 --test framing --test chat_cross_core \
   --test http_handshake --test capacity --test cli --test slow_consumer --test persistence --test presence \
-  --test drain --test rate_limit --test metrics
+  --test drain --test rate_limit --test metrics --test conformance
 
 echo "== JavaScript tests (official phoenix client over ws)"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
