@@ -54,6 +54,25 @@ pub enum Message<'a> {
 struct Partial {
     text: bool,
     data: Vec<u8>,
+    /// Bytes of a text message already checked to be UTF-8 (up to a whole character).
+    checked: usize,
+}
+
+impl Partial {
+    /// Fails as soon as a fragmented text message stops being UTF-8 (RFC 6455 §8.1: fail
+    /// fast), not only once it is complete; a character split across fragments waits for its
+    /// next bytes.
+    fn check_utf8(&mut self) -> Result<(), WsError> {
+        if !self.text {
+            return Ok(());
+        }
+        match std::str::from_utf8(&self.data[self.checked..]) {
+            Ok(_) => self.checked = self.data.len(),
+            Err(e) if e.error_len().is_none() => self.checked += e.valid_up_to(),
+            Err(_) => return Err(WsError::InvalidUtf8),
+        }
+        Ok(())
+    }
 }
 
 /// Per-connection decoder state: nothing unless a fragmented message is half-way.
@@ -110,7 +129,9 @@ impl Decoder {
             return Err(WsError::Protocol("new message inside a fragmented one"));
         }
         if !fin {
-            self.partial = Some(Box::new(Partial { text, data: payload.to_vec() }));
+            let mut partial = Partial { text, data: payload.to_vec(), checked: 0 };
+            partial.check_utf8()?;
+            self.partial = Some(Box::new(partial));
             return Ok(None);
         }
         whole(text, Cow::Borrowed(payload)).map(Some)
@@ -129,6 +150,10 @@ impl Decoder {
         }
         partial.data.extend_from_slice(payload);
         if !fin {
+            if let Err(e) = partial.check_utf8() {
+                self.partial = None;
+                return Err(e);
+            }
             return Ok(None);
         }
         match self.partial.take() {
@@ -160,6 +185,9 @@ fn check_header(h: &FrameHeader, len: u64, max_bytes: usize) -> Result<(), WsErr
         if len > 125 {
             return Err(WsError::Protocol("control frame over 125 bytes"));
         }
+    }
+    if len >> 63 != 0 {
+        return Err(WsError::Protocol("64-bit length with the most significant bit set"));
     }
     if len > max_bytes as u64 {
         return Err(WsError::TooBig);
