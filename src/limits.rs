@@ -33,6 +33,11 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `max_channels_per_transport`).
 pub const CHANNELS_PER_CONN_MAX_DEFAULT: usize = 100;
 
+/// Deepest `[`/`{` nesting accepted in a client's JSON message. The JSON parser recurses once
+/// per level with no limit of its own, so a 64 KiB frame of brackets would overflow a core's
+/// stack and abort the process; Phoenix messages need 2 levels (array, payload object).
+pub const JSON_DEPTH_MAX: usize = 32;
+
 /// Default messages per second one socket may send (`NEXUS_MSG_RATE`; burst: one second's
 /// worth). Far above any person's client; a flood from one socket is cut without touching
 /// the others. Benchmarks that drive thousands per socket set 0 (no limit).

@@ -17,8 +17,8 @@
 //!   and stored, and the closes were counted by reason in `/metrics` (exactly, per pass).
 //!
 //! The first pass's answers are printed as a table (`--nocapture`), with the healthy client's
-//! round-trip p50/p99/max. One input is not in the matrix because it aborts the server today:
-//! deeply nested JSON (`deeply_nested_json_does_not_abort_the_server`, ignored until fixed).
+//! round-trip p50/p99/max. Deeply nested JSON has its own test
+//! (`deeply_nested_json_does_not_abort_the_server`): it once aborted the whole server.
 
 mod common;
 
@@ -625,8 +625,7 @@ fn frame_cases(m: &mut Matrix, port: u16) {
         m.row("frame", input, "dropped (no reply), socket stays open");
     }
 
-    // (Deeply nested JSON is not here: it aborts the server, see
-    // `deeply_nested_json_does_not_abort_the_server` below.)
+    // (Deeply nested JSON: `deeply_nested_json_does_not_abort_the_server` below.)
 
     // Payload not an object: ignored where the event has no payload, echoed by `ping`, refused
     // by `new_msg`.
@@ -1041,11 +1040,10 @@ fn hostile_inputs_get_their_documented_answers_and_a_healthy_client_on_the_same_
 
 /// A payload nested deeper than the core thread's stack can recurse (sonic_rs `skip_one` →
 /// `skip_array` is recursive, no depth limit) must be dropped or answered like any other
-/// message. Today it overflows the core thread's stack and the runtime aborts the whole
-/// process: every connection on every core is lost. Measured: a debug build dies at 38 levels
-/// (a 110-byte frame), a release build at ~18,500 (a 37 KB frame, under the 64 KiB limit).
+/// message. Before `limits::JSON_DEPTH_MAX` it overflowed the core thread's stack and aborted
+/// the whole process, every connection on every core: a debug build at 38 levels (a 110-byte
+/// frame), a release build at ~18,500 (a 37 KB frame, under the 64 KiB limit).
 #[test]
-#[ignore = "bug: deeply nested JSON overflows the core thread's stack and aborts the server"]
 fn deeply_nested_json_does_not_abort_the_server() {
     let server = start_server(&[("NEXUS_WORKERS", "1")]);
     let port = server.port;
@@ -1053,7 +1051,11 @@ fn deeply_nested_json_does_not_abort_the_server() {
     let levels = 30_000; // 60 KB of brackets: fits the default 64 KiB frame limit
     let nested = format!("{}{}", "[".repeat(levels), "]".repeat(levels));
     let topic = new_topic();
+    // At the limit (JSON_DEPTH_MAX = 32 levels, the frame's array included) the parser runs;
+    // past it the message is dropped before parsing.
+    let at_limit = format!("{}{}", "[".repeat(31), "]".repeat(31));
     let cases = [
+        ("payload at the depth limit", v2(None, Some("1"), "phoenix", "heartbeat", &at_limit)),
         ("heartbeat payload", v2(None, Some("1"), "phoenix", "heartbeat", &nested)),
         ("topic", format!(r#"[null,"1",{nested},"heartbeat",{{}}]"#)),
         (

@@ -14,6 +14,35 @@ pub(crate) fn write_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
     }
 }
 
+/// Whether `text` nests `[`/`{` deeper than `max` (outside strings). One pass, no parse: run
+/// before the parser, which recurses per level and would overflow the stack on hostile input.
+pub fn nests_deeper_than(text: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in text {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// The string value of `key` when `payload` is a JSON object holding a string there.
 pub fn string_field(payload: &str, key: &str) -> Option<String> {
     #[derive(serde::Deserialize)]
@@ -25,6 +54,17 @@ pub fn string_field(payload: &str, key: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nesting_depth_outside_strings() {
+        assert!(!nests_deeper_than(br#"[null,"1","t","e",{"a":[1,{"b":2}]}]"#, 4));
+        assert!(nests_deeper_than(br#"[null,"1","t","e",{"a":[1,{"b":[]}]}]"#, 4));
+        // Brackets inside strings, escaped quotes included, do not count.
+        assert!(!nests_deeper_than(br#"["[[[[{{{{", "\"[[[[[[", {}]"#, 2));
+        assert!(nests_deeper_than("[".repeat(40_000).as_bytes(), 32));
+        // Unbalanced closers cannot go below zero and hide later depth.
+        assert!(nests_deeper_than(b"]]]]][[[", 2));
+    }
 
     #[test]
     fn string_fields() {

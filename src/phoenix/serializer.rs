@@ -89,6 +89,9 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::
 
 /// Decodes one text frame.
 pub fn decode(vsn: Vsn, text: &str) -> Result<Inbound<'_>, DecodeError> {
+    if super::json::nests_deeper_than(text.as_bytes(), crate::limits::JSON_DEPTH_MAX) {
+        return Err(DecodeError { vsn, why: format!("nested deeper than {}", crate::limits::JSON_DEPTH_MAX) });
+    }
     let err = |e: sonic_rs::Error| DecodeError { vsn, why: e.to_string() };
     match vsn {
         Vsn::V2 => {
