@@ -93,22 +93,25 @@ pub fn decode(vsn: Vsn, text: &str) -> Result<Inbound<'_>, DecodeError> {
         return Err(DecodeError { vsn, why: format!("nested deeper than {}", crate::limits::JSON_DEPTH_MAX) });
     }
     let err = |e: sonic_rs::Error| DecodeError { vsn, why: e.to_string() };
-    match vsn {
+    let inbound = match vsn {
         Vsn::V2 => {
             let V2(join_ref, reference, topic, event, payload) = sonic_rs::from_str(text).map_err(err)?;
-            Ok(Inbound { join_ref, reference, topic, event, payload })
+            Inbound { join_ref, reference, topic, event, payload }
         }
         Vsn::V1 => {
             let m: V1<'_> = sonic_rs::from_str(text).map_err(err)?;
-            Ok(Inbound {
-                join_ref: m.join_ref,
-                reference: m.reference,
-                topic: m.topic,
-                event: m.event,
-                payload: m.payload,
-            })
+            Inbound { join_ref: m.join_ref, reference: m.reference, topic: m.topic, event: m.event, payload: m.payload }
         }
+    };
+    // sonic-rs skips the (lazy) payload without checking that `\u` has four hex digits, and a
+    // payload can be echoed verbatim (`ping`): any `\u` gets a strict check (found by fuzzing).
+    let payload = inbound.payload();
+    if memchr::memmem::find(payload.as_bytes(), b"\\u").is_some()
+        && serde_json::from_str::<serde::de::IgnoredAny>(payload).is_err()
+    {
+        return Err(DecodeError { vsn, why: "invalid \\u escape in the payload".to_string() });
     }
+    Ok(inbound)
 }
 
 /// A message to the client; `payload` is raw JSON.
@@ -186,6 +189,16 @@ mod tests {
             let (a, b) = encode_around(vsn, &o);
             assert_eq!([a, o.payload.to_vec(), b].concat(), whole);
         }
+    }
+
+    #[test]
+    fn payload_escapes_are_checked() {
+        // The fuzzer's minimised input: `\u` swallows the payload string's closing quote.
+        assert!(decode(Vsn::V2, r#"["","","","","\u}"}]"]"#).is_err());
+        assert!(decode(Vsn::V2, r#"[null,"1","t","ping",{"k":"\uZZZZ"}]"#).is_err());
+        assert!(decode(Vsn::V1, r#"{"topic":"t","event":"ping","payload":{"k":"\u12"},"ref":"1"}"#).is_err());
+        let ok = decode(Vsn::V2, r#"[null,"1","t","ping",{"k":"\u00e9\n"}]"#).expect("valid escapes");
+        assert_eq!(ok.payload(), r#"{"k":"\u00e9\n"}"#);
     }
 
     #[test]
