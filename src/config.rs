@@ -61,6 +61,10 @@ pub struct ServerArgs {
     /// second signal exits at once. Seconds, or `10s`, `1m`.
     #[arg(long, env = "NEXUS_DRAIN_SECS", default_value = "10", value_parser = parse_duration)]
     pub drain: Duration,
+    /// Serve `POST /dev/token`, which mints a token for anyone (development only: the demo
+    /// page's one-click sign-in). Off by default; loudly logged when on.
+    #[arg(long, env = "NEXUS_DEV_TOKENS", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
+    pub dev_tokens: bool,
     /// Messages per second one socket may send (token bucket, burst of one second's worth);
     /// over it: error reply `rate limited`, persistently over it: close 1008. 0 = no limit.
     #[arg(long, env = "NEXUS_MSG_RATE", default_value_t = limits::MSG_RATE_DEFAULT)]
@@ -154,6 +158,8 @@ pub struct Config {
     pub drain: Duration,
     /// Messages per second per socket (0: unlimited).
     pub msg_rate: u32,
+    /// `POST /dev/token` is served.
+    pub dev_tokens: bool,
 }
 
 impl Config {
@@ -213,6 +219,7 @@ impl Config {
             presence_batch: Duration::from_millis(args.presence_batch_ms),
             drain: args.drain,
             msg_rate: args.msg_rate,
+            dev_tokens: args.dev_tokens,
         })
     }
 }

@@ -115,6 +115,11 @@ pub enum Route {
     Health,
     /// `GET /metrics` (Prometheus text format).
     Metrics,
+    /// `GET` of an embedded file (the demo page).
+    Asset(super::assets::Asset),
+    /// `POST /dev/token`: mint a token for `sub` (a random user if `None`); 404 unless the
+    /// server runs with dev tokens.
+    DevToken(Option<Uuid>),
     /// A WebSocket upgrade on the socket path that passed the checks that come before
     /// authentication (Phoenix order: method, origin, subprotocol, then `vsn` and `connect`).
     Upgrade(Upgrade),
@@ -159,6 +164,8 @@ pub const SOCKET_PATH: &str = "/socket/websocket";
 pub const HEALTH_PATH: &str = "/healthz";
 /// Prometheus scrape endpoint.
 pub const METRICS_PATH: &str = "/metrics";
+/// Development token endpoint (only with `--dev-tokens`).
+pub const DEV_TOKEN_PATH: &str = "/dev/token";
 /// phoenix.js 1.8 `authToken` subprotocol prefix.
 pub const AUTH_TOKEN_PREFIX: &str = "base64url.bearer.phx.";
 
@@ -169,9 +176,15 @@ pub fn route(head: &Head, origins: &OriginPolicy) -> Route {
         HEALTH_PATH => Route::Reject(Status::METHOD_NOT_ALLOWED, "method not allowed"),
         METRICS_PATH if head.method == "GET" => Route::Metrics,
         METRICS_PATH => Route::Reject(Status::METHOD_NOT_ALLOWED, "method not allowed"),
+        DEV_TOKEN_PATH if head.method == "POST" => route_dev_token(head),
+        DEV_TOKEN_PATH => Route::Reject(Status::METHOD_NOT_ALLOWED, "method not allowed"),
         SOCKET_PATH => route_socket(head, origins),
         path if path.starts_with(API_PREFIX) => route_history(head, &path[API_PREFIX.len()..]),
-        _ => Route::Reject(Status::NOT_FOUND, "not found"),
+        path => match super::assets::get(path) {
+            Some(asset) if head.method == "GET" => Route::Asset(asset),
+            Some(_) => Route::Reject(Status::METHOD_NOT_ALLOWED, "method not allowed"),
+            None => Route::Reject(Status::NOT_FOUND, "not found"),
+        },
     }
 }
 
@@ -206,6 +219,18 @@ fn route_history(head: &Head, rest: &str) -> Route {
         }
     }
     Route::History(HistoryRequest { conversation, token, before, limit })
+}
+
+/// `?sub=<uuid>` picks the user; without it the server picks a random one.
+fn route_dev_token(head: &Head) -> Route {
+    let sub = form_urlencoded::parse(head.query.as_deref().unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == "sub")
+        .map(|(_, v)| crate::ids::parse_canonical_uuid(&v));
+    match sub {
+        None => Route::DevToken(None),
+        Some(Some(id)) => Route::DevToken(Some(id)),
+        Some(None) => Route::ApiError(Status::BAD_REQUEST, "sub must be a canonical UUID"),
+    }
 }
 
 fn route_socket(head: &Head, origins: &OriginPolicy) -> Route {

@@ -47,6 +47,19 @@ pub fn metrics(body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// An embedded file (the demo page), `200`, closing the connection.
+pub fn asset(asset: &super::assets::Asset) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: {}\r\ncontent-length: {}\r\ncache-control: no-cache\r\n\
+         x-content-type-options: nosniff\r\nconnection: close\r\n\r\n",
+        asset.content_type,
+        asset.body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(asset.body.as_bytes());
+    out
+}
+
 /// The 101 answer to an accepted WebSocket upgrade.
 pub fn switching_protocols(accept: &str, protocol_phoenix: bool) -> Vec<u8> {
     let protocol = if protocol_phoenix { "sec-websocket-protocol: phoenix\r\n" } else { "" };

@@ -100,6 +100,12 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     if !uring {
         tracing::warn!("io_uring is unavailable; running on the legacy epoll driver");
     }
+    if shared.config.dev_tokens {
+        tracing::warn!(
+            "DEV TOKENS ARE ON: POST /dev/token mints a valid token for anyone who asks. Development only; \
+             never run a public server with --dev-tokens / NEXUS_DEV_TOKENS"
+        );
+    }
     tracing::info!(
         "listening on {local} workers={workers} driver={driver} open_files={nofile} max_connections={connections_max} {database}"
     );

@@ -263,6 +263,11 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
             return answer_bytes(core, conn, response::metrics(&metrics::render(&core.shared, &core.store)));
         }
         Route::Reject(status, why) => return answer(core, conn, status, why),
+        Route::Asset(asset) => return answer_bytes(core, conn, response::asset(&asset)),
+        Route::DevToken(_) if !core.config().dev_tokens => {
+            return answer(core, conn, response::Status::NOT_FOUND, "not found")
+        }
+        Route::DevToken(sub) => return answer_bytes(core, conn, dev_token(core, sub)),
         Route::ApiError(status, why) => return answer_bytes(core, conn, response::json_error(status, why)),
         Route::History(h) => return history(core, conn, h),
         Route::Upgrade(_) if core.shared.draining.load(Ordering::Relaxed) => {
@@ -294,6 +299,27 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
     if !local.inbuf.is_empty() {
         let consumed = on_frames(core, conn, &mut local.decoder, local.inbuf.bytes_mut());
         local.inbuf.consume(consumed);
+    }
+}
+
+/// Mints a 24 h token for `sub` (or a new random user): the demo page's one-click sign-in.
+fn dev_token(core: &Core, sub: Option<uuid::Uuid>) -> Vec<u8> {
+    let sub = sub.unwrap_or_else(uuid::Uuid::new_v4);
+    match crate::auth::mint(&core.config().jwt_secret, sub, std::time::Duration::from_secs(24 * 3600)) {
+        Ok(token) => {
+            let mut body = Vec::with_capacity(token.len() + 64);
+            body.extend_from_slice(b"{\"token\":");
+            crate::phoenix::write_str(&mut body, &token);
+            body.extend_from_slice(b",\"sub\":");
+            crate::phoenix::write_str(&mut body, &sub.to_string());
+            body.push(b'}');
+            tracing::info!(core = core.id, %sub, "dev token minted");
+            response::json(response::Status::OK, &body)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "dev token: minting failed");
+            response::json_error(response::Status::UNAVAILABLE, "cannot mint a token")
+        }
     }
 }
 
