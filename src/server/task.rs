@@ -11,7 +11,6 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::{pin, Pin};
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::task::Poll;
 
 use bytes::Bytes;
@@ -254,7 +253,7 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
         Err(e) => return answer(core, conn, e.status(), &e.to_string()),
     };
     let upgrade = match http::route(&head, &core.config().origins) {
-        Route::Health if core.shared.draining.load(Ordering::Relaxed) => {
+        Route::Health if core.shared.is_draining() => {
             return answer(core, conn, response::Status::UNAVAILABLE, "draining")
         }
         Route::Health => return answer(core, conn, response::Status::OK, "ok"),
@@ -270,7 +269,7 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
         Route::DevToken(sub) => return answer_bytes(core, conn, dev_token(core, sub)),
         Route::ApiError(status, why) => return answer_bytes(core, conn, response::json_error(status, why)),
         Route::History(h) => return history(core, conn, h),
-        Route::Upgrade(_) if core.shared.draining.load(Ordering::Relaxed) => {
+        Route::Upgrade(_) if core.shared.is_draining() => {
             core.count(Counter::RefusedDraining);
             return answer(core, conn, response::Status::UNAVAILABLE, "draining");
         }
