@@ -180,8 +180,10 @@ pub fn route(head: &Head, origins: &OriginPolicy) -> Route {
         DEV_TOKEN_PATH => Route::Reject(Status::METHOD_NOT_ALLOWED, "method not allowed"),
         SOCKET_PATH => route_socket(head, origins),
         path if path.starts_with(API_PREFIX) => route_history(head, &path[API_PREFIX.len()..]),
+        // A WebSocket upgrade anywhere but the socket path finds no endpoint there.
         path => match super::assets::get(path) {
-            Some(asset) if head.method == "GET" => Route::Asset(asset),
+            Some(asset) if head.method == "GET" && head.upgrade.is_none() => Route::Asset(asset),
+            Some(_) if head.upgrade.is_some() => Route::Reject(Status::NOT_FOUND, "not found"),
             Some(_) => Route::Reject(Status::METHOD_NOT_ALLOWED, "method not allowed"),
             None => Route::Reject(Status::NOT_FOUND, "not found"),
         },

@@ -341,7 +341,7 @@ impl Core {
             self.conns.borrow().iter().filter(|(_, c)| c.phase() == Phase::Open).map(|(_, c)| c.clone()).collect();
         let ticks = (self.config().drain.as_millis() / limits::DRAIN_TICK.as_millis()).max(1) as usize;
         tracing::info!(core = self.id, sockets = open.len(), over = ?self.config().drain, "draining");
-        // By the end of tick t, (t + 1) / ticks of the sockets are closed.
+        // By the end of tick t (of `ticks`), t / ticks of the sockets are closed.
         let mut closed = 0;
         for tick in 1..=ticks {
             monoio::time::sleep(limits::DRAIN_TICK).await;

@@ -121,7 +121,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
 /// second signal asks to stop at once. The writer keeps committing meanwhile.
 fn drain(shared: &Shared, signal: &str) {
     let over = shared.config.drain;
-    let open = shared.connections.load(Ordering::Relaxed);
+    let open = shared.connections();
     tracing::info!(
         signal,
         connections = open,
@@ -133,9 +133,9 @@ fn drain(shared: &Shared, signal: &str) {
         mailbox.push_blocking(CoreMsg::Drain);
     }
     let deadline = Instant::now() + over + limits::CLOSE_LINGER;
-    while shared.connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+    while shared.connections() > 0 && Instant::now() < deadline {
         if let Some(second) = wait_for_signal(Some(Duration::from_millis(50))) {
-            let left = shared.connections.load(Ordering::Relaxed);
+            let left = shared.connections();
             tracing::warn!(signal = second, connections = left, "second signal: stopping now");
             return;
         }
