@@ -19,7 +19,8 @@ fn healthz_answers_200_ok() {
 fn other_paths_are_404_and_closed() {
     let server = start_server(&[]);
     let port = server.port;
-    for path in ["/", "/socket", "/socket/longpoll", "/index.html", "/healthzz"] {
+    // (`/` and `/index.html` are the demo page: tests/demo_page.rs.)
+    for path in ["/socket", "/socket/longpoll", "/healthzz", "/index.htm", "/assets/"] {
         let mut resp = http_raw(port, format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes());
         assert_eq!(resp.status, 404, "GET {path}");
         resp.assert_error(404);
