@@ -17,6 +17,11 @@ pub(crate) fn write_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
 /// Whether `text` nests `[`/`{` deeper than `max` (outside strings). One pass, no parse: run
 /// before the parser, which recurses per level and would overflow the stack on hostile input.
 pub fn nests_deeper_than(text: &[u8], max: usize) -> bool {
+    // Fast path (every ordinary message): fewer openers in all than the limit cannot nest
+    // deeper; counting two bytes is SIMD work, the exact scan below is a byte loop.
+    if memchr::memchr2_iter(b'[', b'{', text).count() <= max {
+        return false;
+    }
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     for &b in text {
         if in_string {

@@ -106,7 +106,8 @@ pub fn decode(vsn: Vsn, text: &str) -> Result<Inbound<'_>, DecodeError> {
     // sonic-rs skips the (lazy) payload without checking that `\u` has four hex digits, and a
     // payload can be echoed verbatim (`ping`): any `\u` gets a strict check (found by fuzzing).
     let payload = inbound.payload();
-    if memchr::memmem::find(payload.as_bytes(), b"\\u").is_some()
+    let bytes = payload.as_bytes();
+    if memchr::memchr_iter(b'\\', bytes).any(|i| bytes.get(i + 1) == Some(&b'u'))
         && serde_json::from_str::<serde::de::IgnoredAny>(payload).is_err()
     {
         return Err(DecodeError { vsn, why: "invalid \\u escape in the payload".to_string() });
