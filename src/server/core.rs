@@ -373,32 +373,13 @@ impl Core {
                 continue;
             }
             let Some(ack) = self.acks.borrow_mut().try_remove(m.origin.ticket as usize) else { continue };
-            match batch.failure {
-                None => {
-                    self.count(Counter::NewMsgAcked);
-                    session::reply(
-                        self,
-                        &ack.conn,
-                        Some(&ack.join_ref),
-                        ack.reference.as_deref(),
-                        &ack.topic,
-                        true,
-                        phoenix::EMPTY,
-                    )
-                }
-                Some(detail) => {
-                    let response = chat::failed_to_save(detail);
-                    session::reply(
-                        self,
-                        &ack.conn,
-                        Some(&ack.join_ref),
-                        ack.reference.as_deref(),
-                        &ack.topic,
-                        false,
-                        &response,
-                    )
-                }
+            let failed = batch.failure.map(chat::failed_to_save);
+            if failed.is_none() {
+                self.count(Counter::NewMsgAcked);
             }
+            let response = failed.as_deref().unwrap_or(phoenix::EMPTY);
+            let (join_ref, reference) = (Some(&*ack.join_ref), ack.reference.as_deref());
+            session::reply(self, &ack.conn, join_ref, reference, &ack.topic, failed.is_none(), response);
         }
     }
 
