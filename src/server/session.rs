@@ -21,11 +21,11 @@ const RATE_LIMITED: &[u8] = br#"{"reason":"rate limited"}"#;
 pub(crate) fn on_text(core: &Core, conn: &Rc<Conn>, text: &str) {
     core.count(Counter::MessagesIn);
     let spend = over_budget(core, conn);
-    if spend == Some(Spend::Abusive) {
+    if spend == Spend::Abusive {
         return;
     }
     match phoenix::decode(conn.vsn(), text) {
-        Ok(msg) if spend.is_some() => {
+        Ok(msg) if spend == Spend::Refused => {
             reply(core, conn, msg.join_ref.as_deref(), msg.reference.as_deref(), &msg.topic, false, RATE_LIMITED)
         }
         Ok(msg) => dispatch(core, conn, &msg),
@@ -39,7 +39,7 @@ pub(crate) fn on_text(core: &Core, conn: &Rc<Conn>, text: &str) {
 /// JSON); anything else is dropped.
 pub(crate) fn on_binary(core: &Core, conn: &Rc<Conn>, data: &[u8]) {
     core.count(Counter::MessagesIn);
-    if over_budget(core, conn).is_some() {
+    if over_budget(core, conn) != Spend::Ok {
         return;
     }
     let push = match conn.vsn() {
@@ -52,22 +52,18 @@ pub(crate) fn on_binary(core: &Core, conn: &Rc<Conn>, data: &[u8]) {
     }
 }
 
-/// Spends one message of the socket's rate budget: `None` within it; otherwise what to do
-/// (a persistently abusive client is closed here, 1008).
-pub(crate) fn over_budget(core: &Core, conn: &Conn) -> Option<Spend> {
-    match conn.spend(core.now_ms(), core.config().msg_rate) {
-        Spend::Ok => None,
-        Spend::Refused => {
-            core.count(Counter::RateLimited);
-            Some(Spend::Refused)
-        }
-        Spend::Abusive => {
-            core.count(Counter::RateLimited);
-            tracing::warn!(core = core.id, conn = conn.id, user = %conn.user(), "closing: over the message rate");
-            conn.request_close(Close::RateLimited);
-            Some(Spend::Abusive)
-        }
+/// Spends one message of the socket's rate budget, counting refusals; a persistently abusive
+/// client is closed here (1008).
+pub(crate) fn over_budget(core: &Core, conn: &Conn) -> Spend {
+    let spend = conn.spend(core.now_ms(), core.config().msg_rate);
+    if spend != Spend::Ok {
+        core.count(Counter::RateLimited);
     }
+    if spend == Spend::Abusive {
+        tracing::warn!(core = core.id, conn = conn.id, user = %conn.user(), "closing: over the message rate");
+        conn.request_close(Close::RateLimited);
+    }
+    spend
 }
 
 fn dispatch(core: &Core, conn: &Rc<Conn>, m: &Inbound<'_>) {

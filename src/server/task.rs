@@ -15,7 +15,7 @@ use std::task::Poll;
 
 use bytes::Bytes;
 
-use super::conn::{Conn, Phase};
+use super::conn::{Conn, Phase, Spend};
 use super::core::Core;
 use super::metrics::{self, Counter};
 use super::session;
@@ -234,7 +234,7 @@ fn on_message(core: &Core, conn: &Rc<Conn>, msg: Message<'_>) {
     match msg {
         Message::Text(text) => session::on_text(core, conn, &text),
         Message::Binary(data) => session::on_binary(core, conn, &data),
-        Message::Ping(_) if session::over_budget(core, conn).is_some() => {} // no pong
+        Message::Ping(_) if session::over_budget(core, conn) != Spend::Ok => {} // no pong
         Message::Ping(payload) => {
             let mut frame = Vec::with_capacity(payload.len() + 2);
             ws::pong_frame(payload, &mut frame);

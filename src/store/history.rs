@@ -147,13 +147,18 @@ mod tests {
         Committed { message, origin: Origin { core: 0, ticket: 0 } }
     }
 
-    #[test]
-    fn pages_span_both_tables_oldest_first() {
-        let dir = std::env::temp_dir().join(format!("nexus-history-{}", std::process::id()));
+    /// A writer store on a new database in its own temp dir.
+    fn fresh_store(name: &str) -> (SqliteStore, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("nexus-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("db");
-        let mut store = SqliteStore::new(open_writer(&path, Sync::Normal, None).expect("open")).expect("store");
+        (SqliteStore::new(open_writer(&path, Sync::Normal, None).expect("open")).expect("store"), path)
+    }
+
+    #[test]
+    fn pages_span_both_tables_oldest_first() {
+        let (mut store, path) = fresh_store("history");
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let batch: Vec<Committed> = (0..10).map(|n| msg(if n % 2 == 0 { a } else { b }, n)).collect();
         store.commit(&batch[..6]).expect("commit");
@@ -182,11 +187,7 @@ mod tests {
     /// `recent` only behind it, and history must see every message at every point.
     #[test]
     fn preempted_merge_steps_lose_and_duplicate_nothing() {
-        let dir = std::env::temp_dir().join(format!("nexus-preempt-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("db");
-        let mut store = SqliteStore::new(open_writer(&path, Sync::Normal, None).expect("open")).expect("store");
+        let (mut store, path) = fresh_store("preempt");
         store.set_waiting_probe(Box::new(|| true));
         let convs = [Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4()];
         let mut reader = schema::open_reader(&path).expect("reader");
