@@ -257,6 +257,41 @@ mod tests {
         assert!(parse_duration("soon").is_err());
     }
 
+    /// The defaults users rely on (README's configuration table), as declared on the flags,
+    /// whatever the environment of the test run holds.
+    #[test]
+    fn documented_defaults() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let default_of = |id: &str| {
+            let arg = cli.get_arguments().find(|a| a.get_id() == id).unwrap_or_else(|| panic!("no flag {id}"));
+            let values: Vec<_> = arg.get_default_values().iter().map(|v| v.to_string_lossy().into_owned()).collect();
+            values.join(",")
+        };
+        let expected = [
+            ("port", "4000"),
+            ("bind", "0.0.0.0"),
+            ("msg_rate", "1000"),
+            ("idle_timeout", "60"),
+            ("max_frame_bytes", "65536"),
+            ("max_outbox_bytes", "1048576"),
+            ("max_channels", "100"),
+            ("drain", "10"),
+            ("presence_batch_ms", "5"),
+            ("database_path", "./nexus.db"),
+            ("sync", "normal"),
+            ("jwt_leeway_secs", "0"),
+            ("writer_queue", "8192"),
+        ];
+        for (id, value) in expected {
+            assert_eq!(default_of(id), value, "default of {id}");
+        }
+        // Unset means "derived": one worker per CPU, connections from the open-file limit.
+        for id in ["workers", "max_connections", "db_max_bytes", "jwt_secret"] {
+            assert_eq!(default_of(id), "", "{id} has no fixed default");
+        }
+    }
+
     #[test]
     fn missing_secret_is_an_error() {
         let cli = Cli::try_parse_from(["nexus"]).expect("parses");

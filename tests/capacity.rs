@@ -45,7 +45,7 @@ fn connections_beyond_the_descriptor_limit_get_503_and_others_keep_working() {
     };
     admitted.heartbeat("after");
     held[0].heartbeat("still");
-    assert!(server.logs().contains("at capacity"));
+    server.wait_for_log("at capacity");
 }
 
 /// With a connection cap above what the descriptors allow, `accept` runs out of descriptors
@@ -69,7 +69,7 @@ fn running_out_of_descriptors_refuses_and_backs_off_without_harm() {
         }
     }
     assert!(held.len() >= 20 && refused > 0, "held {} refused {refused}", held.len());
-    assert!(server.logs().contains("out of descriptors"), "{}", server.logs());
+    server.wait_for_log("out of descriptors");
     for (i, c) in held.iter_mut().enumerate().step_by(9) {
         c.heartbeat(&i.to_string());
     }

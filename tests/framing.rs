@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -215,12 +215,42 @@ fn bad_opcodes_and_fragment_order_close_with_1002() {
     }
 }
 
+/// The idle timeout the idle tests run with, and when the close may come: never before the
+/// timeout, and at most two sweeps of the core's coarse clock (250 ms each) plus a margin for
+/// a busy test machine after it. A server that closed at 3x the timeout fails here.
+const IDLE: Duration = Duration::from_secs(1);
+const IDLE_CLOSE_LATEST: Duration = Duration::from_millis(1_000 + 2 * 250 + 400);
+
+/// Asserts an idle close came no earlier than [`IDLE`] after `quiet_from` (taken before the
+/// last client bytes were sent) and no later than [`IDLE_CLOSE_LATEST`] after `quiet_by`
+/// (taken after the server answered them).
+#[track_caller]
+fn assert_idle_close_timing(quiet_from: Instant, quiet_by: Instant) {
+    let closed = Instant::now();
+    assert!(
+        closed - quiet_from >= IDLE,
+        "closed {:?} after the last activity: before the timeout",
+        closed - quiet_from
+    );
+    assert!(
+        closed - quiet_by <= IDLE_CLOSE_LATEST,
+        "closed {:?} after the last activity: the timeout is {IDLE:?}",
+        closed - quiet_by
+    );
+}
+
 #[test]
-fn idle_connection_is_closed_with_1001() {
+fn idle_connection_is_closed_with_1001_at_the_timeout() {
     let server = start_server(&[("NEXUS_IDLE_TIMEOUT", "1")]);
+    let before = Instant::now();
     let mut ws = RawWs::connect(server.port);
-    let (code, reason) = ws.expect_close_within(Duration::from_secs(5));
-    assert_eq!(code, Some(1001), "reason {reason:?}");
+    let after = Instant::now();
+    let frame = ws.read_frame(Duration::from_secs(5)).expect("a close frame before EOF");
+    assert_idle_close_timing(before, after);
+    assert_eq!(frame.opcode, OP_CLOSE, "{frame:?}");
+    assert_eq!(frame.close_code().0, Some(1001), "{frame:?}");
+    ws.send(OP_CLOSE, &close_payload(1001, ""));
+    ws.expect_eof();
 }
 
 #[test]
@@ -232,7 +262,13 @@ fn activity_resets_the_idle_timer() {
         ws.heartbeat(&format!("{i}"));
         ws.expect_silence(Duration::from_millis(300));
     }
-    // Then idle: closed.
-    let (code, _) = ws.expect_close_within(Duration::from_secs(5));
-    assert_eq!(code, Some(1001));
+    // Then idle: closed one timeout after the last heartbeat.
+    let before = Instant::now();
+    ws.heartbeat("last");
+    let after = Instant::now();
+    let frame = ws.read_frame(Duration::from_secs(5)).expect("a close frame before EOF");
+    assert_idle_close_timing(before, after);
+    assert_eq!(frame.close_code().0, Some(1001), "{frame:?}");
+    ws.send(OP_CLOSE, &close_payload(1001, ""));
+    ws.expect_eof();
 }

@@ -839,10 +839,17 @@ fn topic_spelling_and_serializer_are_per_member() {
 fn idle_members_leave_within_the_timeout() {
     const OBSERVERS: usize = 4;
     const VICTIMS: usize = 4;
+    // Never before the timeout; at most two coarse-clock sweeps (250 ms) and a margin after it.
+    const IDLE: Duration = Duration::from_secs(1);
+    const LEAVE_LATEST: Duration = Duration::from_millis(1_000 + 2 * 250 + 400);
     let server = start(&[("NEXUS_IDLE_TIMEOUT", "1")]);
     let mut room = Room::new(server.port);
+    // Each member's last bytes are sent after this instant (its connect and join).
+    let mut quiet_from = std::collections::HashMap::new();
     for _ in 0..OBSERVERS + VICTIMS {
-        room.join(&new_sub());
+        let sub = new_sub();
+        quiet_from.insert(sub.clone(), Instant::now());
+        room.join(&sub);
     }
     // Even members go silent (never read nor write again); odd ones keep beating.
     let last_activity = Instant::now();
@@ -856,18 +863,24 @@ fn idle_members_leave_within_the_timeout() {
         }
     }
     let gone: Flat = victims.iter().map(|m| (m.sub.clone(), m.meta.clone())).collect();
+    // Observers that saw every leave keep beating until all have: one that went quiet while
+    // another still waits would be closed as idle itself.
+    let finished = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
     let handles: Vec<_> = observers
         .into_iter()
         .map(|mut m| {
             let gone = gone.clone();
+            let quiet_from = quiet_from.clone();
+            let finished = finished.clone();
             thread::spawn(move || {
                 let deadline = last_activity + Duration::from_secs(6);
                 let mut left = Flat::new();
                 let mut diffs = Vec::new();
+                let mut all_left = Duration::MAX;
                 let mut beat = 0;
                 // Beat every ~250 ms (timeout 1 s) while waiting for the leaves.
-                while left != gone {
+                while left != gone || finished.load(std::sync::atomic::Ordering::SeqCst) < OBSERVERS {
                     assert!(Instant::now() < deadline, "observer {}: leaves so far {left:?}", m.sub);
                     beat += 1;
                     m.c.send_text(&heartbeat(&format!("{beat}")));
@@ -883,6 +896,8 @@ fn idle_members_leave_within_the_timeout() {
                             Frame::Diff(d) => {
                                 assert!(d.joins.is_empty(), "only leaves expected: {d:?}");
                                 for x in flat(&d.leaves) {
+                                    let quiet = quiet_from[&x.0].elapsed();
+                                    assert!(quiet >= IDLE, "{} left {quiet:?} after its last activity", x.0);
                                     assert!(
                                         gone.contains(&x),
                                         "observer {}: leave of a non-idle member in {d:?}",
@@ -895,24 +910,28 @@ fn idle_members_leave_within_the_timeout() {
                                     );
                                 }
                                 diffs.push(d);
+                                if left == gone {
+                                    all_left = last_activity.elapsed(); // not at the next beat
+                                    finished.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                }
                             }
                             Frame::Other(t) if t.contains("\"phoenix\",\"phx_reply\"") => {}
                             other => panic!("observer {}: unexpected {other:?}", m.sub),
                         }
                     }
                 }
-                (m, last_activity.elapsed(), diffs)
+                (m, all_left, diffs)
             })
         })
         .collect();
-    // Every observer is kept open until all are done (a closing one would be a leave the
-    // others do not expect).
+    // Every observer is kept open (and beating) until all are done (a closing one would be a
+    // leave the others do not expect).
     let results: Vec<_> =
         handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect();
     let mut seen = Vec::new();
     for (mut m, elapsed, diffs) in results {
         eprintln!("observer saw all {VICTIMS} idle leaves {elapsed:?} after their last activity");
-        assert!(elapsed < Duration::from_millis(5_500), "idle leaves took {elapsed:?}");
+        assert!(elapsed <= LEAVE_LATEST, "idle leaves took {elapsed:?} for a timeout of {IDLE:?}");
         // Still alive, nothing more pending on its core.
         quiet_heartbeat(&mut m.c, false, &m.topic, "end", "observer after the idle leaves");
         seen.push((m, diffs));

@@ -24,7 +24,7 @@ if [ ! -x /usr/bin/chromium ]; then
     echo "tests/run.sh: installing chromium for the browser test"
     apt-get update -qq && apt-get install -y -qq chromium >/dev/null
   else
-    echo "tests/run.sh: no /usr/bin/chromium and no apt-get: the browser test will be skipped" >&2
+    echo "tests/run.sh: no /usr/bin/chromium and no apt-get: the browser test will fail (install Debian's chromium)" >&2
   fi
 fi
 NEXUS_BIN="$PWD/target/debug/nexus" node --test tests/js/*.test.js

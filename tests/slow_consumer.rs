@@ -332,7 +332,7 @@ fn slow_consumer_is_closed_and_the_topic_goes_on() {
     assert_eq!(broadcast_seq(&recv(&mut healthy, "healthy member", &server), &topic, &sender_sub), sent);
 
     // (5) The log names the slow consumer's close, for that connection only.
-    let logs = server.logs();
+    let logs = server.wait_for_log("slow consumer");
     let closes: Vec<&str> = logs.lines().filter(|l| l.contains("closing") && l.contains("slow consumer")).collect();
     assert_eq!(closes.len(), 1, "expected one slow-consumer close in the log:\n{logs}");
     assert!(

@@ -152,6 +152,13 @@ impl Core {
         self.now_ms.get()
     }
 
+    /// When a connection active now becomes idle. The coarse clock lags real time by up to one
+    /// sweep, so one sweep is added: a socket is never closed before `idle_timeout` of silence,
+    /// and at most two sweeps after it.
+    pub(crate) fn idle_deadline_ms(&self) -> u64 {
+        self.now_ms() + (self.config().idle_timeout + limits::SWEEP_INTERVAL).as_millis() as u64
+    }
+
     pub(crate) fn count(&self, c: Counter) {
         self.counters.bump(c);
     }

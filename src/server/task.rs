@@ -184,7 +184,7 @@ fn on_readable(core: &Core, conn: &Rc<Conn>, local: &mut Local) -> io::Result<bo
                 on_handshake_bytes(core, conn, local);
             }
             Phase::Open => {
-                conn.set_deadline_ms(core.now_ms() + core.config().idle_timeout.as_millis() as u64);
+                conn.set_deadline_ms(core.idle_deadline_ms());
                 if local.inbuf.is_empty() {
                     let used = on_frames(core, conn, &mut local.decoder, &mut buf[..n]);
                     local.inbuf.extend(&buf[used..n]);
@@ -291,7 +291,7 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
     };
     conn.push_final(Bytes::from(response::switching_protocols(&accept, upgrade.protocol_phoenix)));
     conn.open(user, vsn);
-    conn.set_deadline_ms(core.now_ms() + core.config().idle_timeout.as_millis() as u64);
+    conn.set_deadline_ms(core.idle_deadline_ms());
     tracing::debug!(core = core.id, conn = conn.id, user = %user, ?vsn, "connected");
     // Bytes after the head are the first WebSocket frames.
     local.inbuf.consume(used);

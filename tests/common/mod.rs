@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -46,14 +46,84 @@ pub const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 pub struct Server {
     pub port: u16,
     child: Child,
-    log: Arc<Mutex<Vec<String>>>,
+    log: Arc<Log>,
     dir: PathBuf,
 }
 
+/// The server's stderr as collected by a background thread: lines so far, whether the pipe
+/// reached EOF, and a condition variable so a test can wait for a line instead of reading the
+/// log once and racing the collector.
+#[derive(Default)]
+pub struct Log {
+    state: Mutex<LogState>,
+    grew: Condvar,
+}
+
+#[derive(Default)]
+struct LogState {
+    lines: Vec<String>,
+    eof: bool,
+}
+
+impl Log {
+    fn push(&self, line: String) {
+        if let Ok(mut s) = self.state.lock() {
+            s.lines.push(line);
+        }
+        self.grew.notify_all();
+    }
+
+    fn close(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.eof = true;
+        }
+        self.grew.notify_all();
+    }
+
+    fn text(&self) -> String {
+        self.state.lock().map(|s| s.lines.join("\n")).unwrap_or_default()
+    }
+
+    /// Waits until `done(lines, eof)` holds or `timeout` passes; returns whether it held.
+    fn wait(&self, timeout: Duration, mut done: impl FnMut(&[String], bool) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let Ok(mut s) = self.state.lock() else { return false };
+        loop {
+            if done(&s.lines, s.eof) {
+                return true;
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return false;
+            }
+            s = match self.grew.wait_timeout(s, remaining) {
+                Ok((s, _)) => s,
+                Err(_) => return false,
+            };
+        }
+    }
+}
+
 impl Server {
-    /// Everything the server wrote on stderr so far (ANSI colours stripped).
+    /// Everything the server wrote on stderr so far (ANSI colours stripped). The lines are
+    /// collected by another thread: to check for a line the server writes in reaction to
+    /// something the test just did, use [`Server::wait_for_log`] instead.
     pub fn logs(&self) -> String {
-        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+        self.log.text()
+    }
+
+    /// Waits (up to [`TIMEOUT`]) until a line of the server's stderr contains `needle`;
+    /// returns the whole log then. Panics with the log if no such line comes (or stderr
+    /// closed without one).
+    #[track_caller]
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let found = self.log.wait(TIMEOUT, |lines, eof| eof || lines.iter().any(|l| l.contains(needle)));
+        let logs = self.logs();
+        assert!(
+            found && logs.contains(needle),
+            "no log line containing {needle:?} within {TIMEOUT:?}; stderr:\n{logs}"
+        );
+        logs
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -131,7 +201,7 @@ pub fn start_server(env: &[(&str, &str)]) -> Server {
     let mut child = cmd.spawn().expect("spawn nexus");
     let stderr = child.stderr.take().expect("piped stderr");
 
-    let log = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::new(Log::default());
     let (tx, rx) = mpsc::channel::<String>();
     {
         let log = Arc::clone(&log);
@@ -147,13 +217,12 @@ pub fn start_server(env: &[(&str, &str)]) -> Server {
                     Ok(_) => {
                         let line = strip_ansi(&String::from_utf8_lossy(&raw));
                         let line = line.trim_end().to_string();
-                        if let Ok(mut l) = log.lock() {
-                            l.push(line.clone());
-                        }
+                        log.push(line.clone());
                         let _ = tx.send(line);
                     }
                 }
             }
+            log.close();
         });
     }
 
@@ -169,7 +238,7 @@ pub fn start_server(env: &[(&str, &str)]) -> Server {
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                let logs = log.lock().map(|l| l.join("\n")).unwrap_or_default();
+                let logs = log.text();
                 let _ = std::fs::remove_dir_all(&dir);
                 panic!(
                     "nexus did not print `listening on 127.0.0.1:<port>` within {STARTUP_TIMEOUT:?}; stderr:\n{logs}"
@@ -177,7 +246,7 @@ pub fn start_server(env: &[(&str, &str)]) -> Server {
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let status = child.wait();
-                let logs = log.lock().map(|l| l.join("\n")).unwrap_or_default();
+                let logs = log.text();
                 let _ = std::fs::remove_dir_all(&dir);
                 panic!("nexus exited before listening ({status:?}); stderr:\n{logs}");
             }
@@ -1144,14 +1213,18 @@ impl Server {
         assert_eq!(rc, 0, "kill({}, {sig}): {}", self.child.id(), std::io::Error::last_os_error());
     }
 
-    /// Waits for the process to exit; panics (with the logs) if it is still running after
-    /// `timeout`.
+    /// Waits for the process to exit, then for its stderr to be read to the end (so
+    /// [`Server::logs`] holds every line it wrote); panics (with the logs) if it is still
+    /// running after `timeout`.
     #[track_caller]
     pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        match wait_child(&mut self.child, timeout) {
+        let status = match wait_child(&mut self.child, timeout) {
             Some(status) => status,
             None => panic!("nexus did not exit within {timeout:?}; stderr:\n{}", self.logs()),
-        }
+        };
+        let drained = self.log.wait(TIMEOUT, |_, eof| eof);
+        assert!(drained, "stderr of the exited nexus still open after {TIMEOUT:?}");
+        status
     }
 }
 

@@ -34,8 +34,11 @@ test("SIGTERM closes with 1001 and the client comes back on the next server", as
   await a.stop();
   const b = await startServer({ workers: 2, env: { PORT: String(port) } });
   servers.push(b);
+  // The client retries every 100 ms and B's cores accept before B logs "listening on", so the
+  // reconnect may already have opened by now: check the state, then listen for the event.
   await waitFor((resolve) => {
     const ref = socket.onOpen(resolve);
+    if (socket.isConnected()) resolve();
     return () => socket.off([ref]);
   }, 10_000, "the reconnect to the new server");
   // phoenix.js rejoins on its own after the reconnect; its channel state says when.
