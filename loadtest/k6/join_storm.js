@@ -1,5 +1,5 @@
 // Join storm: VUS sockets connect and join the same `chat:<uuid>` topic at once (or spread over
-// SPREAD seconds), hold HOLD seconds, then close. Each checks, per the wire contract (§4, §5):
+// SPREAD seconds), hold HOLD seconds, then close. Each checks, per docs/protocol.md (Join, Presence):
 //   - the join replied ok (nexus_join_latency);
 //   - a `presence_state` push with this join's join_ref came after the reply, and it already
 //     lists this socket's user (nexus_presence_state_latency: join sent → presence_state);

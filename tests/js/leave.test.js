@@ -39,7 +39,7 @@ test("leave replies ok, closes the channel and stops broadcasts to the leaver", 
   assert.equal(leaverJoin.channel.state, "closed");
   assert.equal(leaver.socket.channels.includes(leaverJoin.channel), false);
 
-  // protocol.md §4: the ok reply is followed by [join_ref, join_ref, topic, "phx_close", {}].
+  // docs/protocol.md, "Leave": the ok reply is followed by [join_ref, join_ref, topic, "phx_close", {}].
   const close = await leaver.messages.waitFor((m) => m.topic === topic && m.event === "phx_close");
   assert.deepEqual(close, { join_ref: joinRef, ref: joinRef, topic, event: "phx_close", payload: {} });
   const reply = leaver.messages.items.find((m) => m.event === "phx_reply" && m.ref === leavePush.ref);

@@ -68,7 +68,7 @@ test("new_msg is broadcast to every member, sender included, with the documented
 });
 
 test("the sender receives its own new_msg broadcast before the ok reply", async (t) => {
-  // protocol.md §4: persisted first, then broadcast to the topic, then replied ok to the sender.
+  // docs/protocol.md, "new_msg": persisted first, then broadcast to the topic, then replied ok to the sender.
   const clients = new Clients(server);
   t.after(() => clients.closeAll());
   const {
