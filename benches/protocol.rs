@@ -105,7 +105,7 @@ fn phoenix_encode(c: &mut Criterion) {
             });
             // The complete WebSocket frame, as queued per reply / per broadcast (one allocation).
             group.bench_function(format!("{}_{name}_frame", vsn_name(vsn)), |b| {
-                b.iter(|| black_box(phoenix::encode_frame(black_box(vsn), black_box(msg))))
+                b.iter(|| black_box(nexus::wire::encode_frame(black_box(vsn), black_box(msg))))
             });
         }
     }

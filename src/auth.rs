@@ -1,6 +1,6 @@
 //! Client tokens: HS256 JWTs whose `sub` is the user id. The only home of `jsonwebtoken`.
 //!
-//! Rules (protocol.md §1): header `alg` must be `HS256` (`none`, RS*, ES*, HS384 refused);
+//! Rules (docs/protocol.md, "Token rules"): header `alg` must be `HS256` (`none`, RS*, ES*, HS384 refused);
 //! signature checked with the raw bytes of `JWT_SECRET`; `sub` required and a canonical
 //! hyphenated UUID; `exp` and `nbf` enforced when present (leeway configurable, 0 by
 //! default); other claims and header fields (`kid`, `jku`, ...) ignored.

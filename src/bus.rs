@@ -1,92 +1,58 @@
 //! Cross-thread mailboxes into the core runtimes: a bounded lock-free queue plus a wake-up the
-//! runtime can await.
+//! runtime can await, and the bounded overflow a core keeps when another core's mailbox is
+//! full.
 //!
-//! field-notes §2 measured `ArrayQueue` + a wake fd + a "sleeping" flag at 55M msg/s, 2-4x any
-//! channel. The wake fd is one end of a Unix socket pair (not an eventfd) so the core can await
-//! it with readiness on both monoio drivers. Only the producer that sees the consumer asleep
-//! writes a byte; extra bytes only cause a spurious wake. The fences are SeqCst: this is a
-//! Dekker-style handshake between "push, then check sleeping" and "set sleeping, then check
-//! the queue".
+//! A crossbeam `ArrayQueue` + a wake fd + a "sleeping" flag moved 55M msg/s between two pinned
+//! threads on the project's VM, 2-4x any channel we tried (BENCHMARKS.md, "Measured facts").
+//! The wake fd is one end of a Unix socket pair (not an eventfd) so the core can await it with
+//! readiness on both monoio drivers. Only the producer that sees the consumer asleep writes a
+//! byte; extra bytes only cause a spurious wake. The fences are SeqCst: this is a Dekker-style
+//! handshake between "push, then check sleeping" and "set sleeping, then check the queue".
 
+use std::collections::VecDeque;
 use std::io::{ErrorKind, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
-
 use uuid::Uuid;
 
+use crate::limits;
 use crate::presence::{Meta, PhxRef};
 use crate::store::CommitBatch;
 
-/// A connection on a given core: its slab key and its per-core id (keys are reused; ids not).
+/// A connection on a given core: its slab key and its per-core id (keys are reused; ids are
+/// not, so a message for a connection that closed never reaches its key's next owner).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
 pub struct ConnRef {
-    /// Slab key on its core.
     pub key: u32,
-    /// Per-core connection id.
     pub id: u64,
 }
 
-/// What other threads tell a core.
+/// What other threads tell a core. Fields are named for what they carry; `conversation` is
+/// the topic's id.
 #[derive(Debug)]
+#[allow(missing_docs)]
 pub enum CoreMsg {
-    /// A batch from the writer: broadcast its messages, answer its requests from this core.
+    /// From the writer: broadcast the batch's messages, answer the requests made on this core.
     Committed(Arc<CommitBatch>),
-    /// To a topic's owner: a connection on core `from` joined; add its meta and answer with the
-    /// full state.
-    Track {
-        /// Conversation (topic) id.
-        conversation: Uuid,
-        /// User id.
-        user: Uuid,
-        /// The new meta.
-        meta: Meta,
-        /// Core of the joining connection.
-        from: u16,
-        /// The joining connection.
-        conn: ConnRef,
-        /// Its join reference (the state is pushed with it).
-        join_ref: Box<str>,
-    },
-    /// To a topic's owner: a meta left (leave, rejoin, close).
-    Untrack {
-        /// Conversation (topic) id.
-        conversation: Uuid,
-        /// User id.
-        user: Uuid,
-        /// The meta that left.
-        phx_ref: PhxRef,
-    },
-    /// From the owner to the joiner's core: push `presence_state` to that connection.
-    PresenceState {
-        /// Conversation (topic) id.
-        conversation: Uuid,
-        /// The joined connection.
-        conn: ConnRef,
-        /// The join the state belongs to.
-        join_ref: Box<str>,
-        /// `presence_state` payload (shared by every joiner of one batch window).
-        state: bytes::Bytes,
-    },
-    /// From the owner to every core: broadcast `presence_diff` to local members.
-    PresenceDiff {
-        /// Conversation (topic) id.
-        conversation: Uuid,
-        /// `presence_diff` payload, encoded once for all cores.
-        diff: Arc<[u8]>,
-    },
+    /// To a conversation's owner: a socket on core `from` joined with `meta`; track it and
+    /// answer with the full state, to be pushed with `join_ref`.
+    Track { conversation: Uuid, user: Uuid, meta: Meta, from: u16, conn: ConnRef, join_ref: Box<str> },
+    /// To a conversation's owner: the meta `phx_ref` left (leave, rejoin, close).
+    Untrack { conversation: Uuid, user: Uuid, phx_ref: PhxRef },
+    /// From the owner to a joiner's core: push `presence_state` (`state`, shared by every
+    /// joiner of one presence window) to that socket, if it is still in that join.
+    PresenceState { conversation: Uuid, conn: ConnRef, join_ref: Box<str>, state: bytes::Bytes },
+    /// From the owner to every core: broadcast `presence_diff` (encoded once for all cores).
+    PresenceDiff { conversation: Uuid, diff: Arc<[u8]> },
     /// Graceful shutdown: refuse new sessions, close open sockets spread over the drain time.
     Drain,
-    /// The reader's answer to an HTTP request waiting on this core: complete response bytes.
-    HttpResponse {
-        /// Key of the waiting connection on the core.
-        ticket: u32,
-        /// The response.
-        bytes: Vec<u8>,
-    },
+    /// A reader's answer to an HTTP request parked on this core: the complete response for the
+    /// wait `ticket` (the core's table of parked requests, not a connection key).
+    HttpResponse { ticket: u32, bytes: Vec<u8> },
 }
 
 /// The producer side of one core's mailbox (shared by every producer).
@@ -127,16 +93,16 @@ impl Mailbox {
     }
 
     /// Queues `msg`, waiting while the mailbox is full. For non-core threads only (the
-    /// writer): a core must never block.
+    /// writer, the readers): a core must never block.
     pub fn push_blocking(&self, mut msg: CoreMsg) {
-        let mut pause = Duration::from_micros(20);
+        let mut pause = limits::MAILBOX_BLOCKING_PAUSE_MIN;
         loop {
             match self.try_push(msg) {
                 Ok(()) => return,
                 Err(back) => {
                     msg = back;
                     std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_millis(5));
+                    pause = (pause * 2).min(limits::MAILBOX_BLOCKING_PAUSE_MAX);
                 }
             }
         }
@@ -170,6 +136,78 @@ impl Mailbox {
     }
 }
 
+/// What a core could not put in other cores' mailboxes yet (they were full), kept in order per
+/// destination so every path between two cores stays FIFO, and bounded: a core never blocks,
+/// so a peer that stops draining must not make it grow without end.
+///
+/// At `max` queued messages the overflow is *congested* until it drains to half of that. While
+/// any core is congested the server refuses new joins (`server busy`): a join is what makes
+/// cross-core traffic (the track, then the owner's state and diffs), while leaves and closes,
+/// which must never be lost, are bounded by the joins already made. Nothing is ever dropped.
+#[derive(Debug)]
+pub struct Overflow {
+    queues: Vec<VecDeque<CoreMsg>>,
+    len: usize,
+    max: usize,
+    congested: bool,
+}
+
+impl Overflow {
+    /// Overflow toward `cores` cores, congested from `max` messages.
+    pub fn new(cores: usize, max: usize) -> Overflow {
+        assert!(max >= 2, "the congestion bound needs room to drain to half of it");
+        Overflow { queues: (0..cores).map(|_| VecDeque::new()).collect(), len: 0, max, congested: false }
+    }
+
+    /// Sends `msg` to `mailboxes[core]`, or queues it behind what already waits for that core.
+    /// Returns `true` when it was queued (the caller must schedule a [`Overflow::retry`]).
+    pub fn send(&mut self, mailboxes: &[Mailbox], core: usize, msg: CoreMsg) -> bool {
+        let queue = &mut self.queues[core];
+        if queue.is_empty() {
+            match mailboxes[core].try_push(msg) {
+                Ok(()) => return false,
+                Err(back) => queue.push_back(back),
+            }
+        } else {
+            queue.push_back(msg);
+        }
+        self.len += 1;
+        true
+    }
+
+    /// Moves what fits into the mailboxes, in order. Returns `true` while messages still wait.
+    pub fn retry(&mut self, mailboxes: &[Mailbox]) -> bool {
+        for (core, queue) in self.queues.iter_mut().enumerate() {
+            while let Some(msg) = queue.pop_front() {
+                if let Err(back) = mailboxes[core].try_push(msg) {
+                    queue.push_front(back);
+                    break;
+                }
+                self.len -= 1;
+            }
+        }
+        debug_assert_eq!(self.len, self.queues.iter().map(VecDeque::len).sum::<usize>());
+        self.len > 0
+    }
+
+    /// Messages waiting.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// `Some(now)` when the congestion state just changed: congested at `max` waiting, clear
+    /// again at `max / 2` (hysteresis, so the state does not flap at the bound).
+    pub fn congestion_changed(&mut self) -> Option<bool> {
+        let now = if self.congested { self.len > self.max / 2 } else { self.len >= self.max };
+        (now != std::mem::replace(&mut self.congested, now)).then_some(now)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,5 +230,43 @@ mod tests {
         assert_eq!(rx.read(&mut byte).expect("woken"), 1);
         mb.try_push(batch()).expect("room");
         assert!(mb.try_push(batch()).is_err(), "full");
+    }
+
+    #[test]
+    fn overflow_keeps_order_and_reports_congestion() {
+        let (mb, _rx) = Mailbox::new(1).expect("mailbox");
+        let mailboxes = [mb];
+        let mut overflow = Overflow::new(1, 4);
+        let drain = |mailboxes: &[Mailbox]| -> Vec<u32> {
+            std::iter::from_fn(|| mailboxes[0].pop())
+                .map(|m| match m {
+                    CoreMsg::HttpResponse { ticket, .. } => ticket,
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        let msg = |ticket| CoreMsg::HttpResponse { ticket, bytes: Vec::new() };
+        assert!(!overflow.send(&mailboxes, 0, msg(0)), "room in the mailbox");
+        for t in 1..4 {
+            assert!(overflow.send(&mailboxes, 0, msg(t)), "mailbox full: queued");
+        }
+        assert_eq!(overflow.congestion_changed(), None, "3 waiting, bound 4");
+        assert!(overflow.send(&mailboxes, 0, msg(4)));
+        assert_eq!(overflow.congestion_changed(), Some(true), "at the bound");
+        assert_eq!(overflow.congestion_changed(), None, "reported once");
+        assert_eq!(drain(&mailboxes), [0]);
+        assert!(overflow.retry(&mailboxes), "one moved, three wait");
+        assert_eq!(overflow.len(), 3);
+        assert_eq!(overflow.congestion_changed(), None, "still above half the bound");
+        assert_eq!(drain(&mailboxes), [1]);
+        assert!(overflow.retry(&mailboxes));
+        assert_eq!(overflow.congestion_changed(), Some(false), "drained to half the bound");
+        let mut order = Vec::new();
+        while !overflow.is_empty() {
+            order.extend(drain(&mailboxes));
+            overflow.retry(&mailboxes);
+        }
+        order.extend(drain(&mailboxes));
+        assert_eq!(order, [2, 3, 4], "FIFO per destination");
     }
 }

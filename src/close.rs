@@ -1,6 +1,8 @@
-//! Why a connection ends: one catalog of close codes and log labels (centrifuge's
-//! `disconnect.go` idea). phoenix.js reconnects after every code except 1000, so Nexus never
-//! sends 1000 to a client it wants back.
+//! Why a connection ends: one catalog (centrifuge's `disconnect.go` idea). Each entry has its
+//! WebSocket close code, the reason text sent in the close frame and logged, and the label
+//! `/metrics` uses (`nexus_closes_total{reason=...}`). phoenix.js reconnects after every code
+//! except 1000, so no entry sends 1000 to a client Nexus wants back (only an echo of the
+//! client's own 1000 does).
 
 /// A server-initiated close.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,53 +13,105 @@ pub enum Close {
     SlowConsumer,
     /// Client frame or message over the size limit.
     TooBig,
-    /// Text frame that is not UTF-8.
+    /// Text that is not UTF-8.
     InvalidUtf8,
     /// RFC 6455 violation by the client.
     Protocol,
-    /// The client sent a close frame; echo its code.
-    Echo(u16),
+    /// The client sent a close frame; its code is echoed.
+    Client(u16),
     /// The server is shutting down (graceful drain): the client should reconnect elsewhere.
     GoingAway,
     /// The client kept sending over its message rate after being told.
     RateLimited,
 }
 
+/// One catalog entry.
+struct Entry {
+    /// WebSocket close code (for [`Close::Client`], the client's code is echoed instead).
+    code: u16,
+    /// Reason text in the close frame and the log line.
+    reason: &'static str,
+    /// Label in metrics.
+    label: &'static str,
+}
+
+/// The catalog, in [`Close::index`] order.
+const CATALOG: [Entry; Close::KINDS] = [
+    Entry { code: 1001, reason: "idle timeout", label: "idle" },
+    Entry { code: 1013, reason: "slow consumer", label: "slow_consumer" },
+    Entry { code: 1009, reason: "message too big", label: "too_big" },
+    Entry { code: 1007, reason: "invalid utf-8", label: "invalid_utf8" },
+    Entry { code: 1002, reason: "protocol error", label: "protocol" },
+    Entry { code: 1000, reason: "", label: "client" },
+    Entry { code: 1001, reason: "going away", label: "going_away" },
+    Entry { code: 1008, reason: "rate limited", label: "rate_limited" },
+];
+
 impl Close {
+    /// Number of catalog entries.
+    pub const KINDS: usize = 8;
+
+    /// One close of each kind, in catalog order (for metrics).
+    pub const ALL: [Close; Close::KINDS] = [
+        Close::Idle,
+        Close::SlowConsumer,
+        Close::TooBig,
+        Close::InvalidUtf8,
+        Close::Protocol,
+        Close::Client(1000),
+        Close::GoingAway,
+        Close::RateLimited,
+    ];
+
+    /// Position in the catalog.
+    pub const fn index(self) -> usize {
+        match self {
+            Close::Idle => 0,
+            Close::SlowConsumer => 1,
+            Close::TooBig => 2,
+            Close::InvalidUtf8 => 3,
+            Close::Protocol => 4,
+            Close::Client(_) => 5,
+            Close::GoingAway => 6,
+            Close::RateLimited => 7,
+        }
+    }
+
     /// WebSocket close code.
     pub fn code(self) -> u16 {
         match self {
-            Close::Idle => 1001,
-            Close::SlowConsumer => 1013,
-            Close::TooBig => 1009,
-            Close::InvalidUtf8 => 1007,
-            Close::Protocol => 1002,
-            Close::Echo(code) => code,
-            Close::GoingAway => 1001,
-            Close::RateLimited => 1008,
+            Close::Client(code) => code,
+            _ => CATALOG[self.index()].code,
         }
     }
 
-    /// Close reason text (also the log label).
+    /// Reason text for the close frame and the log.
     pub fn reason(self) -> &'static str {
-        match self {
-            Close::Idle => "idle timeout",
-            Close::SlowConsumer => "slow consumer",
-            Close::TooBig => "message too big",
-            Close::InvalidUtf8 => "invalid utf-8",
-            Close::Protocol => "protocol error",
-            Close::Echo(_) => "",
-            Close::GoingAway => "going away",
-            Close::RateLimited => "rate limited",
-        }
+        CATALOG[self.index()].reason
     }
 
-    /// The close for a codec error.
-    pub fn from_ws(e: crate::ws::WsError) -> Close {
-        match e {
-            crate::ws::WsError::Protocol(_) => Close::Protocol,
-            crate::ws::WsError::TooBig => Close::TooBig,
-            crate::ws::WsError::InvalidUtf8 => Close::InvalidUtf8,
+    /// Label for metrics.
+    pub fn label(self) -> &'static str {
+        CATALOG[self.index()].label
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalog_is_consistent() {
+        for (i, why) in Close::ALL.into_iter().enumerate() {
+            assert_eq!(why.index(), i, "{why:?}");
+            assert!(!why.label().is_empty());
+            // phoenix.js does not reconnect after 1000: only the client's own echo may carry it.
+            assert!(why.code() != 1000 || matches!(why, Close::Client(_)), "{why:?}");
         }
+        assert_eq!(Close::Client(4001).code(), 4001);
+        assert_eq!((Close::Idle.code(), Close::Idle.reason()), (1001, "idle timeout"));
+        assert_eq!((Close::SlowConsumer.code(), Close::SlowConsumer.label()), (1013, "slow_consumer"));
+        let labels: std::collections::HashSet<_> = Close::ALL.iter().map(|c| c.label()).collect();
+        assert_eq!(labels.len(), Close::KINDS, "labels are unique");
     }
 }

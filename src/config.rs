@@ -55,12 +55,12 @@ pub struct ServerArgs {
     #[arg(long, env = "NEXUS_MAX_FRAME_BYTES", default_value_t = limits::FRAME_BYTES_MAX_DEFAULT)]
     pub max_frame_bytes: usize,
     /// Close a socket that sent nothing for this long (1001). Seconds, or `90s`, `2m`.
-    #[arg(long, env = "NEXUS_IDLE_TIMEOUT", default_value = "60", value_parser = parse_duration)]
-    pub idle_timeout: Duration,
+    #[arg(long, env = "NEXUS_IDLE_TIMEOUT", default_value_t = Secs(limits::IDLE_TIMEOUT_DEFAULT))]
+    pub idle_timeout: Secs,
     /// On SIGTERM/SIGINT, close open sockets (1001) spread over this long before exiting; a
     /// second signal exits at once. Seconds, or `10s`, `1m`.
-    #[arg(long, env = "NEXUS_DRAIN_SECS", default_value = "10", value_parser = parse_duration)]
-    pub drain: Duration,
+    #[arg(long, env = "NEXUS_DRAIN_SECS", default_value_t = Secs(limits::DRAIN_DEFAULT))]
+    pub drain: Secs,
     /// Serve `POST /dev/token`, which mints a token for anyone (development only: the demo
     /// page's one-click sign-in). Off by default; loudly logged when on.
     #[arg(long, env = "NEXUS_DEV_TOKENS", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
@@ -75,7 +75,7 @@ pub struct ServerArgs {
     pub allowed_origins: Vec<String>,
     /// Window in ms over which presence joins/leaves of one topic are coalesced into one
     /// `presence_diff` (0 = a diff per join/leave).
-    #[arg(long, env = "NEXUS_PRESENCE_BATCH_MS", default_value_t = 5)]
+    #[arg(long, env = "NEXUS_PRESENCE_BATCH_MS", default_value_t = limits::PRESENCE_BATCH_MS_DEFAULT)]
     pub presence_batch_ms: u64,
     /// Most open connections (beyond it: 503) [default: what the open-file limit allows].
     #[arg(long, env = "NEXUS_MAX_CONNECTIONS")]
@@ -121,44 +121,34 @@ pub enum ConfigError {
     },
 }
 
-/// Validated server configuration.
+/// Validated server configuration. Each field is the checked form of the [`ServerArgs`] flag
+/// of the same name (documented there), except where a comment says otherwise.
 #[derive(Debug, Clone)]
+#[allow(missing_docs)]
 pub struct Config {
-    /// Address to listen on (port 0: pick one).
+    /// `NEXUS_BIND` and `PORT` together (port 0: the kernel picks one).
     pub listen: SocketAddr,
-    /// HS256 secret.
     pub jwt_secret: Vec<u8>,
-    /// Token time leeway in seconds.
     pub jwt_leeway_secs: u64,
-    /// Number of core threads.
+    /// `NEXUS_WORKERS`, or one per CPU.
     pub workers: usize,
-    /// Largest client frame/message in bytes.
     pub max_frame_bytes: usize,
-    /// Idle timeout.
     pub idle_timeout: Duration,
-    /// Allowed origins.
+    /// `NEXUS_ALLOWED_ORIGINS`, parsed.
     pub origins: OriginPolicy,
-    /// Most joined topics per socket.
     pub max_channels: usize,
-    /// Most bytes queued per connection.
     pub max_outbox_bytes: usize,
-    /// SQLite file.
     pub database_path: PathBuf,
-    /// `synchronous=FULL` instead of NORMAL.
+    /// `NEXUS_SYNC=full`.
     pub sync_full: bool,
-    /// Database size cap in bytes.
     pub db_max_bytes: Option<u64>,
-    /// Writer queue depth.
     pub writer_queue: usize,
-    /// Connection cap, if set (else derived from the open-file limit).
+    /// `None`: derived from the open-file limit at start-up.
     pub max_connections: Option<usize>,
-    /// Presence diff coalescing window (zero: none).
+    /// `NEXUS_PRESENCE_BATCH_MS` (zero: a diff per change).
     pub presence_batch: Duration,
-    /// How long a graceful shutdown spreads the closing of open sockets over.
     pub drain: Duration,
-    /// Messages per second per socket (0: unlimited).
     pub msg_rate: u32,
-    /// `POST /dev/token` is served.
     pub dev_tokens: bool,
 }
 
@@ -168,22 +158,25 @@ impl Config {
         let secret = secret(args)?;
         let workers = match args.workers {
             Some(0) => return Err(invalid("NEXUS_WORKERS", "must be at least 1")),
-            Some(n) if n > 1024 => return Err(invalid("NEXUS_WORKERS", "must be at most 1024")),
+            Some(n) if n > limits::WORKERS_MAX => {
+                return Err(invalid("NEXUS_WORKERS", &format!("must be at most {}", limits::WORKERS_MAX)))
+            }
             Some(n) => n,
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()).min(limits::WORKERS_MAX),
         };
         if args.max_frame_bytes < limits::FRAME_BYTES_MAX_MIN {
             let why = format!("must be at least {}", limits::FRAME_BYTES_MAX_MIN);
             return Err(invalid("NEXUS_MAX_FRAME_BYTES", &why));
         }
-        if args.idle_timeout < Duration::from_secs(1) {
-            return Err(invalid("NEXUS_IDLE_TIMEOUT", "must be at least 1s"));
+        if args.idle_timeout.0 < limits::IDLE_TIMEOUT_MIN {
+            return Err(invalid("NEXUS_IDLE_TIMEOUT", &format!("must be at least {}", Secs(limits::IDLE_TIMEOUT_MIN))));
         }
-        if args.drain > Duration::from_secs(3_600) {
-            return Err(invalid("NEXUS_DRAIN_SECS", "must be at most 1h"));
+        if args.drain.0 > limits::DRAIN_MAX {
+            return Err(invalid("NEXUS_DRAIN_SECS", &format!("must be at most {}", Secs(limits::DRAIN_MAX))));
         }
-        if args.presence_batch_ms > 1_000 {
-            return Err(invalid("NEXUS_PRESENCE_BATCH_MS", "must be at most 1000"));
+        if args.presence_batch_ms > limits::PRESENCE_BATCH_MS_MAX {
+            let why = format!("must be at most {}", limits::PRESENCE_BATCH_MS_MAX);
+            return Err(invalid("NEXUS_PRESENCE_BATCH_MS", &why));
         }
         if args.writer_queue == 0 {
             return Err(invalid("NEXUS_WRITER_QUEUE", "must be at least 1"));
@@ -207,7 +200,7 @@ impl Config {
             jwt_leeway_secs: args.jwt_leeway_secs,
             workers,
             max_frame_bytes: args.max_frame_bytes,
-            idle_timeout: args.idle_timeout,
+            idle_timeout: args.idle_timeout.0,
             origins: OriginPolicy::new(entries),
             max_channels: args.max_channels,
             max_outbox_bytes: args.max_outbox_bytes,
@@ -217,7 +210,7 @@ impl Config {
             writer_queue: args.writer_queue,
             max_connections: args.max_connections,
             presence_batch: Duration::from_millis(args.presence_batch_ms),
-            drain: args.drain,
+            drain: args.drain.0,
             msg_rate: args.msg_rate,
             dev_tokens: args.dev_tokens,
         })
@@ -234,6 +227,28 @@ pub fn secret(args: &ServerArgs) -> Result<Vec<u8>, ConfigError> {
 
 fn invalid(name: &'static str, why: &str) -> ConfigError {
     ConfigError::Invalid { name, why: why.to_string() }
+}
+
+/// A duration flag: plain seconds (`60`) or humantime (`90s`, `2m`); shown as seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Secs(pub Duration);
+
+impl std::str::FromStr for Secs {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Secs, String> {
+        parse_duration(s).map(Secs)
+    }
+}
+
+impl std::fmt::Display for Secs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.subsec_nanos() == 0 {
+            write!(f, "{}", self.0.as_secs())
+        } else {
+            write!(f, "{}", humantime::format_duration(self.0))
+        }
+    }
 }
 
 /// Parses a duration: plain seconds (`60`) or humantime (`90s`, `2m`, `24h`).
@@ -255,6 +270,8 @@ mod tests {
         assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
         assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
         assert!(parse_duration("soon").is_err());
+        assert_eq!("2m".parse::<Secs>().map(|s| s.to_string()), Ok("120".to_string()));
+        assert_eq!(Secs(Duration::from_millis(1_500)).to_string(), "1s 500ms");
     }
 
     /// The defaults users rely on (README's configuration table), as declared on the flags,

@@ -18,6 +18,35 @@ pub const FRAME_BYTES_MAX_MIN: usize = 1_024;
 /// The JS client beats every 30 s and Phoenix's transport timeout is 60 s.
 pub const IDLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
 
+/// Shortest idle timeout accepted from configuration: the sweep that enforces it runs every
+/// [`SWEEP_INTERVAL`], so a shorter one could not be honoured.
+pub const IDLE_TIMEOUT_MIN: Duration = Duration::from_secs(1);
+
+/// Most core threads (`NEXUS_WORKERS`): core ids travel as `u16` in cross-core messages and
+/// presence refs; far more than any machine this runs on has cores.
+pub const WORKERS_MAX: usize = 1_024;
+
+/// Default graceful drain (`NEXUS_DRAIN_SECS`): open sockets are closed spread over this long,
+/// so clients reconnect elsewhere in a trickle instead of a stampede; well inside the 30 s an
+/// orchestrator usually waits after SIGTERM.
+pub const DRAIN_DEFAULT: Duration = Duration::from_secs(10);
+
+/// Longest graceful drain accepted (`NEXUS_DRAIN_SECS`): longer than any orchestrator waits
+/// before it kills a process anyway.
+pub const DRAIN_MAX: Duration = Duration::from_secs(3_600);
+
+/// Default presence coalescing window (`NEXUS_PRESENCE_BATCH_MS`): one diff per topic per
+/// window instead of one per join; 5 ms is invisible to people and turns a join storm's O(N²)
+/// frames into O(N) (BENCHMARKS.md, "Join storm").
+pub const PRESENCE_BATCH_MS_DEFAULT: u64 = 5;
+
+/// Longest presence window accepted: beyond a second, presence lags visibly.
+pub const PRESENCE_BATCH_MS_MAX: u64 = 1_000;
+
+/// Lifetime of the tokens `POST /dev/token` mints (development only), as long as the tokens of
+/// the app backend in the integration guide Nexus follows.
+pub const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
 /// Largest HTTP request head (request line + headers) we buffer before answering 431.
 /// A phoenix.js upgrade with a token in the query and in the subprotocol is ~1.5 KiB.
 pub const HANDSHAKE_BYTES_MAX: usize = 8_192;
@@ -70,21 +99,46 @@ pub const WRITER_QUEUE_MAX_DEFAULT: usize = 8_192;
 /// Most requests the writer commits in one batch (one transaction, one hand-off per core).
 pub const WRITER_BATCH_MAX: usize = 1_024;
 
-/// Capacity of each core's cross-thread mailbox, in messages (each message is a whole batch).
+/// Capacity of each core's cross-thread mailbox, in messages (a message is a whole committed
+/// batch, one presence change or state, or one HTTP response).
 pub const MAILBOX_MSGS_MAX: usize = 4_096;
 
+/// Messages one core may hold for other cores whose mailboxes are full before it counts as
+/// congested: then every core refuses new joins (`server busy`) until it drains to half of
+/// this. Joins are what create cross-core traffic; leaves and closes are never refused or
+/// dropped, and are bounded by the joins already made. 16 full mailboxes' worth: reached only
+/// when a core has stopped draining for a long while.
+pub const CROSS_CORE_OVERFLOW_MSGS_MAX: usize = 16 * MAILBOX_MSGS_MAX;
+
+/// First and longest pause of a non-core thread (the writer, a reader) waiting for room in a
+/// full mailbox; the pause doubles in between. Short first, since a core drains its mailbox
+/// in microseconds; capped so a stalled core costs the waiting thread little CPU.
+pub const MAILBOX_BLOCKING_PAUSE_MIN: Duration = Duration::from_micros(20);
+/// See [`MAILBOX_BLOCKING_PAUSE_MIN`].
+pub const MAILBOX_BLOCKING_PAUSE_MAX: Duration = Duration::from_millis(5);
+
 /// How often each core sweeps its connections for idle and handshake deadlines. One coarse
-/// sweep per core instead of one timer per connection (design.md "Connection state").
+/// sweep per core instead of one timer (and its memory) per connection.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 
-/// File descriptors kept back from `RLIMIT_NOFILE` for listeners, rings, mailboxes, the
-/// database and logs; the rest may be connections.
+/// File descriptors kept back from `RLIMIT_NOFILE` for the database, its threads and logs; the
+/// rest, less [`FDS_PER_CORE`] per core, may be connections.
 pub const FDS_RESERVED: u64 = 64;
+
+/// File descriptors each core holds besides connections: its listener, its ring, the two ends
+/// of its wake socket pair, its spare descriptor, its timer, and slack.
+pub const FDS_PER_CORE: u64 = 8;
 
 /// Back-off after `accept` fails for lack of file descriptors, so a full table never spins.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 const _: () = assert!(FRAME_BYTES_MAX_MIN <= FRAME_BYTES_MAX_DEFAULT);
+const _: () = assert!(IDLE_TIMEOUT_MIN.as_millis() >= 4 * SWEEP_INTERVAL.as_millis());
+const _: () = assert!(IDLE_TIMEOUT_MIN.as_secs() <= IDLE_TIMEOUT_DEFAULT.as_secs());
+const _: () = assert!(PRESENCE_BATCH_MS_DEFAULT <= PRESENCE_BATCH_MS_MAX);
+const _: () = assert!(DRAIN_DEFAULT.as_secs() <= DRAIN_MAX.as_secs());
+const _: () = assert!(WORKERS_MAX <= u16::MAX as usize + 1);
+const _: () = assert!(CROSS_CORE_OVERFLOW_MSGS_MAX >= 2 * MAILBOX_MSGS_MAX);
 const _: () = assert!(WRITER_BATCH_MAX <= WRITER_QUEUE_MAX_DEFAULT);
 const _: () = assert!(HANDSHAKE_BYTES_MAX <= READ_CHUNK_BYTES);
 
@@ -134,10 +188,13 @@ pub const MERGE_STEP_BUDGET: Duration = Duration::from_millis(20);
 /// History requests queued for the reader thread; full → 503.
 pub const READER_QUEUE_MAX: usize = 1_024;
 
-/// History page size: default and largest `limit`.
+/// History page size when the request gives no `limit`.
 pub const HISTORY_LIMIT_DEFAULT: usize = 50;
 /// Largest `limit` a history request may ask for.
 pub const HISTORY_LIMIT_MAX: usize = 200;
+/// The answer to a history `limit` outside 1..=[`HISTORY_LIMIT_MAX`] (a unit test keeps the
+/// number in it equal to the constant).
+pub const HISTORY_LIMIT_INVALID: &str = "limit must be an integer from 1 to 200";
 
 /// How often the checkpointer copies committed WAL pages into the database file. Often, so
 /// that when the WAL reaches [`WAL_AUTOCHECKPOINT_PAGES`] and the writer checkpoints itself
@@ -146,9 +203,24 @@ pub const HISTORY_LIMIT_MAX: usize = 200;
 /// and the writer alone from 231k to 241k rows/s (commit p99 15 → 9 ms).
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(10);
 
-/// WAL size (pages of 4 KiB) at which the writer checkpoints by itself: a safety net if the
-/// checkpointer thread falls behind. 16,384 pages = 64 MiB of WAL.
+/// WAL size (pages of [`DB_PAGE_BYTES`]) at which the writer checkpoints by itself: a safety
+/// net if the checkpointer thread falls behind. 2,000 pages ≈ 8 MiB of WAL.
 pub const WAL_AUTOCHECKPOINT_PAGES: i64 = 2_000;
+
+/// SQLite page size: the OS page, so a page write is one block write.
+pub const DB_PAGE_BYTES: u32 = 4_096;
+
+/// Size the WAL file is truncated back to after a checkpoint lets it restart, so a burst does
+/// not leave a huge file behind.
+pub const WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
+
+/// How long the writer and readers wait on a locked database before failing (a checkpoint or
+/// a migration by another process holds it briefly).
+pub const DB_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the checkpointer waits on a lock before skipping one round (it retries every
+/// [`CHECKPOINT_INTERVAL`], so skipping costs nothing).
+pub const CHECKPOINT_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// How often a core retries messages for another core whose mailbox was full.
 pub const MAILBOX_RETRY: Duration = Duration::from_millis(1);

@@ -17,6 +17,7 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    abort_on_panic();
     match &cli.command {
         Some(Command::Token { sub, ttl }) => token(&cli, sub, *ttl),
         None => serve(&cli),
@@ -57,6 +58,17 @@ fn token(cli: &Cli, sub: &str, ttl: std::time::Duration) -> ExitCode {
 fn fail(msg: &str) -> ExitCode {
     eprintln!("nexus: {msg}");
     ExitCode::from(EXIT_CONFIG)
+}
+
+/// A panic is a bug. One in a core thread would leave the process half alive (that core's
+/// sockets frozen, its mailbox filling until the writer blocks on it), so any panic ends the
+/// process once it is printed: a supervisor restarts it and clients reconnect.
+fn abort_on_panic() {
+    let print = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        print(info);
+        std::process::abort();
+    }));
 }
 
 fn init_logging() {

@@ -1,4 +1,4 @@
-//! The history API (Nexus extension, protocol.md §6):
+//! The history API (Nexus extension, docs/protocol.md "History API"):
 //! `GET /api/conversations/<uuid>/messages?before=<id>&limit=<1..200>` with a Bearer token.
 //! Pages are oldest first, follow `next_before`, and carry exactly the `new_msg` broadcast
 //! payloads; bad parameters are 400, bad tokens 401, bad paths 404, other methods 405, all as

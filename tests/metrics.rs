@@ -98,6 +98,16 @@ fn counters_gauges_and_histograms_follow_what_clients_do() {
     );
     assert!(m.contains_key(r#"nexus_mailbox_depth{core="1"}"#));
 
+    assert_eq!(get(&m, "nexus_messages_dropped_total"), 0.0);
+    assert_eq!(get(&m, r#"nexus_joins_refused_total{reason="busy"}"#), 0.0);
+    assert_eq!(get(&m, "nexus_cross_core_congested"), 0.0);
+    assert_eq!(get(&m, "nexus_cross_core_overflow_messages"), 0.0);
+
+    // A malformed message is dropped (the socket stays) and counted.
+    a.send_text("[not json");
+    a.heartbeat("after-garbage");
+    scrape_until(port, "the malformed message counted", |m| get(m, "nexus_messages_dropped_total") >= 1.0);
+
     // A client close is counted by reason, and presence follows.
     assert_eq!(b.close_handshake(), Some(1001));
     scrape_until(port, "the client close counted", |m| {

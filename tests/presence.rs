@@ -1,4 +1,4 @@
-//! Presence on raw frames (protocol.md §4-§5, phoenix-reference.md §7): exact shapes of
+//! Presence on raw frames (docs/protocol.md "Channels" and "Presence"): exact shapes of
 //! `presence_state` and `presence_diff`, who receives what and when, one meta per
 //! connection-join, leaves exactly once whatever ends a membership (phx_leave, rejoin, close
 //! handshake, TCP FIN, TCP reset, idle timeout), and the coalescing of diffs over
@@ -1195,7 +1195,7 @@ fn a_join_and_leave_inside_the_window_never_leaves_a_ghost() {
 
 #[test]
 fn no_diff_reaches_a_joiner_before_its_state() {
-    // protocol.md §4: reply, then presence_state, then diffs. A diff the joiner gets before its
+    // docs/protocol.md "Join": reply, then presence_state, then diffs. A diff the joiner gets before its
     // state is old news the state already holds, but the JS helper buffers it as a "pending
     // diff" and, if the socket rejoins before that state arrives, applies it after the next
     // join's state: a ghost (found by presence_churn.test.js). Concurrent joins, no window:

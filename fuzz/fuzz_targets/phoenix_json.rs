@@ -7,7 +7,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nexus::phoenix::{decode, encode, encode_around, encode_frame, string_field, Outbound, Vsn};
+use nexus::phoenix::{decode, encode, encode_around, string_field, Outbound, Vsn};
+use nexus::wire::encode_frame;
 
 /// Whether `json` is one valid JSON text (grammar only: any depth, any number size).
 fn valid_json(json: &[u8]) -> bool {

@@ -215,7 +215,7 @@ fn route_history(head: &Head, rest: &str) -> Route {
             },
             "limit" => match v.parse::<usize>() {
                 Ok(n) if (1..=limits::HISTORY_LIMIT_MAX).contains(&n) => limit = n,
-                _ => return Route::ApiError(Status::BAD_REQUEST, "limit must be an integer from 1 to 200"),
+                _ => return Route::ApiError(Status::BAD_REQUEST, limits::HISTORY_LIMIT_INVALID),
             },
             _ => {}
         }
@@ -409,6 +409,9 @@ mod tests {
         assert!(missing("/api/conversations/nope/messages"));
         assert!(missing(&format!("/api/conversations/{id}/other")));
         assert!(missing(&format!("/api/conversations/{id}")));
+        let max = limits::HISTORY_LIMIT_MAX;
+        assert!(limits::HISTORY_LIMIT_INVALID.ends_with(&format!(" 1 to {max}")), "the answer names the limit");
+        assert!(!bad(&format!("/api/conversations/{id}/messages?limit={max}")));
     }
 
     #[test]

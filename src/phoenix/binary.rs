@@ -1,5 +1,5 @@
 //! The V2 binary push layout phoenix.js uses when a payload is an `ArrayBuffer`
-//! (phoenix-reference.md §2.3). Nexus events need JSON, so the server only decodes the
+//! (docs/protocol.md, "Binary frames"). Nexus events need JSON, so the server only decodes the
 //! envelope to answer with an error reply.
 
 /// The envelope of a client kind-0 binary push.

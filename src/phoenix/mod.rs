@@ -2,12 +2,10 @@
 //! binary push layout. Sans-IO; the only home of `sonic-rs`.
 
 mod binary;
-mod frame;
 mod json;
 mod serializer;
 
 pub use binary::{decode_binary_push, BinaryPush};
-pub use frame::encode_frame;
 pub use json::{string_field, write_str};
 pub use serializer::{decode, encode, encode_around, DecodeError, Inbound, Outbound, Vsn};
 

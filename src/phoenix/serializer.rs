@@ -1,4 +1,4 @@
-//! V1 and V2 JSON serializers (phoenix-reference.md §2).
+//! V1 and V2 JSON serializers (docs/protocol.md, "Frames").
 
 use serde::Deserialize;
 use sonic_rs::LazyValue;

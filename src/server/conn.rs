@@ -2,31 +2,17 @@
 //! the sweeper, pending acknowledgements). Small on purpose: it is most of what an idle
 //! connection costs.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, Ref, RefCell, RefMut};
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
-use std::rc::Rc;
 use std::task::Waker;
 
 use bytes::Bytes;
-use smallvec::SmallVec;
 use uuid::Uuid;
 
 use crate::close::Close;
-use crate::limits;
 use crate::phoenix::Vsn;
-use crate::presence::PhxRef;
-
-/// What [`Conn::spend`] decided about one client message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Spend {
-    /// Within the rate.
-    Ok,
-    /// Over the rate: answer `rate limited`.
-    Refused,
-    /// Over the rate [`limits::MSG_RATE_STRIKES_MAX`] times in a row: close the socket.
-    Abusive,
-}
+use crate::session::Session;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,39 +29,6 @@ pub(crate) enum Phase {
     Lingering,
 }
 
-/// A joined channel on this connection.
-#[derive(Debug)]
-pub(crate) struct Joined {
-    /// Conversation id (the topic's identity).
-    pub conversation: Uuid,
-    /// Topic as this client spelled it.
-    pub topic: Rc<str>,
-    /// The join's reference, stamped on every push and reply of the channel.
-    pub join_ref: JoinRef,
-    /// This join's presence meta.
-    pub phx_ref: PhxRef,
-}
-
-/// A join reference, inline up to 16 bytes (phoenix.js counts "1", "2", …): every joined
-/// channel holds one, and a heap string would cost an allocation per idle connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct JoinRef(SmallVec<[u8; 16]>);
-
-impl From<&str> for JoinRef {
-    fn from(s: &str) -> JoinRef {
-        JoinRef(SmallVec::from_slice(s.as_bytes()))
-    }
-}
-
-impl std::ops::Deref for JoinRef {
-    type Target = str;
-
-    fn deref(&self) -> &str {
-        // Built only from a `&str` (above): always UTF-8.
-        std::str::from_utf8(&self.0).unwrap_or_default()
-    }
-}
-
 /// Shared per-connection state.
 pub(crate) struct Conn {
     /// Key in the core's connection slab (also the member key in topics).
@@ -84,8 +37,10 @@ pub(crate) struct Conn {
     pub id: u64,
     /// Socket descriptor (owned by the task's stream).
     pub fd: RawFd,
-    user: Cell<Uuid>,
-    vsn: Cell<Vsn>,
+    /// The Phoenix protocol state (user, serializer, channels, budget); a placeholder until
+    /// the upgrade. Borrowed mutably only while it decides one message (a pure call), so the
+    /// shared borrows below never conflict.
+    session: RefCell<Session>,
     phase: Cell<Phase>,
     /// Core clock (ms) after which the sweeper acts on this connection.
     deadline_ms: Cell<u64>,
@@ -95,13 +50,6 @@ pub(crate) struct Conn {
     outbox: RefCell<VecDeque<Bytes>>,
     outbox_bytes: Cell<usize>,
     waker: Cell<Option<Waker>>,
-    /// Message budget (token bucket): tokens left, when it was last refilled (core ms, `u32`
-    /// wraps after 49 days, compared with wrapping arithmetic), refusals in a row.
-    tokens: Cell<u32>,
-    refilled_ms: Cell<u32>,
-    strikes: Cell<u32>,
-    /// Joined channels (few per connection; linear search beats a map at this size).
-    pub channels: RefCell<Vec<Joined>>,
 }
 
 impl Conn {
@@ -110,8 +58,7 @@ impl Conn {
             key,
             id,
             fd,
-            user: Cell::new(Uuid::nil()),
-            vsn: Cell::new(Vsn::V2),
+            session: RefCell::new(Session::new(Uuid::nil(), Vsn::V2)),
             phase: Cell::new(Phase::Handshake),
             deadline_ms: Cell::new(deadline_ms),
             expired: Cell::new(false),
@@ -119,19 +66,23 @@ impl Conn {
             outbox: RefCell::new(VecDeque::new()),
             outbox_bytes: Cell::new(0),
             waker: Cell::new(None),
-            tokens: Cell::new(0),
-            refilled_ms: Cell::new(0),
-            strikes: Cell::new(0),
-            channels: RefCell::new(Vec::new()),
         }
     }
 
     pub(crate) fn user(&self) -> Uuid {
-        self.user.get()
+        self.session.borrow().user()
     }
 
     pub(crate) fn vsn(&self) -> Vsn {
-        self.vsn.get()
+        self.session.borrow().vsn()
+    }
+
+    pub(crate) fn session(&self) -> Ref<'_, Session> {
+        self.session.borrow()
+    }
+
+    pub(crate) fn session_mut(&self) -> RefMut<'_, Session> {
+        self.session.borrow_mut()
     }
 
     pub(crate) fn phase(&self) -> Phase {
@@ -140,8 +91,8 @@ impl Conn {
 
     /// Switches to [`Phase::Open`] for `user` speaking `vsn`.
     pub(crate) fn open(&self, user: Uuid, vsn: Vsn) {
-        self.user.set(user);
-        self.vsn.set(vsn);
+        debug_assert_eq!(self.phase.get(), Phase::Handshake, "a connection opens once");
+        *self.session.borrow_mut() = Session::new(user, vsn);
         self.phase.set(Phase::Open);
     }
 
@@ -251,44 +202,6 @@ impl Conn {
             *outbox = VecDeque::new();
         }
         moved
-    }
-
-    /// Spends one message of the client's budget (`rate` per second, a burst of one second's
-    /// worth; 0 = unlimited).
-    pub(crate) fn spend(&self, now_ms: u64, rate: u32) -> Spend {
-        if rate == 0 {
-            return Spend::Ok;
-        }
-        // Shifted by one so 0 can mean "never refilled" (a fresh socket starts with a full burst).
-        let now = (now_ms as u32).wrapping_add(1);
-        let last = self.refilled_ms.get();
-        if last == 0 {
-            self.tokens.set(rate);
-            self.refilled_ms.set(now);
-        } else {
-            let elapsed = now.wrapping_sub(last);
-            let added = (u64::from(elapsed) * u64::from(rate) / 1_000).min(u64::from(rate)) as u32;
-            if added > 0 {
-                self.tokens.set(self.tokens.get().saturating_add(added).min(rate));
-                self.refilled_ms.set(now);
-            }
-        }
-        match self.tokens.get() {
-            0 => {
-                let strikes = self.strikes.get() + 1;
-                self.strikes.set(strikes);
-                if strikes > limits::MSG_RATE_STRIKES_MAX {
-                    Spend::Abusive
-                } else {
-                    Spend::Refused
-                }
-            }
-            t => {
-                self.tokens.set(t - 1);
-                self.strikes.set(0);
-                Spend::Ok
-            }
-        }
     }
 
     pub(crate) fn set_waker(&self, waker: &Waker) {

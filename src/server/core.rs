@@ -1,9 +1,17 @@
-//! One core: its listener, its connections, its shard of topic memberships, its mailbox, and
-//! the coarse sweep that replaces per-connection timers. Everything here is touched by this
-//! core's thread only (`Rc`/`RefCell`, no locks).
+//! One core: its listener, its connections, its members of each conversation, the presence of
+//! the conversations it owns, its mailbox, and the coarse sweep that replaces per-connection
+//! timers. Everything here is touched by this core's thread only (`Rc`/`RefCell`, no locks).
+//!
+//! The state is private; the methods are the entry points the rest of the server uses:
+//! connections come and go through [`Core::register`]/[`Core::unregister`], sessions act through
+//! [`Core::join_channel`], [`Core::leave_channel`] and [`Core::submit`], other threads through
+//! the mailbox ([`CoreMsg`]), and everything bound for another core through [`Core::send_to`].
+//!
+//! Borrow rules: every `RefCell` here is borrowed for one short, synchronous step and never
+//! across an `.await`. The one long borrow is the read buffer ([`Core::read_buf`]), held while
+//! the frames just read are handled: nothing a frame handler calls may read from a socket.
 
-use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::cell::{Cell, RefCell, RefMut};
 use std::os::fd::AsRawFd;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -15,19 +23,20 @@ use monoio::net::{TcpListener, TcpStream, UnixStream};
 use slab::Slab;
 use uuid::Uuid;
 
-use super::conn::{Conn, JoinRef, Phase};
-use super::metrics::{Counter, Counters, Published};
-use super::presence::PresenceShard;
-use super::{session, sys, task};
+use super::conn::{Conn, Phase};
+use super::topics::LocalTopics;
+use super::{sys, task};
 use crate::auth::Verifier;
-use crate::bus::{CoreMsg, Mailbox};
+use crate::bus::{ConnRef, CoreMsg, Mailbox, Overflow};
 use crate::close::Close;
 use crate::config::Config;
-use crate::phoenix::{self, Vsn};
-use crate::store::{CommitBatch, Message, ReaderHandle, StoreHandle};
-use crate::{chat, limits};
+use crate::metrics::{Counter, Counters, Gauges, Published};
+use crate::presence::{Meta, PhxRef, PresenceShard, RefMaker};
+use crate::session::{Effect, Env, Limits, ReplyTo};
+use crate::store::{CommitBatch, InsertRequest, Origin, ReaderHandle, StoreHandle};
+use crate::{channel, chat, ids, limits, wire};
 
-/// Read-only state every core shares.
+/// Read-only state every core shares (plus atomics for the few process-wide facts).
 pub(crate) struct Shared {
     pub config: Config,
     pub reader: ReaderHandle,
@@ -39,6 +48,9 @@ pub(crate) struct Shared {
     pub connections_max: usize,
     /// Graceful shutdown started: new sessions are refused, `/healthz` answers 503.
     pub draining: AtomicBool,
+    /// Cores whose overflow toward other cores is congested ([`Overflow`]): while any is, new
+    /// joins are refused.
+    pub congested_cores: AtomicUsize,
     /// Every core's last published counters, for `/metrics`.
     pub published: Published,
 }
@@ -51,103 +63,106 @@ impl Shared {
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
-}
 
-/// One local member of a topic.
-pub(crate) struct Member {
-    pub conn: Rc<Conn>,
-    /// Its presence_state was pushed: presence diffs may follow.
-    pub presence_ready: Cell<bool>,
-}
-
-/// This core's members of one conversation.
-///
-/// Frames echo the topic as each client spelled it, and the UUID is case-insensitive, so
-/// spellings can differ; almost always they do not. The first member's spelling is the
-/// topic's, and only members who spell it differently have an entry in `other_spellings`: a
-/// member costs no spelling of its own (16 B less per connection), and a join finds its
-/// spelling without scanning the members.
-pub(crate) struct Topic {
-    pub members: HashMap<usize, Member>,
-    pub spelling: Rc<str>,
-    pub other_spellings: HashMap<usize, Rc<str>>,
-}
-
-impl Topic {
-    /// The spelling member `key` uses.
-    fn spelling_of(&self, key: usize) -> &Rc<str> {
-        if self.other_spellings.is_empty() {
-            return &self.spelling;
-        }
-        self.other_spellings.get(&key).unwrap_or(&self.spelling)
+    fn joins_refused(&self) -> bool {
+        self.congested_cores.load(Ordering::Relaxed) > 0
     }
 }
 
 /// A `new_msg` waiting for the writer's answer.
-pub(crate) struct PendingAck {
-    pub conn: Rc<Conn>,
-    pub join_ref: JoinRef,
-    pub reference: Option<String>,
-    pub topic: Rc<str>,
+struct PendingAck {
+    conn: Rc<Conn>,
+    reply: ReplyTo,
+}
+
+/// A socket waiting for its `presence_state` from a conversation's owner.
+#[derive(Debug)]
+struct Joiner {
+    core: u16,
+    conn: ConnRef,
+    join_ref: Box<str>,
 }
 
 /// Per-core state.
 pub(crate) struct Core {
-    pub id: usize,
-    pub shared: Arc<Shared>,
-    pub store: StoreHandle,
-    pub conns: RefCell<Slab<Rc<Conn>>>,
-    pub topics: RefCell<HashMap<Uuid, Topic>>,
-    pub acks: RefCell<Slab<PendingAck>>,
-    /// HTTP requests waiting for another thread's response.
-    pub http_waits: RefCell<Slab<Rc<Conn>>>,
-    /// Scratch buffer for `recv`: one per core instead of one per connection.
-    pub read_buf: RefCell<Vec<u8>>,
-    /// Scratch buffer that coalesces a connection's queued frames into one `send`.
-    pub write_buf: RefCell<Vec<u8>>,
+    id: usize,
+    shared: Arc<Shared>,
+    store: StoreHandle,
+    /// This core itself, for spawning its own helper tasks.
+    me: Weak<Core>,
     started: Instant,
+    /// Coarse clock (ms since `started`), advanced by the sweeper and at accept.
     now_ms: Cell<u64>,
     next_conn_id: Cell<u64>,
-    /// This core itself, for spawning its own helper tasks.
-    pub me: Weak<Core>,
-    /// Presence of the topics this core owns, and their diffs not yet sent.
-    pub presence: RefCell<PresenceShard>,
+    conns: RefCell<Slab<Rc<Conn>>>,
+    topics: RefCell<LocalTopics>,
+    acks: RefCell<Slab<PendingAck>>,
+    /// HTTP requests waiting for another thread's response.
+    http_waits: RefCell<Slab<Rc<Conn>>>,
+    /// Scratch buffer for `recv`: one per core instead of one per connection.
+    read_buf: RefCell<Vec<u8>>,
+    /// Scratch buffer that coalesces a connection's queued frames into one `send`.
+    write_buf: RefCell<Vec<u8>>,
+    /// Scratch list of a session's effects, reused for every message.
+    effects: RefCell<Vec<Effect>>,
+    /// Makes this core's presence refs unique.
+    refs: RefCell<RefMaker>,
+    /// Presence of the conversations this core owns.
+    presence: RefCell<PresenceShard<Joiner>>,
+    /// A presence flush is scheduled.
+    presence_flush: Cell<bool>,
     /// Messages for other cores whose mailbox was full, retried in order.
-    pub outgoing: RefCell<Vec<VecDeque<CoreMsg>>>,
-    pub retry_scheduled: Cell<bool>,
+    overflow: RefCell<Overflow>,
+    retry_scheduled: Cell<bool>,
     /// This core's counters for `/metrics` (published on every sweep).
-    pub counters: Counters,
+    counters: Counters,
 }
 
 impl Core {
     pub(crate) fn new(id: usize, shared: Arc<Shared>, store: StoreHandle, me: Weak<Core>) -> Core {
         let cores = shared.mailboxes.len();
+        let core_id = u16::try_from(id).expect("NEXUS_WORKERS is at most 1024");
         Core {
             id,
             shared,
             store,
+            me,
+            started: Instant::now(),
+            now_ms: Cell::new(0),
+            next_conn_id: Cell::new(0),
             conns: RefCell::new(Slab::new()),
-            topics: RefCell::new(HashMap::new()),
+            topics: RefCell::new(LocalTopics::default()),
             acks: RefCell::new(Slab::new()),
             http_waits: RefCell::new(Slab::new()),
             read_buf: RefCell::new(vec![0; limits::READ_CHUNK_BYTES]),
             write_buf: RefCell::new(Vec::new()),
-            started: Instant::now(),
-            now_ms: Cell::new(0),
-            next_conn_id: Cell::new(0),
-            me,
-            presence: RefCell::new(PresenceShard::new(id as u16)),
-            outgoing: RefCell::new((0..cores).map(|_| VecDeque::new()).collect()),
+            effects: RefCell::new(Vec::new()),
+            refs: RefCell::new(RefMaker::new(core_id)),
+            presence: RefCell::new(PresenceShard::default()),
+            presence_flush: Cell::new(false),
+            overflow: RefCell::new(Overflow::new(cores, limits::CROSS_CORE_OVERFLOW_MSGS_MAX)),
             retry_scheduled: Cell::new(false),
             counters: Counters::default(),
         }
+    }
+
+    pub(crate) fn id(&self) -> usize {
+        self.id
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     pub(crate) fn config(&self) -> &Config {
         &self.shared.config
     }
 
-    /// Coarse core clock in ms, advanced by the sweeper (and at accept).
+    pub(crate) fn store(&self) -> &StoreHandle {
+        &self.store
+    }
+
+    /// Coarse core clock in ms (advanced every sweep).
     pub(crate) fn now_ms(&self) -> u64 {
         self.now_ms.get()
     }
@@ -159,13 +174,35 @@ impl Core {
         self.now_ms() + (self.config().idle_timeout + limits::SWEEP_INTERVAL).as_millis() as u64
     }
 
+    /// When a connection that sent its last bytes (or is waiting) now must be gone.
+    pub(crate) fn deadline_after_ms(&self, wait: std::time::Duration) -> u64 {
+        self.now_ms() + wait.as_millis() as u64
+    }
+
     pub(crate) fn count(&self, c: Counter) {
         self.counters.bump(c);
     }
 
     /// Copies this core's counters where a scrape on any core can add them up.
     pub(crate) fn publish(&self) {
-        self.shared.published.publish(self.id, &self.counters, self.presence.borrow().sizes());
+        let (topics, metas) = self.presence.borrow().sizes();
+        let gauges = Gauges {
+            presence_topics: topics as u64,
+            presence_metas: metas as u64,
+            overflow_msgs: self.overflow.borrow().len() as u64,
+        };
+        self.shared.published.publish(self.id, &self.counters, gauges);
+    }
+
+    /// The per-core read buffer. Held while the bytes just read are handled; see the borrow
+    /// rules in the module doc.
+    pub(crate) fn read_buf(&self) -> RefMut<'_, Vec<u8>> {
+        self.read_buf.borrow_mut()
+    }
+
+    /// The per-core write-coalescing buffer, for one flush.
+    pub(crate) fn write_buf(&self) -> RefMut<'_, Vec<u8>> {
+        self.write_buf.borrow_mut()
     }
 
     fn tick(&self) -> u64 {
@@ -237,51 +274,273 @@ impl Core {
     /// Forgets a connection: leaves its channels (presence leaves included), drops it.
     pub(crate) fn unregister(&self, conn: &Rc<Conn>) {
         self.leave_all(conn);
-        self.conns.borrow_mut().try_remove(conn.key);
+        let removed = self.conns.borrow_mut().try_remove(conn.key);
+        debug_assert!(removed.is_some_and(|c| Rc::ptr_eq(&c, conn)), "unregistered twice");
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Leaves every channel of a connection (presence leaves included). Called as soon as a
     /// close is decided, so members see the leave without waiting for the close to finish.
-    pub(crate) fn leave_all(&self, conn: &Conn) {
-        let channels = std::mem::take(&mut *conn.channels.borrow_mut());
-        for joined in channels {
-            self.remove_member(joined.conversation, conn.key);
-            self.untrack(conn.user(), joined.conversation, joined.phx_ref);
+    pub(crate) fn leave_all(&self, conn: &Rc<Conn>) {
+        let mut effects = self.effects.take();
+        conn.session_mut().leave_all(&mut effects);
+        for e in effects.drain(..) {
+            self.execute(conn, e);
+        }
+        self.effects.replace(effects);
+    }
+
+    // --- Sessions ---------------------------------------------------------------------------
+
+    /// Hands one client message to the connection's session and carries out what it decides.
+    pub(crate) fn on_message(&self, conn: &Rc<Conn>, msg: crate::ws::Message<'_>) {
+        let mut effects = self.effects.take();
+        {
+            let config = self.config();
+            let mut env = Env {
+                now_ms: self.now_ms(),
+                limits: Limits { max_channels: config.max_channels, msg_rate: config.msg_rate },
+                refs: &mut self.refs.borrow_mut(),
+                counters: &self.counters,
+                joins_refused: self.shared.joins_refused(),
+                core: self.id,
+                conn: conn.id,
+            };
+            conn.session_mut().on_message(msg, &mut env, &mut effects);
+        }
+        for e in effects.drain(..) {
+            self.execute(conn, e);
+        }
+        self.effects.replace(effects);
+    }
+
+    fn execute(&self, conn: &Rc<Conn>, effect: Effect) {
+        match effect {
+            Effect::Send(frame) => {
+                self.count(Counter::Replies);
+                conn.send(frame, self.config().max_outbox_bytes);
+            }
+            Effect::Join { conversation, topic, join_ref, phx_ref } => {
+                self.join_channel(conn, conversation, topic, &join_ref, phx_ref)
+            }
+            Effect::Leave { conversation, phx_ref } => self.leave_channel(conn, conversation, phx_ref),
+            Effect::Submit { conversation, body, reply } => self.submit(conn, conversation, body, reply),
+            Effect::Close(why) => conn.request_close(why),
         }
     }
 
-    /// Adds `conn` to a topic's local members; returns the interned spelling to store.
-    pub(crate) fn add_member(&self, conversation: Uuid, conn: &Rc<Conn>, spelling: &str) -> Rc<str> {
-        let mut topics = self.topics.borrow_mut();
-        let topic = topics.entry(conversation).or_insert_with(|| Topic {
-            members: HashMap::new(),
-            spelling: Rc::from(spelling),
-            other_spellings: HashMap::new(),
-        });
-        let interned = if *topic.spelling == *spelling {
-            topic.spelling.clone()
-        } else {
-            let known = topic.other_spellings.values().find(|t| ***t == *spelling).cloned();
-            let other = known.unwrap_or_else(|| Rc::from(spelling));
-            topic.other_spellings.insert(conn.key, other.clone());
-            other
+    /// Makes `conn` a local member of `conversation` and asks the owner to track its presence
+    /// (the owner answers with the `presence_state`, pushed with `join_ref`).
+    pub(crate) fn join_channel(
+        &self,
+        conn: &Rc<Conn>,
+        conversation: Uuid,
+        topic: Rc<str>,
+        join_ref: &str,
+        phx_ref: PhxRef,
+    ) {
+        let shared_spelling = self.topics.borrow_mut().add_member(conversation, conn, topic);
+        conn.session_mut().adopt_spelling(conversation, shared_spelling);
+        let conn_ref = ConnRef { key: u32::try_from(conn.key).expect("connections fit in u32"), id: conn.id };
+        let msg = CoreMsg::Track {
+            conversation,
+            user: conn.user(),
+            meta: Meta::new(phx_ref, ids::now_micros()),
+            from: u16::try_from(self.id).expect("core ids fit in u16 (limits::WORKERS_MAX)"),
+            conn: conn_ref,
+            join_ref: join_ref.into(),
         };
-        topic.members.insert(conn.key, Member { conn: conn.clone(), presence_ready: Cell::new(false) });
-        interned
+        self.send_to(self.owner(conversation), msg);
     }
 
-    /// Removes a member; frees the topic when it was the last one.
-    pub(crate) fn remove_member(&self, conversation: Uuid, key: usize) {
-        let mut topics = self.topics.borrow_mut();
-        if let Some(topic) = topics.get_mut(&conversation) {
-            topic.members.remove(&key);
-            topic.other_spellings.remove(&key);
-            if topic.members.is_empty() {
-                topics.remove(&conversation);
+    /// Drops `conn`'s membership of `conversation` and asks the owner to untrack `phx_ref`.
+    pub(crate) fn leave_channel(&self, conn: &Conn, conversation: Uuid, phx_ref: PhxRef) {
+        self.topics.borrow_mut().remove_member(conversation, conn.key);
+        self.send_to(self.owner(conversation), CoreMsg::Untrack { conversation, user: conn.user(), phx_ref });
+    }
+
+    /// Hands a message to the writer; the answer comes back with the committed batch
+    /// ([`Core::on_committed`]), or at once when the writer's queue is full.
+    pub(crate) fn submit(&self, conn: &Rc<Conn>, conversation: Uuid, body: String, reply: ReplyTo) {
+        let ticket = self.acks.borrow_mut().insert(PendingAck { conn: conn.clone(), reply });
+        let origin = Origin {
+            core: u16::try_from(self.id).expect("core ids fit in u16 (limits::WORKERS_MAX)"),
+            ticket: u32::try_from(ticket).expect("pending acks are bounded by the writer queue"),
+        };
+        let req = InsertRequest { conversation, sender: conn.user(), body, origin };
+        if let Err(e) = self.store.try_submit(req) {
+            let ack = self.acks.borrow_mut().remove(ticket);
+            self.count(Counter::NewMsgBusy);
+            tracing::warn!(core = self.id, conn = conn.id, error = %e, "new_msg refused");
+            self.count(Counter::Replies);
+            conn.send(ack.reply.frame(conn.vsn(), Some(&e.to_string())), self.config().max_outbox_bytes);
+        }
+    }
+
+    /// Broadcasts a committed batch to local members and answers this core's senders
+    /// (broadcast first, then the reply: Phoenix's order).
+    fn on_committed(&self, batch: &CommitBatch) {
+        let max = self.config().max_outbox_bytes;
+        for m in &batch.messages {
+            if batch.failure.is_none() && self.topics.borrow().has_members(m.message.conversation) {
+                let payload = chat::new_msg_payload(&m.message);
+                self.fan_out(m.message.conversation, chat::NEW_MSG, &payload, false);
+            }
+            if usize::from(m.origin.core) != self.id {
+                continue;
+            }
+            let Some(ack) = self.acks.borrow_mut().try_remove(m.origin.ticket as usize) else { continue };
+            if batch.failure.is_none() {
+                self.count(Counter::NewMsgAcked);
+            }
+            self.count(Counter::Replies);
+            ack.conn.send(ack.reply.frame(ack.conn.vsn(), batch.failure), max);
+        }
+    }
+
+    fn fan_out(&self, conversation: Uuid, event: &str, payload: &[u8], presence: bool) {
+        let max = self.config().max_outbox_bytes;
+        let delivered = self.topics.borrow().fan_out(conversation, event, payload, presence, max);
+        self.counters.add(Counter::Deliveries, delivered);
+    }
+
+    // --- HTTP requests answered by other threads --------------------------------------------
+
+    /// Parks `conn` until another thread's response arrives ([`CoreMsg::HttpResponse`] with
+    /// the returned ticket); `None` if it cannot wait.
+    pub(crate) fn wait_http(&self, conn: &Rc<Conn>) -> u32 {
+        let ticket = self.http_waits.borrow_mut().insert(conn.clone());
+        u32::try_from(ticket).expect("waiting requests are bounded by the connections")
+    }
+
+    /// Forgets a wait whose request was never handed over.
+    pub(crate) fn cancel_http(&self, ticket: u32) {
+        self.http_waits.borrow_mut().try_remove(ticket as usize);
+    }
+
+    fn on_http_response(&self, ticket: u32, bytes: Vec<u8>) {
+        let Some(conn) = self.http_waits.borrow_mut().try_remove(ticket as usize) else { return };
+        if conn.phase() == Phase::Waiting {
+            conn.push_final(Bytes::from(bytes));
+            conn.set_phase(Phase::Closing);
+            conn.set_deadline_ms(self.deadline_after_ms(limits::CLOSE_LINGER));
+        }
+    }
+
+    // --- Presence ---------------------------------------------------------------------------
+
+    fn owner(&self, conversation: Uuid) -> usize {
+        channel::owner_core(conversation, self.shared.mailboxes.len())
+    }
+
+    /// Owner: a socket on core `from` joined.
+    fn on_track(&self, conversation: Uuid, user: Uuid, meta: Meta, from: u16, conn: ConnRef, join_ref: Box<str>) {
+        let joiner = Joiner { core: from, conn, join_ref };
+        if self.presence.borrow_mut().track(conversation, user, meta, joiner) {
+            self.schedule_presence_flush();
+        }
+    }
+
+    /// Owner: a meta left.
+    fn on_untrack(&self, conversation: Uuid, user: Uuid, phx_ref: PhxRef) {
+        if self.presence.borrow_mut().untrack(conversation, user, &phx_ref) {
+            self.schedule_presence_flush();
+        }
+    }
+
+    /// Flushes the presence changes at the end of the batch window (at once without one).
+    fn schedule_presence_flush(&self) {
+        let window = self.config().presence_batch;
+        if window.is_zero() {
+            return self.flush_presence();
+        }
+        if self.presence_flush.replace(true) {
+            return;
+        }
+        if let Some(me) = self.me.upgrade() {
+            monoio::spawn(async move {
+                monoio::time::sleep(window).await;
+                me.presence_flush.set(false);
+                me.flush_presence();
+            });
+        }
+    }
+
+    /// Sends the states the joiners wait for, then every pending diff to every core (each
+    /// fans it out to its local members). Per core the state arrives before the diff.
+    fn flush_presence(&self) {
+        let flush = self.presence.borrow_mut().flush();
+        for (conversation, state, joiners) in flush.states {
+            for j in joiners {
+                let msg =
+                    CoreMsg::PresenceState { conversation, conn: j.conn, join_ref: j.join_ref, state: state.clone() };
+                self.send_to(usize::from(j.core), msg);
+            }
+        }
+        for (conversation, diff) in flush.diffs {
+            for core in 0..self.shared.mailboxes.len() {
+                self.send_to(core, CoreMsg::PresenceDiff { conversation, diff: diff.clone() });
             }
         }
     }
+
+    /// Joiner's core: push `presence_state` if the connection is still in that join.
+    fn on_presence_state(&self, conversation: Uuid, conn: ConnRef, join_ref: &str, state: Bytes) {
+        let target = self.conns.borrow().get(conn.key as usize).filter(|c| c.id == conn.id).cloned();
+        let Some(target) = target else { return };
+        let Some(topic) = target.session().joined_topic(conversation, join_ref) else { return };
+        let parts = wire::presence_state(target.vsn(), join_ref, &topic, state);
+        target.send_parts(parts, self.config().max_outbox_bytes);
+        self.topics.borrow_mut().presence_ready(conversation, target.key);
+    }
+
+    // --- Cross-core traffic -----------------------------------------------------------------
+
+    /// Queues a message for a core (this one included, through its own mailbox, so every
+    /// path has one order). A full mailbox never blocks a core: the message waits in the
+    /// bounded, ordered [`Overflow`] that a retry task drains.
+    pub(crate) fn send_to(&self, core: usize, msg: CoreMsg) {
+        let queued = self.overflow.borrow_mut().send(&self.shared.mailboxes, core, msg);
+        if queued {
+            self.note_congestion();
+            if !self.retry_scheduled.replace(true) {
+                if let Some(me) = self.me.upgrade() {
+                    monoio::spawn(me.retry_overflow());
+                }
+            }
+        }
+    }
+
+    async fn retry_overflow(self: Rc<Self>) {
+        loop {
+            monoio::time::sleep(limits::MAILBOX_RETRY).await;
+            let waiting = self.overflow.borrow_mut().retry(&self.shared.mailboxes);
+            self.note_congestion();
+            if !waiting {
+                self.retry_scheduled.set(false);
+                return;
+            }
+        }
+    }
+
+    /// Publishes a change of this core's congestion (joins are refused while any core is).
+    fn note_congestion(&self) {
+        let changed = self.overflow.borrow_mut().congestion_changed();
+        match changed {
+            Some(true) => {
+                self.shared.congested_cores.fetch_add(1, Ordering::Relaxed);
+                let waiting = self.overflow.borrow().len();
+                tracing::warn!(core = self.id, waiting, "cross-core queues congested: refusing new joins");
+            }
+            Some(false) => {
+                self.shared.congested_cores.fetch_sub(1, Ordering::Relaxed);
+                tracing::info!(core = self.id, "cross-core queues drained: joins accepted again");
+            }
+            None => {}
+        }
+    }
+
+    // --- Timers, mailbox, drain -------------------------------------------------------------
 
     /// The coarse timer: every [`limits::SWEEP_INTERVAL`], act on connections whose deadline
     /// passed (idle → close 1001; handshake, closing, lingering → drop).
@@ -295,9 +554,7 @@ impl Core {
                     continue;
                 }
                 match conn.phase() {
-                    Phase::Open => {
-                        conn.request_close(Close::Idle);
-                    }
+                    Phase::Open => conn.request_close(Close::Idle),
                     Phase::Handshake | Phase::Waiting | Phase::Closing | Phase::Lingering => conn.expire(),
                 }
             }
@@ -358,73 +615,6 @@ impl Core {
             }
             closed = upto;
         }
-    }
-
-    fn on_http_response(&self, ticket: u32, bytes: Vec<u8>) {
-        let Some(conn) = self.http_waits.borrow_mut().try_remove(ticket as usize) else { return };
-        if conn.phase() == Phase::Waiting {
-            conn.push_final(Bytes::from(bytes));
-            conn.set_phase(Phase::Closing);
-            conn.set_deadline_ms(self.now_ms() + limits::CLOSE_LINGER.as_millis() as u64);
-        }
-    }
-
-    /// Broadcasts a committed batch to local members and answers this core's senders
-    /// (broadcast first, then the reply: Phoenix's order).
-    fn on_committed(&self, batch: &CommitBatch) {
-        for m in &batch.messages {
-            if batch.failure.is_none() {
-                self.broadcast(&m.message);
-            }
-            if usize::from(m.origin.core) != self.id {
-                continue;
-            }
-            let Some(ack) = self.acks.borrow_mut().try_remove(m.origin.ticket as usize) else { continue };
-            let failed = batch.failure.map(chat::failed_to_save);
-            if failed.is_none() {
-                self.count(Counter::NewMsgAcked);
-            }
-            let response = failed.as_deref().unwrap_or(phoenix::EMPTY);
-            let (join_ref, reference) = (Some(&*ack.join_ref), ack.reference.as_deref());
-            session::reply(self, &ack.conn, join_ref, reference, &ack.topic, failed.is_none(), response);
-        }
-    }
-
-    fn broadcast(&self, m: &Message) {
-        if self.topics.borrow().contains_key(&m.conversation) {
-            self.fan_out(m.conversation, chat::NEW_MSG, &chat::new_msg_payload(m), false);
-        }
-    }
-
-    /// Broadcasts `[null, null, topic, event, payload]` to every local member of a
-    /// conversation: encoded once per (serializer, topic spelling) present, the bytes shared.
-    pub(crate) fn fan_out(&self, conversation: Uuid, event: &str, payload: &[u8], presence: bool) {
-        let topics = self.topics.borrow();
-        let Some(topic) = topics.get(&conversation) else { return };
-        let mut frames: Vec<(Vsn, Rc<str>, Bytes)> = Vec::new();
-        let max = self.config().max_outbox_bytes;
-        let mut delivered = 0;
-        for (key, member) in &topic.members {
-            if presence && !member.presence_ready.get() {
-                continue;
-            }
-            let vsn = member.conn.vsn();
-            let spelling = topic.spelling_of(*key);
-            // Spellings are interned per topic: pointer equality is string equality.
-            let cached = frames.iter().find(|(v, t, _)| *v == vsn && Rc::ptr_eq(t, spelling));
-            let frame = match cached {
-                Some((_, _, f)) => f.clone(),
-                None => {
-                    let msg = phoenix::Outbound { join_ref: None, reference: None, topic: spelling, event, payload };
-                    let f = phoenix::encode_frame(vsn, &msg);
-                    frames.push((vsn, spelling.clone(), f.clone()));
-                    f
-                }
-            };
-            member.conn.send(frame, max);
-            delivered += 1;
-        }
-        self.counters.add(Counter::Deliveries, delivered);
     }
 }
 

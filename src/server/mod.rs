@@ -4,10 +4,9 @@
 mod conn;
 mod core;
 mod metrics;
-mod presence;
-mod session;
 mod sys;
 mod task;
+mod topics;
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -46,6 +45,9 @@ pub enum ServerError {
 
 /// Runs the server until SIGINT/SIGTERM.
 pub fn run(config: Config) -> Result<(), ServerError> {
+    // Before any thread starts: a thread that does not block SIGTERM would take the signal
+    // and die by it, ending the whole process without a drain.
+    block_signals();
     let sync = if config.sync_full { schema::Sync::Full } else { schema::Sync::Normal };
     let db = schema::open_writer(&config.database_path, sync, config.db_max_bytes)?;
     let store = SqliteStore::new(db)
@@ -54,8 +56,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     schema::spawn_checkpointer(&config.database_path)?;
     let nofile = sys::raise_nofile_limit();
     let workers = config.workers;
-    let per_core_fds = 8; // listener, ring, wake pair, spare fd, timer, slack
-    let reserved = limits::FDS_RESERVED + per_core_fds * workers as u64;
+    let reserved = limits::FDS_RESERVED + limits::FDS_PER_CORE * workers as u64;
     let fd_cap = nofile.saturating_sub(reserved).max(1) as usize;
     let connections_max = config.max_connections.unwrap_or(fd_cap);
     if connections_max > fd_cap {
@@ -81,7 +82,8 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         connections: AtomicUsize::new(0),
         connections_max,
         draining: AtomicBool::new(false),
-        published: metrics::Published::new(workers),
+        congested_cores: AtomicUsize::new(0),
+        published: crate::metrics::Published::new(workers),
     });
     let fanout = shared.clone();
     let sink = Box::new(move |batch| {
@@ -91,7 +93,6 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     });
     let database = config_summary(&shared.config);
     let (store, writer) = spawn_writer(Box::new(store), sink, shared.config.writer_queue)?;
-    block_signals();
     let uring = monoio::utils::detect_uring();
     for (id, (listener, wake)) in listeners.into_iter().zip(wakes).enumerate() {
         spawn_core(id, shared.clone(), store.clone(), listener, wake)?;
@@ -198,8 +199,8 @@ fn spawn_core(
     Ok(())
 }
 
-/// Blocks SIGINT/SIGTERM in this thread and every thread it starts afterwards, so only
-/// [`wait_for_signal`] receives them.
+/// Blocks SIGINT/SIGTERM in this thread and every thread it starts afterwards (a mask is
+/// inherited), so only [`wait_for_signal`] receives them.
 fn block_signals() {
     // SAFETY: sigset operations on a local, zero-initialised set.
     unsafe {

@@ -1,6 +1,7 @@
 //! Thin, checked wrappers over the few syscalls the server makes directly: non-blocking
-//! `recv`/`send` on readiness (field-notes §1: waiting for readiness and reading into a per-core
-//! buffer keeps idle connections free of read buffers), `shutdown`, and `RLIMIT_NOFILE`.
+//! `recv`/`send` on readiness (waiting for readiness, then reading into a per-core buffer, keeps
+//! idle connections free of read buffers: BENCHMARKS.md, "Measured facts"), `shutdown`, and
+//! `RLIMIT_NOFILE`.
 
 use std::io;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};

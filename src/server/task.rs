@@ -1,10 +1,12 @@
 //! The per-connection task: the only place socket IO meets protocol code.
 //!
 //! One task per connection, parked on a readiness poll while idle, so an idle connection holds
-//! no read buffer and no timer (field-notes §1; design.md "Connection state and memory").
-//! Reads go through the core's scratch buffer; only a partial frame is copied into the
-//! connection's own `inbuf`. Writes coalesce everything queued into one `send` (a loopback
-//! write costs ~5.5 µs whatever its size, field-notes §3).
+//! no read buffer and no timer (a parked 4 KiB read costs ~4.5 KB per connection, a readiness
+//! poll ~430 B: BENCHMARKS.md, "Measured facts"). Reads go through the core's scratch buffer;
+//! only a partial frame is copied into the connection's own `inbuf`. Writes coalesce
+//! everything queued into one `send` (a loopback write costs ~5.5 µs whatever its size).
+//! What the bytes mean is decided elsewhere: HTTP by [`crate::http`], frames by
+//! [`crate::ws`], Phoenix messages by the connection's [`crate::session::Session`].
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -15,19 +17,18 @@ use std::task::Poll;
 
 use bytes::Bytes;
 
-use super::conn::{Conn, Phase, Spend};
+use super::conn::{Conn, Phase};
 use super::core::Core;
-use super::metrics::{self, Counter};
-use super::session;
+use super::metrics;
 use super::sys::{self, Socket};
 use crate::bus::CoreMsg;
-use crate::chat;
 use crate::close::Close;
 use crate::http::{self, response, Route};
-use crate::limits;
+use crate::metrics::Counter;
 use crate::phoenix::Vsn;
 use crate::store::{HistoryError, HistoryJob, HistoryPage, HistoryQuery};
-use crate::ws::{self, Decoder, Message};
+use crate::ws::Decoder;
+use crate::{chat, limits, wire};
 
 /// What woke the task.
 enum Wake {
@@ -90,7 +91,7 @@ pub(crate) async fn serve(core: Rc<Core>, stream: Socket, at_capacity: bool) {
         answer(&core, &conn, response::Status::UNAVAILABLE, "server at capacity");
     }
     if let Err(e) = drive(&core, &conn, &stream).await {
-        tracing::debug!(core = core.id, conn = conn.id, error = %e, "connection error");
+        tracing::debug!(core = core.id(), conn = conn.id, error = %e, "connection error");
     }
     core.unregister(&conn);
 }
@@ -149,27 +150,25 @@ async fn drive(core: &Core, conn: &Rc<Conn>, stream: &Socket) -> io::Result<()> 
 }
 
 /// Queues the close frame (when a WebSocket is open) and moves to [`Phase::Closing`].
-fn start_close(core: &Core, conn: &Conn, why: Close) {
-    core.count(Counter::close(why));
+fn start_close(core: &Core, conn: &Rc<Conn>, why: Close) {
+    core.count(Counter::Closed(why));
     core.leave_all(conn);
     if conn.phase() == Phase::Open {
         // The close frame goes after everything already handed to `send`. For a slow consumer
         // whose queue was just dropped this is on a frame boundary unless a frame sent in
         // pieces (a presence_state) was cut between `unsent` and the dropped queue; the
         // connection is closing either way.
-        let mut frame = Vec::with_capacity(32);
-        ws::close_frame(why.code(), why.reason(), &mut frame);
-        conn.push_final(Bytes::from(frame));
-        tracing::debug!(core = core.id, conn = conn.id, user = %conn.user(), code = why.code(), reason = why.reason(), "closing");
+        conn.push_final(wire::close(why));
+        tracing::debug!(core = core.id(), conn = conn.id, user = %conn.user(), code = why.code(), reason = why.reason(), "closing");
     }
     conn.set_phase(Phase::Closing);
-    conn.set_deadline_ms(core.now_ms() + limits::CLOSE_LINGER.as_millis() as u64);
+    conn.set_deadline_ms(core.deadline_after_ms(limits::CLOSE_LINGER));
 }
 
 /// Reads what is available. Returns `false` at end of stream.
 fn on_readable(core: &Core, conn: &Rc<Conn>, local: &mut Local) -> io::Result<bool> {
     for _ in 0..limits::READS_PER_WAKE_MAX {
-        let mut buf = core.read_buf.borrow_mut();
+        let mut buf = core.read_buf();
         let n = match sys::recv(conn.fd, &mut buf) {
             Ok(0) => return Ok(false),
             Ok(n) => n,
@@ -214,12 +213,12 @@ fn on_frames(core: &Core, conn: &Rc<Conn>, decoder: &mut Decoder, buf: &mut [u8]
             Ok(Some((msg, n))) => {
                 pos += n;
                 if let Some(msg) = msg {
-                    on_message(core, conn, msg);
+                    core.on_message(conn, msg);
                 }
             }
             Err(e) => {
-                tracing::warn!(core = core.id, conn = conn.id, user = %conn.user(), error = %e, "websocket error");
-                conn.request_close(Close::from_ws(e));
+                tracing::warn!(core = core.id(), conn = conn.id, user = %conn.user(), error = %e, "websocket error");
+                conn.request_close(e.close());
                 return buf.len();
             }
         }
@@ -230,21 +229,6 @@ fn on_frames(core: &Core, conn: &Rc<Conn>, decoder: &mut Decoder, buf: &mut [u8]
     pos
 }
 
-fn on_message(core: &Core, conn: &Rc<Conn>, msg: Message<'_>) {
-    match msg {
-        Message::Text(text) => session::on_text(core, conn, &text),
-        Message::Binary(data) => session::on_binary(core, conn, &data),
-        Message::Ping(_) if session::over_budget(core, conn) != Spend::Ok => {} // no pong
-        Message::Ping(payload) => {
-            let mut frame = Vec::with_capacity(payload.len() + 2);
-            ws::pong_frame(payload, &mut frame);
-            conn.send(Bytes::from(frame), core.config().max_outbox_bytes);
-        }
-        Message::Pong => {}
-        Message::Close(code) => conn.request_close(Close::Echo(code)),
-    }
-}
-
 /// Handles the request head once it is complete.
 fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
     let (head, used) = match http::parse_head(local.inbuf.bytes()) {
@@ -252,14 +236,13 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
         Ok(None) => return,
         Err(e) => return answer(core, conn, e.status(), &e.to_string()),
     };
+    let shared = core.shared();
     let upgrade = match http::route(&head, &core.config().origins) {
-        Route::Health if core.shared.is_draining() => {
-            return answer(core, conn, response::Status::UNAVAILABLE, "draining")
-        }
+        Route::Health if shared.is_draining() => return answer(core, conn, response::Status::UNAVAILABLE, "draining"),
         Route::Health => return answer(core, conn, response::Status::OK, "ok"),
         Route::Metrics => {
             core.publish();
-            return answer_bytes(core, conn, response::metrics(&metrics::render(&core.shared, &core.store)));
+            return answer_bytes(core, conn, response::metrics(&metrics::render(shared, core.store())));
         }
         Route::Reject(status, why) => return answer(core, conn, status, why),
         Route::Asset(asset) => return answer_bytes(core, conn, response::asset(&asset)),
@@ -269,7 +252,7 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
         Route::DevToken(sub) => return answer_bytes(core, conn, dev_token(core, sub)),
         Route::ApiError(status, why) => return answer_bytes(core, conn, response::json_error(status, why)),
         Route::History(h) => return history(core, conn, h),
-        Route::Upgrade(_) if core.shared.is_draining() => {
+        Route::Upgrade(_) if shared.is_draining() => {
             core.count(Counter::RefusedDraining);
             return answer(core, conn, response::Status::UNAVAILABLE, "draining");
         }
@@ -278,10 +261,10 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
     let Some(vsn) = Vsn::negotiate(upgrade.vsn.as_deref()) else {
         return answer(core, conn, response::Status::FORBIDDEN, "unsupported vsn");
     };
-    let user = match core.shared.verifier.verify(upgrade.token.as_deref()) {
+    let user = match shared.verifier.verify(upgrade.token.as_deref()) {
         Ok(user) => user,
         Err(e) => {
-            tracing::info!(core = core.id, conn = conn.id, error = %e, "upgrade refused");
+            tracing::info!(core = core.id(), conn = conn.id, error = %e, "upgrade refused");
             return answer(core, conn, response::Status::FORBIDDEN, "forbidden");
         }
     };
@@ -292,7 +275,7 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
     conn.push_final(Bytes::from(response::switching_protocols(&accept, upgrade.protocol_phoenix)));
     conn.open(user, vsn);
     conn.set_deadline_ms(core.idle_deadline_ms());
-    tracing::debug!(core = core.id, conn = conn.id, user = %user, ?vsn, "connected");
+    tracing::debug!(core = core.id(), conn = conn.id, user = %user, ?vsn, "connected");
     // Bytes after the head are the first WebSocket frames.
     local.inbuf.consume(used);
     if !local.inbuf.is_empty() {
@@ -301,10 +284,10 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
     }
 }
 
-/// Mints a 24 h token for `sub` (or a new random user): the demo page's one-click sign-in.
+/// Mints a token for `sub` (or a new random user): the demo page's one-click sign-in.
 fn dev_token(core: &Core, sub: Option<uuid::Uuid>) -> Vec<u8> {
     let sub = sub.unwrap_or_else(uuid::Uuid::new_v4);
-    match crate::auth::mint(&core.config().jwt_secret, sub, std::time::Duration::from_secs(24 * 3600)) {
+    match crate::auth::mint(&core.config().jwt_secret, sub, limits::DEV_TOKEN_TTL) {
         Ok(token) => {
             let mut body = Vec::with_capacity(token.len() + 64);
             body.extend_from_slice(b"{\"token\":");
@@ -312,7 +295,7 @@ fn dev_token(core: &Core, sub: Option<uuid::Uuid>) -> Vec<u8> {
             body.extend_from_slice(b",\"sub\":");
             crate::phoenix::write_str(&mut body, &sub.to_string());
             body.push(b'}');
-            tracing::info!(core = core.id, %sub, "dev token minted");
+            tracing::info!(core = core.id(), %sub, "dev token minted");
             response::json(response::Status::OK, &body)
         }
         Err(e) => {
@@ -325,13 +308,13 @@ fn dev_token(core: &Core, sub: Option<uuid::Uuid>) -> Vec<u8> {
 /// Authenticates a history request and hands it to the reader thread; the response comes back
 /// through this core's mailbox ([`Core::on_http_response`]).
 fn history(core: &Core, conn: &Rc<Conn>, h: http::HistoryRequest) {
-    if let Err(e) = core.shared.verifier.verify(h.token.as_deref()) {
-        tracing::info!(core = core.id, conn = conn.id, error = %e, "history refused");
+    if let Err(e) = core.shared().verifier.verify(h.token.as_deref()) {
+        tracing::info!(core = core.id(), conn = conn.id, error = %e, "history refused");
         return answer_bytes(core, conn, response::json_error(response::Status::UNAUTHORIZED, "unauthorized"));
     }
-    let ticket = core.http_waits.borrow_mut().insert(conn.clone()) as u32;
-    let shared = core.shared.clone();
-    let core_id = core.id;
+    let ticket = core.wait_http(conn);
+    let shared = core.shared().clone();
+    let core_id = core.id();
     let reply = Box::new(move |result: Result<HistoryPage, HistoryError>| {
         let bytes = match result {
             Ok(page) => response::json(response::Status::OK, &chat::history_json(&page)),
@@ -343,12 +326,12 @@ fn history(core: &Core, conn: &Rc<Conn>, h: http::HistoryRequest) {
         shared.mailboxes[core_id].push_blocking(CoreMsg::HttpResponse { ticket, bytes });
     });
     let query = HistoryQuery { conversation: h.conversation, before: h.before, limit: h.limit };
-    if core.shared.reader.try_submit(HistoryJob { query, reply }).is_err() {
-        core.http_waits.borrow_mut().try_remove(ticket as usize);
+    if core.shared().reader.try_submit(HistoryJob { query, reply }).is_err() {
+        core.cancel_http(ticket);
         return answer_bytes(core, conn, response::json_error(response::Status::UNAVAILABLE, "server busy"));
     }
     conn.set_phase(Phase::Waiting);
-    conn.set_deadline_ms(core.now_ms() + limits::HANDSHAKE_TIMEOUT.as_millis() as u64);
+    conn.set_deadline_ms(core.deadline_after_ms(limits::HANDSHAKE_TIMEOUT));
 }
 
 /// Answers the HTTP request and closes after the answer is sent.
@@ -359,7 +342,7 @@ fn answer(core: &Core, conn: &Conn, status: response::Status, body: &str) {
 fn answer_bytes(core: &Core, conn: &Conn, bytes: Vec<u8>) {
     conn.push_final(Bytes::from(bytes));
     conn.set_phase(Phase::Closing);
-    conn.set_deadline_ms(core.now_ms() + limits::CLOSE_LINGER.as_millis() as u64);
+    conn.set_deadline_ms(core.deadline_after_ms(limits::CLOSE_LINGER));
 }
 
 /// Sends what is queued: leftovers first, then queued frames coalesced through the core's
@@ -372,7 +355,7 @@ fn flush(core: &Core, conn: &Conn, unsent: &mut SpareBuf) -> io::Result<bool> {
             return Ok(false);
         }
     }
-    let mut buf = core.write_buf.borrow_mut();
+    let mut buf = core.write_buf();
     while conn.has_output() {
         buf.clear();
         conn.drain_outbox_into(&mut buf, limits::WRITE_BATCH_BYTES);

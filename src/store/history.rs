@@ -123,10 +123,7 @@ pub fn spawn_reader(path: &std::path::Path) -> Result<(ReaderHandle, JoinHandle<
             (job.reply)(read_history(&mut conn, &job.query));
         }
     });
-    let join = spawned.map_err(|e| schema::OpenError::Sqlite {
-        path: path.display().to_string(),
-        source: rusqlite::Error::InvalidParameterName(format!("cannot start reader thread: {e}")),
-    })?;
+    let join = spawned.map_err(|source| schema::OpenError::Thread { name: "reader", source })?;
     Ok((ReaderHandle { tx }, join))
 }
 

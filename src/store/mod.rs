@@ -96,10 +96,13 @@ pub trait Store: Send {
     }
 }
 
-/// A failed commit.
+/// A failed commit (the batch is answered `storage unavailable`; nothing of it is stored).
 #[derive(Debug, thiserror::Error)]
-#[error("storage unavailable: {0}")]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    /// SQLite refused the transaction (disk full, `NEXUS_DB_MAX_BYTES` reached, I/O error...).
+    #[error("storage unavailable: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
 
 /// Receives each batch the writer finishes (the server fans it out to the core mailboxes).
 pub type BatchSink = Box<dyn FnMut(Arc<CommitBatch>) + Send>;

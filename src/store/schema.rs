@@ -1,11 +1,11 @@
 //! Database schema and its migrations (`PRAGMA user_version`), and opening connections with
 //! the pragmas the writer and readers need.
 //!
-//! Two tables (all `STRICT`, ids as 16-byte BLOBs: field-notes §7.2):
+//! Two tables (all `STRICT`, ids as 16-byte BLOBs, smaller and faster to compare than text):
 //! - `recent`: what the writer commits to, in commit order (`seq`, the rowid). No secondary
-//!   index, so a commit only appends at the right edge of one b-tree (field-notes §7: the
-//!   `(conversation_id, seq)` index on the commit path caps the writer near 60k rows/s once a
-//!   batch spans thousands of conversations; without it, 1.2M rows/s).
+//!   index, so a commit only appends at the right edge of one b-tree (a `(conversation_id,
+//!   seq)` index on the commit path capped the writer near 60k rows/s once a batch spanned
+//!   thousands of conversations; without it, 1.2M rows/s: BENCHMARKS.md, "Measured facts").
 //! - `messages`: the history, clustered by `(conversation_id, id)` (`WITHOUT ROWID`): a history
 //!   page is one range scan, and there is no other index to maintain. Message ids are UUIDv7
 //!   assigned in commit order, so id order is commit order. The writer moves rows into it
@@ -66,6 +66,23 @@ pub enum OpenError {
         /// Cause.
         source: rusqlite::Error,
     },
+    /// The file is not in WAL mode and cannot be switched to it (e.g. a read-only directory,
+    /// or a file system without shared memory).
+    #[error("database {path} cannot use WAL mode (journal_mode is {mode})")]
+    NotWal {
+        /// File path.
+        path: String,
+        /// The journal mode SQLite reported.
+        mode: String,
+    },
+    /// A database thread could not be started.
+    #[error("cannot start the {name} thread: {source}")]
+    Thread {
+        /// Which thread.
+        name: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// The file was written by a newer Nexus.
     #[error("database {path} has schema version {found}, newer than this nexus supports ({SCHEMA_VERSION})")]
     TooNew {
@@ -86,18 +103,18 @@ pub fn open_writer(path: &Path, sync: Sync, max_bytes: Option<u64>) -> Result<Co
         return Err(OpenError::TooNew { path: path.display().to_string(), found });
     }
     // page_size only takes effect before the first table exists.
-    conn.pragma_update(None, "page_size", 4096).map_err(err)?;
+    conn.pragma_update(None, "page_size", limits::DB_PAGE_BYTES).map_err(err)?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(err)?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(err(rusqlite::Error::InvalidParameterName(format!("journal_mode is {mode}, not wal"))));
+        return Err(OpenError::NotWal { path: path.display().to_string(), mode });
     }
     let sync = match sync {
         Sync::Normal => "NORMAL",
         Sync::Full => "FULL",
     };
     conn.pragma_update(None, "synchronous", sync).map_err(err)?;
-    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024).map_err(err)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+    conn.pragma_update(None, "journal_size_limit", limits::WAL_SIZE_LIMIT_BYTES).map_err(err)?;
+    conn.busy_timeout(limits::DB_BUSY_TIMEOUT).map_err(err)?;
     migrate(&conn).map_err(|e| match e {
         MigrateError::Sqlite(source) => err(source),
         MigrateError::TooNew(found) => OpenError::TooNew { path: path.display().to_string(), found },
@@ -106,7 +123,8 @@ pub fn open_writer(path: &Path, sync: Sync, max_bytes: Option<u64>) -> Result<Co
     // itself only if the WAL grows past this (the checkpointer stalled or cannot keep up).
     conn.pragma_update(None, "wal_autocheckpoint", limits::WAL_AUTOCHECKPOINT_PAGES).map_err(err)?;
     if let Some(bytes) = max_bytes {
-        conn.pragma_update(None, "max_page_count", (bytes / 4096).clamp(1, i64::MAX as u64) as i64).map_err(err)?;
+        let pages = i64::try_from(bytes / u64::from(limits::DB_PAGE_BYTES)).unwrap_or(i64::MAX).max(1);
+        conn.pragma_update(None, "max_page_count", pages).map_err(err)?;
     }
     Ok(conn)
 }
@@ -120,16 +138,14 @@ pub fn spawn_checkpointer(path: &Path) -> Result<(), OpenError> {
     let err = |source| OpenError::Sqlite { path: path.display().to_string(), source };
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
         .map_err(err)?;
-    conn.busy_timeout(std::time::Duration::from_millis(100)).map_err(err)?;
+    conn.busy_timeout(limits::CHECKPOINT_BUSY_TIMEOUT).map_err(err)?;
     let spawned = std::thread::Builder::new().name("checkpointer".into()).spawn(move || loop {
         std::thread::sleep(limits::CHECKPOINT_INTERVAL);
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::debug!(error = %e, "checkpoint skipped");
         }
     });
-    spawned
-        .map(|_| ())
-        .map_err(|e| err(rusqlite::Error::InvalidParameterName(format!("cannot start checkpointer: {e}"))))
+    spawned.map(|_| ()).map_err(|source| OpenError::Thread { name: "checkpointer", source })
 }
 
 /// Opens a read-only connection for history reads (after [`open_writer`] migrated the file).
@@ -137,7 +153,7 @@ pub fn open_reader(path: &Path) -> Result<Connection, OpenError> {
     let err = |source| OpenError::Sqlite { path: path.display().to_string(), source };
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(err)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+    conn.busy_timeout(limits::DB_BUSY_TIMEOUT).map_err(err)?;
     Ok(conn)
 }
 

@@ -223,7 +223,7 @@ impl SqliteStore {
         {
             let mut insert = tx.prepare_cached(INSERT_MESSAGES)?;
             'slice: for k in &keys {
-                let rows = self.pending.get(k).map(Vec::as_slice).unwrap_or_default();
+                let rows = self.pending.get(k).map(Vec::as_slice).expect("slice keys are pending conversations");
                 for (i, row) in rows.iter().enumerate() {
                     let p =
                         params![k.as_bytes(), row.id.as_bytes(), row.sender.as_bytes(), row.body, row.inserted_at_us];
@@ -314,10 +314,8 @@ impl SqliteStore {
 
 impl Store for SqliteStore {
     fn commit(&mut self, batch: &[Committed]) -> Result<(), StoreError> {
-        if let Err(e) = self.insert(batch) {
-            // The transaction rolled back (dropped uncommitted): seq stays where it was.
-            return Err(StoreError(e.to_string()));
-        }
+        // On error the transaction rolled back (dropped uncommitted): seq stays where it was.
+        self.insert(batch)?;
         for c in batch {
             let m = &c.message;
             let row = PendingRow { id: m.id, sender: m.sender, body: m.body.clone(), inserted_at_us: m.inserted_at_us };

@@ -7,14 +7,14 @@ use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
 use super::mask::apply_mask;
+use crate::close::Close;
 
 /// Why the connection must be closed; each maps to an RFC 6455 close code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum WsError {
-    /// RFC violation (unmasked frame, reserved bits or opcode, bad fragmentation, oversized
-    /// or fragmented control frame, bad close payload): 1002.
+    /// An RFC 6455 violation: 1002.
     #[error("protocol error: {0}")]
-    Protocol(&'static str),
+    Protocol(Violation),
     /// Frame or reassembled message over the limit: 1009.
     #[error("message too big")]
     TooBig,
@@ -23,13 +23,48 @@ pub enum WsError {
     InvalidUtf8,
 }
 
+/// The RFC 6455 rules a client frame can break (each closes with 1002).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    /// An opcode RFC 6455 reserves.
+    #[error("reserved opcode")]
+    ReservedOpcode,
+    /// A client frame must be masked (§5.1).
+    #[error("unmasked client frame")]
+    Unmasked,
+    /// RSV bits without a negotiated extension.
+    #[error("reserved bits set")]
+    ReservedBits,
+    /// A text or binary frame while a fragmented message is unfinished.
+    #[error("new message inside a fragmented one")]
+    NewMessageInFragmented,
+    /// A continuation frame with no message to continue.
+    #[error("continuation without a message")]
+    ContinuationWithoutMessage,
+    /// Control frames cannot be fragmented (§5.5).
+    #[error("fragmented control frame")]
+    FragmentedControl,
+    /// Control frames carry at most 125 bytes (§5.5).
+    #[error("control frame over 125 bytes")]
+    ControlTooLong,
+    /// A 64-bit payload length must have its top bit clear (§5.2).
+    #[error("64-bit length with the most significant bit set")]
+    LengthTopBit,
+    /// A close payload is empty or at least 2 bytes (§5.5.1).
+    #[error("one-byte close payload")]
+    OneByteClose,
+    /// A close code a client may not send (§7.4).
+    #[error("invalid close code")]
+    InvalidCloseCode,
+}
+
 impl WsError {
-    /// The close code to send.
-    pub fn close_code(self) -> u16 {
+    /// The close this error calls for.
+    pub fn close(self) -> Close {
         match self {
-            WsError::Protocol(_) => 1002,
-            WsError::TooBig => 1009,
-            WsError::InvalidUtf8 => 1007,
+            WsError::Protocol(_) => Close::Protocol,
+            WsError::TooBig => Close::TooBig,
+            WsError::InvalidUtf8 => Close::InvalidUtf8,
         }
     }
 }
@@ -98,7 +133,7 @@ impl Decoder {
         let (header, len) = match FrameHeader::parse(&mut cursor) {
             Ok(Some(parsed)) => parsed,
             Ok(None) => return Ok(None),
-            Err(_) => return Err(WsError::Protocol("reserved opcode")),
+            Err(_) => return Err(WsError::Protocol(Violation::ReservedOpcode)),
         };
         let start = cursor.position() as usize;
         check_header(&header, len, max_bytes)?;
@@ -107,7 +142,7 @@ impl Decoder {
             return Ok(None);
         }
         let end = start + len;
-        let Some(mask) = header.mask else { return Err(WsError::Protocol("unmasked client frame")) };
+        let Some(mask) = header.mask else { return Err(WsError::Protocol(Violation::Unmasked)) };
         let payload = &mut buf[start..end];
         apply_mask(payload, mask);
         let payload: &'a [u8] = payload;
@@ -116,7 +151,7 @@ impl Decoder {
             OpCode::Control(Control::Pong) => Some(Message::Pong),
             OpCode::Control(Control::Close) => Some(Message::Close(close_code(payload)?)),
             OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
-                return Err(WsError::Protocol("reserved opcode"))
+                return Err(WsError::Protocol(Violation::ReservedOpcode))
             }
             OpCode::Data(Data::Continue) => self.continuation(payload, header.is_final, max_bytes)?,
             OpCode::Data(data) => self.start(data == Data::Text, payload, header.is_final)?,
@@ -126,7 +161,7 @@ impl Decoder {
 
     fn start<'a>(&mut self, text: bool, payload: &'a [u8], fin: bool) -> Result<Option<Message<'a>>, WsError> {
         if self.partial.is_some() {
-            return Err(WsError::Protocol("new message inside a fragmented one"));
+            return Err(WsError::Protocol(Violation::NewMessageInFragmented));
         }
         if !fin {
             let mut partial = Partial { text, data: payload.to_vec(), checked: 0 };
@@ -143,7 +178,7 @@ impl Decoder {
         fin: bool,
         max_bytes: usize,
     ) -> Result<Option<Message<'a>>, WsError> {
-        let partial = self.partial.as_mut().ok_or(WsError::Protocol("continuation without a message"))?;
+        let partial = self.partial.as_mut().ok_or(WsError::Protocol(Violation::ContinuationWithoutMessage))?;
         if partial.data.len() + payload.len() > max_bytes {
             self.partial = None;
             return Err(WsError::TooBig);
@@ -158,7 +193,7 @@ impl Decoder {
         }
         match self.partial.take() {
             Some(p) => whole(p.text, Cow::Owned(p.data)).map(Some),
-            None => Err(WsError::Protocol("continuation without a message")),
+            None => Err(WsError::Protocol(Violation::ContinuationWithoutMessage)),
         }
     }
 }
@@ -176,18 +211,18 @@ fn whole(text: bool, data: Cow<'_, [u8]>) -> Result<Message<'_>, WsError> {
 
 fn check_header(h: &FrameHeader, len: u64, max_bytes: usize) -> Result<(), WsError> {
     if h.rsv1 || h.rsv2 || h.rsv3 {
-        return Err(WsError::Protocol("reserved bits set"));
+        return Err(WsError::Protocol(Violation::ReservedBits));
     }
     if let OpCode::Control(_) = h.opcode {
         if !h.is_final {
-            return Err(WsError::Protocol("fragmented control frame"));
+            return Err(WsError::Protocol(Violation::FragmentedControl));
         }
         if len > 125 {
-            return Err(WsError::Protocol("control frame over 125 bytes"));
+            return Err(WsError::Protocol(Violation::ControlTooLong));
         }
     }
     if len >> 63 != 0 {
-        return Err(WsError::Protocol("64-bit length with the most significant bit set"));
+        return Err(WsError::Protocol(Violation::LengthTopBit));
     }
     if len > max_bytes as u64 {
         return Err(WsError::TooBig);
@@ -199,12 +234,12 @@ fn check_header(h: &FrameHeader, len: u64, max_bytes: usize) -> Result<(), WsErr
 fn close_code(payload: &[u8]) -> Result<u16, WsError> {
     match payload {
         [] => Ok(1000),
-        [_] => Err(WsError::Protocol("one-byte close payload")),
+        [_] => Err(WsError::Protocol(Violation::OneByteClose)),
         [hi, lo, reason @ ..] => {
             let code = u16::from_be_bytes([*hi, *lo]);
             let valid = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
             if !valid {
-                return Err(WsError::Protocol("invalid close code"));
+                return Err(WsError::Protocol(Violation::InvalidCloseCode));
             }
             std::str::from_utf8(reason).map_err(|_| WsError::InvalidUtf8)?;
             Ok(code)
@@ -261,7 +296,7 @@ mod tests {
     #[test]
     fn violations() {
         let unmasked = &mut [0x81, 0x01, b'x'];
-        assert_eq!(one(unmasked), Err(WsError::Protocol("unmasked client frame")));
+        assert_eq!(one(unmasked), Err(WsError::Protocol(Violation::Unmasked)));
         assert!(matches!(one(&mut masked(0xC1, b"x")), Err(WsError::Protocol(_))));
         assert!(matches!(one(&mut masked(0x09, b"x")), Err(WsError::Protocol(_))));
         assert!(matches!(one(&mut masked(0x80, b"x")), Err(WsError::Protocol(_))));

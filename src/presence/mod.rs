@@ -1,9 +1,11 @@
-//! Phoenix.Presence for one topic, as a pure data structure: who is present (one meta per
-//! joined connection, keyed by user), and the exact JSON of `presence_state` and
-//! `presence_diff` (protocol.md §5, phoenix-reference.md §7).
+//! Phoenix.Presence as pure data structures: who is present in one topic (one meta per joined
+//! connection, keyed by user) with the exact JSON of `presence_state` and `presence_diff`
+//! (docs/protocol.md, "Presence"), and the [`PresenceShard`] of the topics one core owns.
 //!
 //! The core that owns a topic holds its [`TopicPresence`] and is the single source of every
-//! diff for it, so every member sees the same sequence (design.md "Presence path").
+//! diff for it, so every member sees the same sequence (docs/architecture.md, "Presence").
+
+mod shard;
 
 use std::collections::HashMap;
 
@@ -11,6 +13,7 @@ use base64::Engine;
 use smallvec::SmallVec;
 use uuid::Uuid;
 
+pub use self::shard::{Flush, PresenceShard};
 use crate::ids;
 
 /// A meta's `phx_ref`: 16 URL-safe base64 characters, unique per connection-join (Phoenix's

@@ -1,0 +1,131 @@
+//! This core's members of each conversation, and the broadcast to them.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use super::conn::Conn;
+use crate::phoenix::{Outbound, Vsn};
+use crate::wire;
+
+/// One local member of a topic.
+struct Member {
+    conn: Rc<Conn>,
+    /// Its `presence_state` was pushed: presence diffs may follow (never before the state).
+    presence_ready: bool,
+}
+
+/// This core's members of one conversation.
+///
+/// Frames echo the topic as each client spelled it, and the UUID is case-insensitive, so
+/// spellings can differ; almost always they do not. The first member's spelling is the
+/// topic's, and only members who spell it differently have an entry in `other_spellings`: a
+/// member costs no spelling of its own (16 B less per connection), and a join finds its
+/// spelling without scanning the members.
+struct Topic {
+    members: HashMap<usize, Member>,
+    spelling: Rc<str>,
+    other_spellings: HashMap<usize, Rc<str>>,
+}
+
+impl Topic {
+    /// The spelling member `key` uses.
+    fn spelling_of(&self, key: usize) -> &Rc<str> {
+        if self.other_spellings.is_empty() {
+            return &self.spelling;
+        }
+        self.other_spellings.get(&key).unwrap_or(&self.spelling)
+    }
+}
+
+/// Conversation → local members, for the conversations this core's sockets joined.
+#[derive(Default)]
+pub(crate) struct LocalTopics {
+    topics: HashMap<Uuid, Topic>,
+}
+
+impl LocalTopics {
+    /// Adds `conn` (slab key `key`) as a member spelling the topic `spelling`; returns the
+    /// shared spelling the member should keep (`spelling` itself for a new topic).
+    pub(crate) fn add_member(&mut self, conversation: Uuid, conn: &Rc<Conn>, spelling: Rc<str>) -> Rc<str> {
+        let key = conn.key;
+        let topic = self.topics.entry(conversation).or_insert_with(|| Topic {
+            members: HashMap::new(),
+            spelling: spelling.clone(),
+            other_spellings: HashMap::new(),
+        });
+        let interned = if *topic.spelling == *spelling {
+            topic.spelling.clone()
+        } else {
+            let known = topic.other_spellings.values().find(|t| ***t == *spelling).cloned();
+            let other = known.unwrap_or(spelling);
+            topic.other_spellings.insert(key, other.clone());
+            other
+        };
+        let previous = topic.members.insert(key, Member { conn: conn.clone(), presence_ready: false });
+        debug_assert!(previous.is_none(), "a socket is a member of a conversation once");
+        interned
+    }
+
+    /// Removes a member; frees the topic with its last member.
+    pub(crate) fn remove_member(&mut self, conversation: Uuid, key: usize) {
+        if let Some(topic) = self.topics.get_mut(&conversation) {
+            topic.members.remove(&key);
+            topic.other_spellings.remove(&key);
+            if topic.members.is_empty() {
+                self.topics.remove(&conversation);
+            }
+        }
+    }
+
+    /// Marks a member's `presence_state` as pushed: diffs may go to it from now on.
+    pub(crate) fn presence_ready(&mut self, conversation: Uuid, key: usize) {
+        if let Some(m) = self.topics.get_mut(&conversation).and_then(|t| t.members.get_mut(&key)) {
+            m.presence_ready = true;
+        }
+    }
+
+    /// Whether this core has members of `conversation`.
+    pub(crate) fn has_members(&self, conversation: Uuid) -> bool {
+        self.topics.contains_key(&conversation)
+    }
+
+    /// Queues `[null, null, topic, event, payload]` to every local member of a conversation
+    /// (with `presence`, only to those whose state was pushed): encoded once per (serializer,
+    /// spelling) present, the bytes shared. Returns the number of members it was queued to.
+    pub(crate) fn fan_out(
+        &self,
+        conversation: Uuid,
+        event: &str,
+        payload: &[u8],
+        presence: bool,
+        max_outbox_bytes: usize,
+    ) -> u64 {
+        let Some(topic) = self.topics.get(&conversation) else { return 0 };
+        let mut frames: Vec<(Vsn, Rc<str>, Bytes)> = Vec::new();
+        let mut delivered = 0;
+        for (key, member) in &topic.members {
+            if presence && !member.presence_ready {
+                continue;
+            }
+            let vsn = member.conn.vsn();
+            let spelling = topic.spelling_of(*key);
+            // Spellings are interned per topic: pointer equality is string equality.
+            let cached = frames.iter().find(|(v, t, _)| *v == vsn && Rc::ptr_eq(t, spelling));
+            let frame = match cached {
+                Some((_, _, f)) => f.clone(),
+                None => {
+                    let msg = Outbound { join_ref: None, reference: None, topic: spelling, event, payload };
+                    let f = wire::encode_frame(vsn, &msg);
+                    frames.push((vsn, spelling.clone(), f.clone()));
+                    f
+                }
+            };
+            member.conn.send(frame, max_outbox_bytes);
+            delivered += 1;
+        }
+        delivered
+    }
+}
