@@ -25,7 +25,7 @@ fn batch(conversations: &[Uuid], n: usize, seed: &mut u64) -> Vec<Committed> {
                 body: "x".repeat(100),
                 inserted_at_us: nexus::ids::now_micros(),
             };
-            Committed { message, origin: Origin { core: 0, ticket: 0 } }
+            Committed { message, origin: Some(Origin { core: 0, ticket: 0 }) }
         })
         .collect()
 }
@@ -41,7 +41,7 @@ fn writer(c: &mut Criterion) {
     // Under `cargo test` (no `--bench`) the bench runs once as a smoke test: keep it small.
     let prefill = if std::env::args().any(|a| a == "--bench") { PREFILL } else { 4_096 };
     for _ in 0..prefill / 1024 {
-        store.commit(&batch(&conversations, 1024, &mut seed)).expect("prefill");
+        store.commit(&mut batch(&conversations, 1024, &mut seed)).expect("prefill");
         store.maintain(false);
     }
     let mut group = c.benchmark_group("writer_commit");
@@ -50,8 +50,8 @@ fn writer(c: &mut Criterion) {
         group.bench_function(format!("batch_{size}"), |b| {
             b.iter_batched(
                 || batch(&conversations, size, &mut seed),
-                |rows| {
-                    store.commit(black_box(&rows)).expect("commit");
+                |mut rows| {
+                    store.commit(black_box(&mut rows)).expect("commit");
                     store.maintain(false);
                 },
                 BatchSize::SmallInput,

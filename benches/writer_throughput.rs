@@ -5,13 +5,14 @@
 //! `cargo bench --bench writer_throughput` (only runs under `cargo bench`; `cargo test`
 //! skips it). Env: `NEXUS_BENCH_PREFILL` (rows, default 1000000), `NEXUS_BENCH_SECS` (per run,
 //! default 10), `NEXUS_BENCH_SYNC` (`normal`|`full`), `NEXUS_BENCH_CONVERSATIONS` (comma
-//! list, default `100,1000,10000`), `NEXUS_BENCH_DIR` (default the temp dir; use a real disk).
-//! Prints one JSON line per conversation count.
+//! list, default `100,1000,10000`), `NEXUS_BENCH_DIR` (default the temp dir; use a real disk),
+//! `NEXUS_BENCH_PG_URL` (measure PostgreSQL instead: a database whose Nexus tables are dropped
+//! and recreated for each run). Prints one JSON line per conversation count.
 
 use std::time::{Duration, Instant};
 
 use nexus::store::schema::{open_writer, Sync};
-use nexus::store::{Committed, Message, Origin, SqliteStore, Store};
+use nexus::store::{Committed, Message, Origin, PgStore, PgTarget, SqliteStore, Store};
 use uuid::Uuid;
 
 const BATCH: usize = 1024;
@@ -43,7 +44,7 @@ impl Gen {
                     body: "x".repeat(100),
                     inserted_at_us: nexus::ids::now_micros(),
                 };
-                Committed { message, origin: Origin { core: 0, ticket: 0 } }
+                Committed { message, origin: Some(Origin { core: 0, ticket: 0 }) }
             })
             .collect()
     }
@@ -57,16 +58,37 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e3
 }
 
+/// A fresh PostgreSQL store: the Nexus tables of the database at `url` dropped and recreated.
+fn pg_store(url: &str) -> Box<dyn Store> {
+    let mut admin = postgres::Client::connect(url, postgres::NoTls).expect("connect to NEXUS_BENCH_PG_URL");
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS messages, conversations, nexus_batches, nexus_schema;
+             DROP FUNCTION IF EXISTS nexus_uuid7(bigint);",
+        )
+        .expect("drop the Nexus tables");
+    let timeout = Duration::from_secs(30);
+    let target = PgTarget::parse(url, timeout).expect("NEXUS_BENCH_PG_URL");
+    Box::new(PgStore::open(target, "bench".into(), timeout).expect("open PostgreSQL"))
+}
+
 fn run(conversations: usize, prefill: usize, secs: u64, sync: Sync, dir: &std::path::Path) {
     let path = dir.join(format!("throughput-{conversations}.db"));
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
-    let mut store = SqliteStore::new(open_writer(&path, sync, None).expect("open")).expect("store");
-    nexus::store::schema::spawn_checkpointer(&path).expect("checkpointer");
+    let pg_url = std::env::var("NEXUS_BENCH_PG_URL").ok();
+    let mut store: Box<dyn Store> = match &pg_url {
+        Some(url) => pg_store(url),
+        None => {
+            let store = SqliteStore::new(open_writer(&path, sync, None).expect("open")).expect("store");
+            nexus::store::schema::spawn_checkpointer(&path).expect("checkpointer");
+            Box::new(store)
+        }
+    };
     let mut gen = Gen { seed: 7, next_id: 1 << 40, conversations: (0..10_000).map(|_| Uuid::new_v4()).collect() };
     for _ in 0..prefill.div_ceil(BATCH) {
-        store.commit(&gen.batch()).expect("prefill");
+        store.commit(&mut gen.batch()).expect("prefill");
         store.maintain(false);
     }
     store.maintain(true);
@@ -76,9 +98,9 @@ fn run(conversations: usize, prefill: usize, secs: u64, sync: Sync, dir: &std::p
     let mut rows = 0usize;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(secs) {
-        let batch = gen.batch();
+        let mut batch = gen.batch();
         let t = Instant::now();
-        store.commit(&batch).expect("commit");
+        store.commit(&mut batch).expect("commit");
         commits.push(t.elapsed());
         store.maintain(false);
         stalls.push(t.elapsed());
@@ -88,8 +110,9 @@ fn run(conversations: usize, prefill: usize, secs: u64, sync: Sync, dir: &std::p
     commits.sort_unstable();
     stalls.sort_unstable();
     println!(
-        "{{\"conversations\":{conversations},\"prefill\":{prefill},\"sync\":\"{}\",\"rows_per_s\":{:.0},\
+        "{{\"store\":\"{}\",\"conversations\":{conversations},\"prefill\":{prefill},\"sync\":\"{}\",\"rows_per_s\":{:.0},\
          \"commit_ms_p50\":{:.2},\"commit_ms_p99\":{:.2},\"batch_ms_p50\":{:.2},\"batch_ms_p99\":{:.2},\"batch_ms_max\":{:.2}}}",
+        if pg_url.is_some() { "postgres" } else { "sqlite" },
         if sync == Sync::Full { "full" } else { "normal" },
         rows as f64 / elapsed,
         percentile(&commits, 0.5),

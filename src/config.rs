@@ -89,9 +89,20 @@ pub struct ServerArgs {
     /// Leeway for the token `exp`/`nbf` checks, in seconds.
     #[arg(long, env = "NEXUS_JWT_LEEWAY", default_value_t = 0)]
     pub jwt_leeway_secs: u64,
-    /// SQLite database file (created if missing).
+    /// SQLite database file (created if missing); unused with --database-url.
     #[arg(long, env = "DATABASE_PATH", default_value = "./nexus.db")]
     pub database_path: PathBuf,
+    /// Store messages in PostgreSQL instead of SQLite: `postgres://user:pass@host:port/db`, or
+    /// `postgresql:///db?host=/run/postgresql` for a unix socket. Never logged with its
+    /// password.
+    #[arg(long, env = "NEXUS_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// PostgreSQL timeout: connecting, each statement, unacknowledged writes. Seconds, or `5s`.
+    #[arg(long, env = "NEXUS_DB_TIMEOUT", default_value_t = Secs(limits::DB_TIMEOUT_DEFAULT))]
+    pub db_timeout: Secs,
+    /// PostgreSQL history reader threads (one connection each).
+    #[arg(long, env = "NEXUS_DB_READERS", default_value_t = limits::DB_READERS_DEFAULT)]
+    pub db_readers: usize,
     /// Commit durability: `normal` survives a process crash, `full` also power loss.
     #[arg(long, env = "NEXUS_SYNC", default_value = "normal", value_parser = ["normal", "full"])]
     pub sync: String,
@@ -139,6 +150,10 @@ pub struct Config {
     pub max_channels: usize,
     pub max_outbox_bytes: usize,
     pub database_path: PathBuf,
+    /// `NEXUS_DATABASE_URL`: PostgreSQL instead of SQLite. Its `Debug` hides it (a password).
+    pub database_url: Option<DatabaseUrl>,
+    pub db_timeout: Duration,
+    pub db_readers: usize,
     /// `NEXUS_SYNC=full`.
     pub sync_full: bool,
     pub db_max_bytes: Option<u64>,
@@ -181,6 +196,12 @@ impl Config {
         if args.writer_queue == 0 {
             return Err(invalid("NEXUS_WRITER_QUEUE", "must be at least 1"));
         }
+        if args.db_readers == 0 || args.db_readers > limits::DB_READERS_MAX {
+            return Err(invalid("NEXUS_DB_READERS", &format!("must be from 1 to {}", limits::DB_READERS_MAX)));
+        }
+        if args.db_timeout.0 < Duration::from_millis(100) {
+            return Err(invalid("NEXUS_DB_TIMEOUT", "must be at least 100ms"));
+        }
         if args.max_channels == 0 {
             return Err(invalid("NEXUS_MAX_CHANNELS", "must be at least 1"));
         }
@@ -205,6 +226,9 @@ impl Config {
             max_channels: args.max_channels,
             max_outbox_bytes: args.max_outbox_bytes,
             database_path: args.database_path.clone(),
+            database_url: args.database_url.clone().filter(|u| !u.trim().is_empty()).map(DatabaseUrl),
+            db_timeout: args.db_timeout.0,
+            db_readers: args.db_readers,
             sync_full: args.sync == "full",
             db_max_bytes: args.db_max_bytes,
             writer_queue: args.writer_queue,
@@ -227,6 +251,23 @@ pub fn secret(args: &ServerArgs) -> Result<Vec<u8>, ConfigError> {
 
 fn invalid(name: &'static str, why: &str) -> ConfigError {
     ConfigError::Invalid { name, why: why.to_string() }
+}
+
+/// A database URL; shown as `[redacted]` by `Debug` (it may carry a password).
+#[derive(Clone)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// The URL itself, for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatabaseUrl([redacted])")
+    }
 }
 
 /// A duration flag: plain seconds (`60`) or humantime (`90s`, `2m`); shown as seconds.
@@ -299,12 +340,14 @@ mod tests {
             ("sync", "normal"),
             ("jwt_leeway_secs", "0"),
             ("writer_queue", "8192"),
+            ("db_timeout", "5"),
+            ("db_readers", "2"),
         ];
         for (id, value) in expected {
             assert_eq!(default_of(id), value, "default of {id}");
         }
         // Unset means "derived": one worker per CPU, connections from the open-file limit.
-        for id in ["workers", "max_connections", "db_max_bytes", "jwt_secret"] {
+        for id in ["workers", "max_connections", "db_max_bytes", "jwt_secret", "database_url"] {
             assert_eq!(default_of(id), "", "{id} has no fixed default");
         }
     }
@@ -315,5 +358,13 @@ mod tests {
         let mut args = cli.server;
         args.jwt_secret = None;
         assert!(matches!(Config::from_args(&args), Err(ConfigError::MissingSecret)));
+    }
+
+    #[test]
+    fn the_database_url_never_shows_in_debug_output() {
+        let cli = Cli::try_parse_from(["nexus", "--jwt-secret", "s", "--database-url", "postgres://u:hunter2@db/x"]);
+        let config = Config::from_args(&cli.expect("parses").server).expect("valid");
+        assert_eq!(config.database_url.as_ref().map(DatabaseUrl::expose), Some("postgres://u:hunter2@db/x"));
+        assert!(!format!("{config:?}").contains("hunter2"));
     }
 }

@@ -224,3 +224,46 @@ pub const CHECKPOINT_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// How often a core retries messages for another core whose mailbox was full.
 pub const MAILBOX_RETRY: Duration = Duration::from_millis(1);
+
+/// Default PostgreSQL timeout (`NEXUS_DB_TIMEOUT`): connecting at start-up, each statement on
+/// the server (`statement_timeout`, `lock_timeout`), and unacknowledged writes on the socket
+/// (TCP user timeout), so a dead or unreachable database never hangs a thread for longer.
+pub const DB_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
+
+/// Default PostgreSQL history reader threads (`NEXUS_DB_READERS`), one connection each.
+pub const DB_READERS_DEFAULT: usize = 2;
+
+/// Most PostgreSQL history reader threads.
+pub const DB_READERS_MAX: usize = 64;
+
+/// Bound on one reconnect attempt while the database is down: the writer fails batches at once
+/// between attempts, and an attempt this short keeps `storage unavailable` answers within a
+/// second even when the database host does not answer at all.
+pub const DB_RECONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// First and longest pause between reconnect attempts (doubling in between): quick recovery
+/// after a restart, at most one attempt a second during an outage.
+pub const DB_RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// See [`DB_RECONNECT_BACKOFF_MIN`].
+pub const DB_RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How long the writer tries to learn whether a batch whose answer a lost connection hid was
+/// committed, before answering it `storage unavailable` (it keeps looking it up afterwards):
+/// short enough that senders hear back within a second when the database is gone.
+pub const DB_OUTCOME_WAIT: Duration = Duration::from_millis(600);
+
+/// Pause between tries while learning a batch's outcome.
+pub const DB_OUTCOME_POLL: Duration = Duration::from_millis(50);
+
+/// Batches of unknown outcome kept for a later look-up; beyond it the oldest is forgotten
+/// (its messages, if committed, are in history but were never broadcast) and logged.
+pub const DB_UNRESOLVED_BATCHES_MAX: usize = 64;
+
+/// How long a batch token is kept (far longer than any outcome look-up takes), and how often
+/// old ones are deleted.
+pub const DB_TOKEN_KEEP: Duration = Duration::from_secs(3_600);
+/// See [`DB_TOKEN_KEEP`].
+pub const DB_TOKEN_PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+const _: () = assert!(DB_RECONNECT_TIMEOUT.as_millis() + DB_OUTCOME_WAIT.as_millis() < 1_200);
+const _: () = assert!(DB_RECONNECT_BACKOFF_MIN.as_millis() <= DB_RECONNECT_BACKOFF_MAX.as_millis());

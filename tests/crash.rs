@@ -1,5 +1,6 @@
-//! Crash safety (issue 3): senders stream messages, the server is killed with SIGKILL in the
-//! middle of the stream, and a new server on the same file has every message that had been
+//! Crash safety (issue 3; PostgreSQL since issue 13): senders stream messages, the server is
+//! killed with SIGKILL in the middle of the stream, and a new server on the same store (SQLite
+//! file or PostgreSQL database) has every message that had been
 //! acknowledged, in each sender's send order. Messages committed but not yet acknowledged may
 //! be there too, but only as a continuation of the acknowledged ones: what a sender finds
 //! stored is always a prefix of what it sent, never a sequence with holes.
@@ -22,12 +23,11 @@ const WINDOW: usize = 20;
 const ACKED_BEFORE_KILL: usize = 200;
 const WAIT: Duration = Duration::from_secs(15);
 
-fn kill_mid_stream_then_restart(env: &[(&str, &str)]) {
+fn kill_mid_stream_then_restart(backend: Backend, env: &[(&str, &str)]) {
     // The senders flood on purpose (thousands of messages a second per socket): no rate limit.
     let env: &[(&str, &str)] = &[env, &[("NEXUS_MSG_RATE", "0")]].concat();
-    let mut first = start_server(env);
+    let mut first = start_server_on(backend, env);
     let port = first.port;
-    let db = first.db_path();
     let topic = new_topic();
     let conversation = conversation_of(&topic).to_string();
     let subs: Vec<String> = (0..SENDERS).map(|_| new_sub()).collect();
@@ -57,10 +57,9 @@ fn kill_mid_stream_then_restart(env: &[(&str, &str)]) {
         assert!(s.acked.len() >= ACKED_BEFORE_KILL && s.sent > s.acked.len(), "{s:?}");
     }
 
-    // A new server on the same file.
-    let db_str = db.to_str().expect("UTF-8 temp path");
-    let second = start_server(&[env, &[("DATABASE_PATH", db_str)]].concat());
-    let rows = db_rows(&db);
+    // A new server on the same store.
+    let second = restart_on_same_store(&first, env);
+    let rows = second.stored_rows();
     assert!(rows.iter().all(|r| r.conversation == conversation), "rows of another conversation");
     let ids: std::collections::HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids.len(), rows.len(), "a message is stored twice");
@@ -84,7 +83,7 @@ fn kill_mid_stream_then_restart(env: &[(&str, &str)]) {
     let after = send_all(&mut c, "1", &topic, &[format!("m-{}", kept[0])]);
     let last_before = history.last().and_then(|m| m["inserted_at"].as_str()).expect("history is not empty");
     assert!(after[0].inserted_at.as_str() > last_before, "{} after {last_before}", after[0].inserted_at);
-    let rows_after = db_rows(&db);
+    let rows_after = second.stored_rows();
     assert_eq!(rows_after.len(), rows.len() + 1);
     assert_eq!(
         rows_after.last().map(|r| (r.id.as_str(), r.body.as_str())),
@@ -92,12 +91,13 @@ fn kill_mid_stream_then_restart(env: &[(&str, &str)]) {
     );
 }
 
-#[test]
-fn sigkill_mid_stream_loses_no_acknowledged_message() {
-    kill_mid_stream_then_restart(&[]);
+fn sigkill_mid_stream_loses_no_acknowledged_message(backend: Backend) {
+    kill_mid_stream_then_restart(backend, &[]);
 }
+
+both_backends!(sigkill_mid_stream_loses_no_acknowledged_message);
 
 #[test]
 fn sigkill_mid_stream_loses_no_acknowledged_message_with_sync_full() {
-    kill_mid_stream_then_restart(&[("NEXUS_SYNC", "full")]);
+    kill_mid_stream_then_restart(Backend::Sqlite, &[("NEXUS_SYNC", "full")]);
 }

@@ -53,9 +53,8 @@ fn get_as(port: u16, sub: &str, conversation: &str, query: &str) -> HttpResponse
     http_get(port, &history_target(conversation, query), Some(&format!("Bearer {}", token(sub))))
 }
 
-#[test]
-fn empty_conversation_is_an_empty_page() {
-    let server = start_server(&[]);
+fn empty_conversation_is_an_empty_page(backend: Backend) {
+    let server = start_server_on(backend, &[]);
     let conversation = uuid::Uuid::new_v4().to_string();
     let mut resp = get_as(server.port, &new_sub(), &conversation, "");
     assert_eq!(resp.status, 200, "{:?} {:?}", resp.status_line, resp.body_text());
@@ -69,9 +68,8 @@ fn empty_conversation_is_an_empty_page() {
     }
 }
 
-#[test]
-fn pages_follow_next_before_oldest_first() {
-    let server = start_server(&[]);
+fn pages_follow_next_before_oldest_first(backend: Backend) {
+    let server = start_server_on(backend, &[]);
     let port = server.port;
     let (topic, _sender, live) = conversation_with(port, "p", 7);
     let conversation = conversation_of(&topic);
@@ -109,9 +107,8 @@ fn pages_follow_next_before_oldest_first() {
     );
 }
 
-#[test]
-fn history_payloads_equal_the_live_broadcasts() {
-    let server = start_server(&[]);
+fn history_payloads_equal_the_live_broadcasts(backend: Backend) {
+    let server = start_server_on(backend, &[]);
     let port = server.port;
     let topic = new_topic();
     let (alice, bob) = (new_sub(), new_sub());
@@ -150,9 +147,8 @@ fn history_payloads_equal_the_live_broadcasts() {
     }
 }
 
-#[test]
-fn limit_bounds() {
-    let server = start_server(&[]);
+fn limit_bounds(backend: Backend) {
+    let server = start_server_on(backend, &[]);
     let port = server.port;
     let (topic, sub, live) = conversation_with(port, "l", 3);
     let conversation = conversation_of(&topic);
@@ -164,9 +160,8 @@ fn limit_bounds() {
     }
 }
 
-#[test]
-fn malformed_before_is_400_and_any_id_is_a_time_bound() {
-    let server = start_server(&[]);
+fn malformed_before_is_400_and_any_id_is_a_time_bound(backend: Backend) {
+    let server = start_server_on(backend, &[]);
     let port = server.port;
     let (topic, sub, live) = conversation_with(port, "b", 2);
     let (other_topic, _, other_live) = conversation_with(port, "o", 1);
@@ -195,9 +190,8 @@ fn malformed_before_is_400_and_any_id_is_a_time_bound() {
     assert_eq!(history_page(port, &sub, conversation_of(&other_topic), &foreign), (Vec::new(), None));
 }
 
-#[test]
-fn bad_or_missing_tokens_are_401() {
-    let server = start_server(&[]);
+fn bad_or_missing_tokens_are_401(backend: Backend) {
+    let server = start_server_on(backend, &[]);
     let port = server.port;
     let (topic, sub, live) = conversation_with(port, "a", 1);
     let target = history_target(conversation_of(&topic), "");
@@ -260,9 +254,8 @@ fn bad_or_missing_tokens_are_401() {
     }
 }
 
-#[test]
-fn bad_paths_are_404_and_other_methods_405() {
-    let server = start_server(&[]);
+fn bad_paths_are_404_and_other_methods_405(backend: Backend) {
+    let server = start_server_on(backend, &[]);
     let port = server.port;
     let sub = new_sub();
     let auth = format!("Bearer {}", token(&sub));
@@ -305,9 +298,8 @@ fn live_until(c: &mut Client, topic: &str, last: &str) -> Vec<Live> {
     }
 }
 
-#[test]
-fn join_then_history_before_the_first_live_message_has_no_gap_or_duplicate() {
-    let server = start_server(&[]);
+fn join_then_history_before_the_first_live_message_has_no_gap_or_duplicate(backend: Backend) {
+    let server = start_server_on(backend, &[]);
     let port = server.port;
     let topic = new_topic();
     let conversation = conversation_of(&topic);
@@ -335,9 +327,8 @@ fn join_then_history_before_the_first_live_message_has_no_gap_or_duplicate() {
 /// order. Also the other recipe: read the newest page right after joining and drop live
 /// messages whose id is not newer than the newest history id (UUIDv7 ids increase in commit
 /// order, and canonical lower-case UUIDs compare as strings in the same order).
-#[test]
-fn join_racing_a_burst_sees_no_gap_or_duplicate() {
-    let server = start_server(&[]);
+fn join_racing_a_burst_sees_no_gap_or_duplicate(backend: Backend) {
+    let server = start_server_on(backend, &[]);
     let port = server.port;
     for round in 0..6 {
         let topic = new_topic();
@@ -395,3 +386,15 @@ fn join_racing_a_burst_sees_no_gap_or_duplicate() {
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase in commit order: {ids:?}");
     }
 }
+
+both_backends!(
+    empty_conversation_is_an_empty_page,
+    pages_follow_next_before_oldest_first,
+    history_payloads_equal_the_live_broadcasts,
+    limit_bounds,
+    malformed_before_is_400_and_any_id_is_a_time_bound,
+    bad_or_missing_tokens_are_401,
+    bad_paths_are_404_and_other_methods_405,
+    join_then_history_before_the_first_live_message_has_no_gap_or_duplicate,
+    join_racing_a_burst_sees_no_gap_or_duplicate
+);

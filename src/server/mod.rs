@@ -22,7 +22,10 @@ use crate::auth::Verifier;
 use crate::bus::{CoreMsg, Mailbox, WakeReceiver};
 use crate::config::Config;
 use crate::limits;
-use crate::store::{schema, spawn_reader, spawn_writer, SqliteStore, StoreHandle};
+use crate::store::{
+    schema, spawn_pg_readers, spawn_reader, spawn_writer, PgStore, PgTarget, ReaderHandle, SqliteStore, Store,
+    StoreHandle,
+};
 
 /// A start-up failure (reported as one line, exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -48,12 +51,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     // Before any thread starts: a thread that does not block SIGTERM would take the signal
     // and die by it, ending the whole process without a drain.
     block_signals();
-    let sync = if config.sync_full { schema::Sync::Full } else { schema::Sync::Normal };
-    let db = schema::open_writer(&config.database_path, sync, config.db_max_bytes)?;
-    let store = SqliteStore::new(db)
-        .map_err(|source| schema::OpenError::Sqlite { path: config.database_path.display().to_string(), source })?;
-    let (reader, _reader_thread) = spawn_reader(&config.database_path)?;
-    schema::spawn_checkpointer(&config.database_path)?;
+    let (store, reader, database) = open_storage(&config)?;
     let nofile = sys::raise_nofile_limit();
     let workers = config.workers;
     let reserved = limits::FDS_RESERVED + limits::FDS_PER_CORE * workers as u64;
@@ -91,8 +89,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             mailbox.push_blocking(CoreMsg::Committed(Arc::clone(&batch)));
         }
     });
-    let database = config_summary(&shared.config);
-    let (store, writer) = spawn_writer(Box::new(store), sink, shared.config.writer_queue)?;
+    let (store, writer) = spawn_writer(store, sink, shared.config.writer_queue)?;
     let uring = monoio::utils::detect_uring();
     for (id, (listener, wake)) in listeners.into_iter().zip(wakes).enumerate() {
         spawn_core(id, shared.clone(), store.clone(), listener, wake)?;
@@ -143,9 +140,25 @@ fn drain(shared: &Shared, signal: &str) {
     }
 }
 
-fn config_summary(config: &Config) -> String {
+/// Opens the configured store (migrating it) and starts its history readers; returns them
+/// with a description for the start-up line (never a password).
+fn open_storage(config: &Config) -> Result<(Box<dyn Store>, ReaderHandle, String), ServerError> {
+    if let Some(url) = &config.database_url {
+        let target = PgTarget::parse(url.expose(), config.db_timeout)?;
+        let node = format!("{}:{}", sys::hostname(), config.listen.port());
+        let store = PgStore::open(target.clone(), node, config.db_timeout)?;
+        let reader = spawn_pg_readers(&target, config.db_readers, config.db_timeout)?;
+        let shown = format!("database={} readers={}", target.shown(), config.db_readers);
+        return Ok((Box::new(store), reader, shown));
+    }
+    let sync = if config.sync_full { schema::Sync::Full } else { schema::Sync::Normal };
+    let db = schema::open_writer(&config.database_path, sync, config.db_max_bytes)?;
+    let store = SqliteStore::new(db)
+        .map_err(|source| schema::OpenError::Sqlite { path: config.database_path.display().to_string(), source })?;
+    let (reader, _reader_thread) = spawn_reader(&config.database_path)?;
+    schema::spawn_checkpointer(&config.database_path)?;
     let sync = if config.sync_full { "full" } else { "normal" };
-    format!("database={} sync={sync}", config.database_path.display())
+    Ok((Box::new(store), reader, format!("database={} sync={sync}", config.database_path.display())))
 }
 
 /// One `SO_REUSEPORT` listener per core, all on the same port (port 0 resolves once).

@@ -318,7 +318,7 @@ fn history(core: &Core, conn: &Rc<Conn>, h: http::HistoryRequest) {
     let reply = Box::new(move |result: Result<HistoryPage, HistoryError>| {
         let bytes = match result {
             Ok(page) => response::json(response::Status::OK, &chat::history_json(&page)),
-            Err(HistoryError::Storage(e)) => {
+            Err(e) => {
                 tracing::warn!(error = %e, "history read failed");
                 response::json_error(response::Status::UNAVAILABLE, "storage unavailable")
             }

@@ -35,9 +35,15 @@ pub struct HistoryPage {
 /// Why a history read failed (503).
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
-    /// The database failed.
+    /// SQLite failed.
     #[error("storage unavailable: {0}")]
     Storage(#[from] rusqlite::Error),
+    /// PostgreSQL failed.
+    #[error("storage unavailable: {0}")]
+    Postgres(::postgres::Error),
+    /// PostgreSQL is unreachable (the reader reconnects with back-off).
+    #[error("storage unavailable: database unreachable")]
+    Unavailable,
 }
 
 /// Newest rows older than the cursor from each table; the caller merges the two. Ids are
@@ -106,6 +112,13 @@ impl std::fmt::Debug for ReaderHandle {
 }
 
 impl ReaderHandle {
+    /// A handle and the queue its reader threads take jobs from
+    /// ([`limits::READER_QUEUE_MAX`] jobs).
+    pub(crate) fn channel() -> (ReaderHandle, crossbeam_channel::Receiver<HistoryJob>) {
+        let (tx, rx) = crossbeam_channel::bounded::<HistoryJob>(limits::READER_QUEUE_MAX);
+        (ReaderHandle { tx }, rx)
+    }
+
     /// Queues a job without blocking; gives it back when the queue is full.
     pub fn try_submit(&self, job: HistoryJob) -> Result<(), HistoryJob> {
         self.tx.try_send(job).map_err(|e| match e {
@@ -117,14 +130,14 @@ impl ReaderHandle {
 /// Starts the reader thread on a read-only connection to `path`.
 pub fn spawn_reader(path: &std::path::Path) -> Result<(ReaderHandle, JoinHandle<()>), schema::OpenError> {
     let mut conn = schema::open_reader(path)?;
-    let (tx, rx) = crossbeam_channel::bounded::<HistoryJob>(limits::READER_QUEUE_MAX);
+    let (handle, rx) = ReaderHandle::channel();
     let spawned = std::thread::Builder::new().name("reader".into()).spawn(move || {
         for job in rx {
             (job.reply)(read_history(&mut conn, &job.query));
         }
     });
     let join = spawned.map_err(|source| schema::OpenError::Thread { name: "reader", source })?;
-    Ok((ReaderHandle { tx }, join))
+    Ok((handle, join))
 }
 
 #[cfg(test)]
@@ -141,7 +154,7 @@ mod tests {
             body: format!("m{n}"),
             inserted_at_us: 1_000 + n,
         };
-        Committed { message, origin: Origin { core: 0, ticket: 0 } }
+        Committed { message, origin: Some(Origin { core: 0, ticket: 0 }) }
     }
 
     /// A writer store on a new database in its own temp dir.
@@ -157,10 +170,10 @@ mod tests {
     fn pages_span_both_tables_oldest_first() {
         let (mut store, path) = fresh_store("history");
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let batch: Vec<Committed> = (0..10).map(|n| msg(if n % 2 == 0 { a } else { b }, n)).collect();
-        store.commit(&batch[..6]).expect("commit");
+        let mut batch: Vec<Committed> = (0..10).map(|n| msg(if n % 2 == 0 { a } else { b }, n)).collect();
+        store.commit(&mut batch[..6]).expect("commit");
         store.maintain(true); // rows 0..6 move to `messages`
-        store.commit(&batch[6..]).expect("commit"); // rows 6..10 stay in `recent`
+        store.commit(&mut batch[6..]).expect("commit"); // rows 6..10 stay in `recent`
         let mut reader = schema::open_reader(&path).expect("reader");
         let q = HistoryQuery { conversation: a, before: None, limit: 3 };
         let page = read_history(&mut reader, &q).expect("page");
@@ -208,8 +221,8 @@ mod tests {
         };
         let mut n = 0;
         for round in 0..4 {
-            let batch: Vec<Committed> = (n..n + 1_500).map(|i| msg(convs[i as usize % convs.len()], i)).collect();
-            store.commit(&batch).expect("commit");
+            let mut batch: Vec<Committed> = (n..n + 1_500).map(|i| msg(convs[i as usize % convs.len()], i)).collect();
+            store.commit(&mut batch).expect("commit");
             n += 1_500;
             // A few preempted steps per round, then check history mid-sweep.
             for _ in 0..3 + round {

@@ -6,6 +6,7 @@
 //! a topic one order, on every core.
 
 mod history;
+mod postgres;
 pub mod schema;
 mod sqlite;
 pub mod stats;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 pub use history::{read_history, spawn_reader, HistoryError, HistoryJob, HistoryPage, HistoryQuery, ReaderHandle};
+pub use postgres::{migrate as migrate_postgres, spawn_readers as spawn_pg_readers, PgStore, PgTarget};
 pub use sqlite::SqliteStore;
 pub use writer::{spawn_writer, StoreHandle, SubmitError, WriterStopper};
 
@@ -62,8 +64,9 @@ pub struct Message {
 pub struct Committed {
     /// The message.
     pub message: Message,
-    /// Where to acknowledge.
-    pub origin: Origin,
+    /// Where to acknowledge; `None` for a message whose sender was already answered (a commit
+    /// found committed only after its batch was answered `storage unavailable`).
+    pub origin: Option<Origin>,
 }
 
 /// One commit's outcome, sent to every core.
@@ -78,8 +81,15 @@ pub struct CommitBatch {
 
 /// Persistence behind the writer thread. `commit` must be all-or-nothing for the batch.
 pub trait Store: Send {
-    /// Commits `batch` durably (per the store's sync policy) or fails as a whole.
-    fn commit(&mut self, batch: &[Committed]) -> Result<(), StoreError>;
+    /// Commits `batch` durably (per the store's sync policy) or fails as a whole. The writer
+    /// stamps every message first; a store that orders messages itself (PostgreSQL)
+    /// overwrites the ids and times with its own.
+    fn commit(&mut self, batch: &mut [Committed]) -> Result<(), StoreError>;
+
+    /// Messages found committed after their batch was answered as failed, to broadcast now.
+    fn take_late(&mut self) -> Vec<Committed> {
+        Vec::new()
+    }
 
     /// Background work between batches (`idle`: nothing is waiting). Must stay short: the
     /// writer does it on its own thread while requests queue.
@@ -96,12 +106,26 @@ pub trait Store: Send {
     }
 }
 
-/// A failed commit (the batch is answered `storage unavailable`; nothing of it is stored).
+/// A failed commit: the batch is answered `storage unavailable` and nothing of it is
+/// broadcast.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// SQLite refused the transaction (disk full, `NEXUS_DB_MAX_BYTES` reached, I/O error...).
     #[error("storage unavailable: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL refused the batch; it was not committed.
+    #[error("storage unavailable: {0}")]
+    Postgres(::postgres::Error),
+    /// The database is unreachable (or its answer to this batch was lost and could not be
+    /// looked up in time; it is looked up again later).
+    #[error("storage unavailable: database unreachable")]
+    Unavailable,
+    /// The connection was lost during the commit, and the batch turned out not committed.
+    #[error("storage unavailable: connection lost, batch not committed")]
+    NotCommitted,
+    /// The database answered something the batch cannot match (a bug, not an outage).
+    #[error("storage inconsistent: {0}")]
+    Inconsistent(&'static str),
 }
 
 /// Receives each batch the writer finishes (the server fans it out to the core mailboxes).

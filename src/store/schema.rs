@@ -83,8 +83,22 @@ pub enum OpenError {
         /// Cause.
         source: std::io::Error,
     },
+    /// `NEXUS_DATABASE_URL` cannot be parsed.
+    #[error("{why}")]
+    BadUrl {
+        /// What is wrong (never the URL itself: it may hold a password).
+        why: String,
+    },
+    /// PostgreSQL could not be reached or refused the schema work.
+    #[error("cannot use PostgreSQL at {target}: {source}")]
+    Postgres {
+        /// The database, without its password.
+        target: String,
+        /// Cause.
+        source: postgres::Error,
+    },
     /// The file was written by a newer Nexus.
-    #[error("database {path} has schema version {found}, newer than this nexus supports ({SCHEMA_VERSION})")]
+    #[error("database {path} has schema version {found}, newer than this nexus supports")]
     TooNew {
         /// File path.
         path: String,

@@ -313,10 +313,10 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
-    fn commit(&mut self, batch: &[Committed]) -> Result<(), StoreError> {
+    fn commit(&mut self, batch: &mut [Committed]) -> Result<(), StoreError> {
         // On error the transaction rolled back (dropped uncommitted): seq stays where it was.
         self.insert(batch)?;
-        for c in batch {
+        for c in batch.iter() {
             let m = &c.message;
             let row = PendingRow { id: m.id, sender: m.sender, body: m.body.clone(), inserted_at_us: m.inserted_at_us };
             self.pending.entry(m.conversation).or_default().push(row);

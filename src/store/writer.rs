@@ -131,6 +131,7 @@ fn run(mut store: Box<dyn Store>, mut sink: BatchSink, rx: Receiver<Request>, st
             Ok(Request::Stop) => break,
             Err(RecvTimeoutError::Timeout) => {
                 store.maintain(true);
+                send_late(&mut *store, &mut sink);
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => break,
@@ -148,7 +149,7 @@ fn run(mut store: Box<dyn Store>, mut sink: BatchSink, rx: Receiver<Request>, st
             }
         }
         let started = Instant::now();
-        let committed = store.commit(&batch);
+        let committed = store.commit(&mut batch);
         stats.record(batch.len(), started.elapsed(), committed.is_ok());
         let failure = match committed {
             Ok(()) => None,
@@ -157,6 +158,8 @@ fn run(mut store: Box<dyn Store>, mut sink: BatchSink, rx: Receiver<Request>, st
                 Some("storage unavailable")
             }
         };
+        // Late commits (found while reconnecting for this batch) are older: they go first.
+        send_late(&mut *store, &mut sink);
         sink(Arc::new(CommitBatch { messages: batch, failure }));
         store.maintain(false);
     }
@@ -166,7 +169,16 @@ fn run(mut store: Box<dyn Store>, mut sink: BatchSink, rx: Receiver<Request>, st
 fn stamped(stamper: &mut Stamper, req: InsertRequest) -> Committed {
     let (id, inserted_at_us) = stamper.stamp();
     let message = Message { id, conversation: req.conversation, sender: req.sender, body: req.body, inserted_at_us };
-    Committed { message, origin: req.origin }
+    Committed { message, origin: Some(req.origin) }
+}
+
+/// Broadcasts what the store found committed after answering it as failed (no acks: the
+/// senders were answered).
+fn send_late(store: &mut dyn Store, sink: &mut BatchSink) {
+    let late = store.take_late();
+    if !late.is_empty() {
+        sink(Arc::new(CommitBatch { messages: late, failure: None }));
+    }
 }
 
 #[cfg(test)]
@@ -178,7 +190,7 @@ mod tests {
     struct MemoryStore;
 
     impl Store for MemoryStore {
-        fn commit(&mut self, _batch: &[Committed]) -> Result<(), StoreError> {
+        fn commit(&mut self, _batch: &mut [Committed]) -> Result<(), StoreError> {
             Ok(())
         }
     }
@@ -209,7 +221,7 @@ mod tests {
         drop(handle);
         stopper.stop();
         let all: Vec<Committed> = rx.iter().flat_map(|b| b.messages.clone()).collect();
-        let tickets: Vec<u32> = all.iter().map(|m| m.origin.ticket).collect();
+        let tickets: Vec<u32> = all.iter().filter_map(|m| m.origin.map(|o| o.ticket)).collect();
         assert_eq!(tickets, (0..100).collect::<Vec<_>>());
         let ordered = |w: &[Committed]| {
             w[0].message.inserted_at_us < w[1].message.inserted_at_us && w[0].message.id < w[1].message.id

@@ -6,6 +6,8 @@
 //! nothing waits by sleeping: a test waits for the frame it expects (or for EOF) with a timeout.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -48,6 +50,64 @@ pub struct Server {
     child: Child,
     log: Arc<Log>,
     dir: PathBuf,
+    /// The PostgreSQL database it stores in (its `NEXUS_DATABASE_URL`).
+    pub pg_url: Option<String>,
+    /// The SQLite file it uses (its `DATABASE_PATH`).
+    sqlite_path: PathBuf,
+}
+
+/// Where a test server stores messages: the same tests run against both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded SQLite file (the default).
+    Sqlite,
+    /// A fresh database on the test binary's PostgreSQL ([`pg::shared`]).
+    Postgres,
+}
+
+/// Runs each named `fn(Backend)` as two tests, `<name>::sqlite` and `<name>::postgres`: one
+/// behaviour, checked against both stores.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),+ $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn sqlite() {
+                    super::$name($crate::common::Backend::Sqlite)
+                }
+                #[test]
+                fn postgres() {
+                    super::$name($crate::common::Backend::Postgres)
+                }
+            }
+        )+
+    };
+}
+
+/// A second server on the store `first` used (same SQLite file or PostgreSQL database).
+#[track_caller]
+pub fn restart_on_same_store(first: &Server, env: &[(&str, &str)]) -> Server {
+    match &first.pg_url {
+        Some(url) => start_server(&[env, &[("NEXUS_DATABASE_URL", url.as_str())]].concat()),
+        None => {
+            let db = first.db_path();
+            let db = db.to_str().expect("UTF-8 temp path");
+            start_server(&[env, &[("DATABASE_PATH", db)]].concat())
+        }
+    }
+}
+
+/// [`start_server`] on `backend`.
+#[track_caller]
+pub fn start_server_on(backend: Backend, env: &[(&str, &str)]) -> Server {
+    match backend {
+        Backend::Sqlite => start_server(env),
+        Backend::Postgres => {
+            let url = pg::shared().create_db();
+            start_server(&[env, &[("NEXUS_DATABASE_URL", url.as_str())]].concat())
+        }
+    }
 }
 
 /// The server's stderr as collected by a background thread: lines so far, whether the pipe
@@ -200,6 +260,8 @@ pub fn start_server(env: &[(&str, &str)]) -> Server {
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn nexus");
     let stderr = child.stderr.take().expect("piped stderr");
+    let sqlite_path = env.iter().find(|(k, _)| *k == "DATABASE_PATH").map_or(db, |(_, v)| PathBuf::from(v));
+    let pg_url = env.iter().find(|(k, _)| *k == "NEXUS_DATABASE_URL").map(|(_, v)| v.to_string());
 
     let log = Arc::new(Log::default());
     let (tx, rx) = mpsc::channel::<String>();
@@ -232,7 +294,7 @@ pub fn start_server(env: &[(&str, &str)]) -> Server {
         match rx.recv_timeout(remaining) {
             Ok(line) => {
                 if let Some(port) = parse_listening_port(&line) {
-                    return Server { port, child, log, dir };
+                    return Server { port, child, log, dir, pg_url, sqlite_path };
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -1196,6 +1258,15 @@ impl Server {
     /// overrode `DATABASE_PATH`).
     pub fn db_path(&self) -> PathBuf {
         self.dir.join("nexus.db")
+    }
+
+    /// Every stored message, whichever backend holds it (SQLite: in commit order; PostgreSQL:
+    /// by conversation, then its `seq`).
+    pub fn stored_rows(&self) -> Vec<DbRow> {
+        match &self.pg_url {
+            Some(url) => pg::rows(url),
+            None => db_rows(&self.sqlite_path),
+        }
     }
 
     pub fn pid(&self) -> u32 {

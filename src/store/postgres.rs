@@ -1,0 +1,490 @@
+//! PostgreSQL storage (`NEXUS_DATABASE_URL`): the schema and its migrations, the writer's
+//! one-statement batch append, the resolution of commits whose outcome a lost connection hid,
+//! and the history readers. The only home of the `postgres` crate.
+//!
+//! The database orders messages: one statement per batch takes each conversation's row lock
+//! (in id order, so concurrent writers never deadlock), gives every message the next dense
+//! `seq` of its conversation and an `inserted_at` from the database clock that is strictly
+//! greater than the conversation's previous one (whatever any clock does), and an id that is a
+//! UUIDv7 of that instant. So `seq` order = `inserted_at` order = id order = commit order in
+//! every conversation, the same guarantees the embedded store gives.
+//!
+//! Every thread owns its connection and reconnects by itself; there is no pool (the client is
+//! blocking: it runs its own small runtime only inside calls, on its own thread).
+
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use postgres::{Client, NoTls, Statement};
+use uuid::Uuid;
+
+use super::history::{HistoryError, HistoryJob, HistoryPage, HistoryQuery, ReaderHandle};
+use super::schema::OpenError;
+use super::{Committed, Message, Store, StoreError};
+use crate::limits;
+
+/// Schema version this build writes; a newer database is refused.
+pub const PG_SCHEMA_VERSION: i32 = 1;
+
+/// Advisory lock key held while migrating, so nodes starting together migrate once.
+const MIGRATION_LOCK: i64 = 0x6e65_7875_735f_7067; // "nexus_pg"
+
+const MIGRATIONS: &[&str] = &[
+    // 1: conversations (per-conversation sequence and last instant), messages clustered by
+    // (conversation, inserted_at), batch tokens for commits whose outcome was lost.
+    "CREATE TABLE conversations (id uuid PRIMARY KEY, seq bigint NOT NULL, last_at bigint NOT NULL);
+     CREATE TABLE messages (
+        conversation_id uuid NOT NULL,
+        inserted_at bigint NOT NULL,
+        seq bigint NOT NULL,
+        id uuid NOT NULL,
+        sender_id uuid NOT NULL,
+        body text NOT NULL,
+        PRIMARY KEY (conversation_id, inserted_at));
+     CREATE TABLE nexus_batches (
+        token uuid PRIMARY KEY,
+        node text NOT NULL,
+        at timestamptz NOT NULL DEFAULT now(),
+        convs uuid[] NOT NULL,
+        first_at bigint[] NOT NULL,
+        counts bigint[] NOT NULL);
+     CREATE FUNCTION nexus_uuid7(us bigint) RETURNS uuid LANGUAGE sql VOLATILE AS $$
+       SELECT encode(substring(int8send(us / 1000) FROM 3 FOR 6) || int2send((28672 + us % 1000)::int2)
+                     || substring(uuid_send(gen_random_uuid()) FROM 9 FOR 8), 'hex')::uuid $$;",
+];
+
+const _: () = assert!(MIGRATIONS.len() == PG_SCHEMA_VERSION as usize);
+
+/// The batch append: one statement, one round trip, one transaction. `$1` conversations,
+/// `$2` senders, `$3` bodies (in batch order), `$4` the batch token, `$5` this node. Returns
+/// each message's stamps by its position in the batch. The token row records, per
+/// conversation, the first `inserted_at` and the count, so a writer that lost the answer can
+/// find out whether the batch committed and read its stamps back.
+const APPEND: &str = "
+WITH b AS (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[]) WITH ORDINALITY AS b(conv, sender, body, ord)),
+n AS (SELECT conv, count(*) AS n FROM b GROUP BY conv),
+up AS (INSERT INTO conversations AS c (id, seq, last_at)
+  SELECT conv, n, (extract(epoch FROM clock_timestamp()) * 1e6)::bigint + n - 1 FROM n ORDER BY conv
+  ON CONFLICT (id) DO UPDATE SET seq = c.seq + excluded.seq,
+                                 last_at = greatest(c.last_at + excluded.seq, excluded.last_at)
+  RETURNING id, seq, last_at),
+r AS (SELECT b.*, up.seq - n.n + row_number() OVER w AS seq, up.last_at - n.n + row_number() OVER w AS at
+      FROM b JOIN n USING (conv) JOIN up ON up.id = b.conv WINDOW w AS (PARTITION BY b.conv ORDER BY b.ord)),
+rows AS (SELECT r.*, nexus_uuid7(r.at) AS id FROM r),
+ins AS (INSERT INTO messages SELECT conv, at, seq, id, sender, body FROM rows),
+tok AS (INSERT INTO nexus_batches (token, node, convs, first_at, counts)
+        SELECT $4, $5, array_agg(up.id), array_agg(up.last_at - n.n + 1), array_agg(n.n) FROM up JOIN n ON n.conv = up.id)
+SELECT ord, id, at FROM rows ORDER BY ord";
+
+/// The stamps of a batch whose token was found: every row it wrote, by conversation and time.
+const BATCH_ROWS: &str = "
+SELECT m.conversation_id, m.id, m.inserted_at
+FROM nexus_batches b, unnest(b.convs, b.first_at, b.counts) AS u(conv, first_at, n),
+  LATERAL (SELECT conversation_id, id, inserted_at FROM messages
+           WHERE conversation_id = u.conv AND inserted_at >= u.first_at
+           ORDER BY inserted_at LIMIT u.n) m
+WHERE b.token = $1
+ORDER BY m.conversation_id, m.inserted_at";
+
+/// One history page, newest first: messages of a conversation with an id below `$3`
+/// (`$2` bounds `inserted_at` from that id, so the primary key serves the scan).
+const PAGE: &str = "
+SELECT id, sender_id, body, inserted_at FROM messages
+WHERE conversation_id = $1 AND inserted_at < $2 AND id < $3
+ORDER BY inserted_at DESC LIMIT $4";
+
+/// Where the database is: the parsed URL and a form safe to log (no password).
+#[derive(Clone)]
+pub struct PgTarget {
+    config: postgres::Config,
+    shown: String,
+}
+
+impl std::fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl PgTarget {
+    /// Parses `postgres://…` / `postgresql://…` (TCP, or a unix-socket directory as `host`) or
+    /// a `key=value` connection string. `timeout` bounds connecting, each statement (on the
+    /// server) and unacknowledged writes (TCP user timeout).
+    pub fn parse(url: &str, timeout: Duration) -> Result<PgTarget, OpenError> {
+        let mut config = postgres::Config::from_str(url)
+            .map_err(|e| OpenError::BadUrl { why: format!("NEXUS_DATABASE_URL is not a PostgreSQL URL: {e}") })?;
+        let ms = timeout.as_millis().max(1);
+        config
+            .connect_timeout(timeout)
+            .tcp_user_timeout(timeout)
+            .keepalives(true)
+            .application_name("nexus")
+            // An ack means committed and flushed: never inherit an `off` from the server.
+            .options(&format!("-c synchronous_commit=on -c statement_timeout={ms} -c lock_timeout={ms}"));
+        let shown = show(&config);
+        Ok(PgTarget { config, shown })
+    }
+
+    /// The URL without its password, for logs.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    fn connect(&self, timeout: Duration) -> Result<Client, postgres::Error> {
+        let mut config = self.config.clone();
+        config.connect_timeout(timeout);
+        config.connect(NoTls)
+    }
+}
+
+/// `postgres://user@host:port/db` (or the socket directory), never the password.
+fn show(c: &postgres::Config) -> String {
+    let hosts: Vec<String> = c
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            postgres::config::Host::Tcp(name) => name.clone(),
+            postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let ports: Vec<String> = c.get_ports().iter().map(u16::to_string).collect();
+    format!(
+        "postgres://{}@{}:{}/{}",
+        c.get_user().unwrap_or(""),
+        hosts.join(","),
+        ports.join(","),
+        c.get_dbname().unwrap_or("")
+    )
+}
+
+fn unreachable(target: &PgTarget, source: postgres::Error) -> OpenError {
+    OpenError::Postgres { target: target.shown.clone(), source }
+}
+
+/// Connects (bounded by the target's timeout) and brings the schema to this build's version
+/// under an advisory lock; refuses a newer schema.
+pub fn migrate(target: &PgTarget, timeout: Duration) -> Result<(), OpenError> {
+    let mut client = target.connect(timeout).map_err(|e| unreachable(target, e))?;
+    let mut tx = client.transaction().map_err(|e| unreachable(target, e))?;
+    let steps = (|| -> Result<i32, postgres::Error> {
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS nexus_schema (version integer NOT NULL)")?;
+        let found: Option<i32> = tx.query_one("SELECT max(version) FROM nexus_schema", &[])?.get(0);
+        Ok(found.unwrap_or(0))
+    })();
+    let found = steps.map_err(|e| unreachable(target, e))?;
+    if found > PG_SCHEMA_VERSION {
+        return Err(OpenError::TooNew { path: target.shown.clone(), found: i64::from(found) });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+        let version = i32::try_from(i + 1).expect("few migrations");
+        tx.batch_execute(sql).map_err(|e| unreachable(target, e))?;
+        tx.execute("INSERT INTO nexus_schema (version) VALUES ($1)", &[&version])
+            .map_err(|e| unreachable(target, e))?;
+    }
+    tx.commit().map_err(|e| unreachable(target, e))?;
+    Ok(())
+}
+
+/// A live writer connection: the client, its prepared append, and its backend process (to end
+/// it if the connection is lost mid-commit).
+struct Live {
+    client: Client,
+    append: Statement,
+    backend_pid: i32,
+}
+
+/// A batch whose outcome could not be learned in time: answered `storage unavailable`, and
+/// looked up again once the database is back (a commit found then is broadcast late).
+struct Unresolved {
+    token: Uuid,
+    backend_pid: i32,
+    batch: Vec<Committed>,
+}
+
+/// What looking a batch token up found.
+enum Outcome {
+    /// Committed: the rows' stamps, by conversation then time.
+    Committed(Vec<(Uuid, Uuid, i64)>),
+    /// Not committed, and it never will be (its backend is gone).
+    Absent,
+}
+
+/// The writer's PostgreSQL store.
+pub struct PgStore {
+    target: PgTarget,
+    node: String,
+    timeout: Duration,
+    live: Option<Live>,
+    /// No reconnect attempt before this (fail fast while the database is down).
+    retry_at: Instant,
+    backoff: Duration,
+    /// When the connection was lost (logged once, then on reconnect).
+    down_since: Option<Instant>,
+    unresolved: Vec<Unresolved>,
+    late: Vec<Committed>,
+    pruned_at: Instant,
+}
+
+impl PgStore {
+    /// Connects and migrates (start-up: failures are fatal), naming this node in batch tokens.
+    pub fn open(target: PgTarget, node: String, timeout: Duration) -> Result<PgStore, OpenError> {
+        migrate(&target, timeout)?;
+        let live = connect_live(&target, timeout).map_err(|e| unreachable(&target, e))?;
+        Ok(PgStore {
+            target,
+            node,
+            timeout,
+            live: Some(live),
+            retry_at: Instant::now(),
+            backoff: limits::DB_RECONNECT_BACKOFF_MIN,
+            down_since: None,
+            unresolved: Vec::new(),
+            late: Vec::new(),
+            pruned_at: Instant::now(),
+        })
+    }
+
+    /// The live connection, reconnecting when the back-off allows; `None` fails the batch at
+    /// once (no waiting while the database is down).
+    fn live(&mut self) -> Option<&mut Live> {
+        if self.live.as_ref().is_some_and(|l| l.client.is_closed()) {
+            self.live = None;
+        }
+        if self.live.is_none() && Instant::now() >= self.retry_at {
+            match connect_live(&self.target, limits::DB_RECONNECT_TIMEOUT.min(self.timeout)) {
+                Ok(live) => {
+                    let down_for = self.down_since.take().map(|t| t.elapsed());
+                    tracing::info!(database = %self.target.shown, ?down_for, "reconnected to PostgreSQL");
+                    self.live = Some(live);
+                    self.backoff = limits::DB_RECONNECT_BACKOFF_MIN;
+                    self.resolve_unresolved();
+                }
+                Err(e) => {
+                    if self.down_since.is_none() {
+                        self.down_since = Some(Instant::now());
+                        tracing::error!(database = %self.target.shown, error = %e, "PostgreSQL unreachable: new messages \
+                            are answered 'storage unavailable' until it is back (retrying, at most every second)");
+                    } else {
+                        tracing::debug!(error = %e, retry_in = ?self.backoff, "PostgreSQL still unreachable");
+                    }
+                    self.retry_at = Instant::now() + self.backoff;
+                    self.backoff = (self.backoff * 2).min(limits::DB_RECONNECT_BACKOFF_MAX);
+                }
+            }
+        }
+        self.live.as_mut()
+    }
+
+    /// After a lost connection: waits (at most [`limits::DB_OUTCOME_WAIT`]) for the database,
+    /// ends the old backend if it still runs, and reads the token.
+    fn resolve(&mut self, token: Uuid, backend_pid: i32, batch: &mut [Committed]) -> Result<(), StoreError> {
+        let deadline = Instant::now() + limits::DB_OUTCOME_WAIT;
+        loop {
+            self.retry_at = Instant::now();
+            if let Some(live) = self.live() {
+                match lookup(&mut live.client, token, backend_pid) {
+                    Ok(Outcome::Committed(rows)) => return restamp(batch, &rows),
+                    Ok(Outcome::Absent) => return Err(StoreError::NotCommitted),
+                    Err(e) => tracing::warn!(error = %e, "looking up a batch after a lost connection failed"),
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(limits::DB_OUTCOME_POLL);
+        }
+        if self.unresolved.len() >= limits::DB_UNRESOLVED_BATCHES_MAX {
+            let dropped = self.unresolved.remove(0);
+            tracing::error!(token = %dropped.token, rows = dropped.batch.len(), "too many unresolved batches: \
+                forgetting the oldest (if it committed, its messages are in history but were not broadcast)");
+        }
+        let batch = batch.iter().map(|c| Committed { message: c.message.clone(), origin: None }).collect();
+        self.unresolved.push(Unresolved { token, backend_pid, batch });
+        Err(StoreError::Unavailable)
+    }
+
+    /// Looks up batches answered `storage unavailable` without knowing; the committed ones
+    /// become late broadcasts.
+    fn resolve_unresolved(&mut self) {
+        let Some(live) = self.live.as_mut() else { return };
+        let mut keep = Vec::new();
+        for mut u in std::mem::take(&mut self.unresolved) {
+            match lookup(&mut live.client, u.token, u.backend_pid) {
+                Ok(Outcome::Committed(rows)) => {
+                    if restamp(&mut u.batch, &rows).is_ok() {
+                        tracing::warn!(token = %u.token, rows = u.batch.len(), "a batch answered 'storage unavailable' had committed: broadcasting it late");
+                        self.late.append(&mut u.batch);
+                    }
+                }
+                Ok(Outcome::Absent) => {}
+                Err(_) => keep.push(u),
+            }
+        }
+        self.unresolved = keep;
+    }
+}
+
+fn connect_live(target: &PgTarget, timeout: Duration) -> Result<Live, postgres::Error> {
+    let mut client = target.connect(timeout)?;
+    let append = client.prepare(APPEND)?;
+    let backend_pid: i32 = client.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    Ok(Live { client, append, backend_pid })
+}
+
+/// Whether batch `token` committed. A backend that may still be running the batch is ended
+/// first, so "absent" is final.
+fn lookup(client: &mut Client, token: Uuid, backend_pid: i32) -> Result<Outcome, postgres::Error> {
+    client.execute("SELECT pg_terminate_backend($1) FROM pg_stat_activity WHERE pid = $1", &[&backend_pid])?;
+    let deadline = Instant::now() + limits::DB_OUTCOME_WAIT;
+    while Instant::now() < deadline {
+        let running = client.query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&backend_pid])?;
+        if running.is_none() {
+            break;
+        }
+        std::thread::sleep(limits::DB_OUTCOME_POLL);
+    }
+    let rows = client.query(BATCH_ROWS, &[&token])?;
+    if rows.is_empty() {
+        let recorded = client.query_opt("SELECT 1 FROM nexus_batches WHERE token = $1", &[&token])?;
+        if recorded.is_none() {
+            return Ok(Outcome::Absent);
+        }
+    }
+    Ok(Outcome::Committed(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()))
+}
+
+/// Copies the stamps of a committed batch (rows by conversation, then time) onto its messages
+/// (in batch order: each conversation's messages got its rows in that order).
+fn restamp(batch: &mut [Committed], rows: &[(Uuid, Uuid, i64)]) -> Result<(), StoreError> {
+    let mut next: std::collections::HashMap<Uuid, usize> = std::collections::HashMap::new();
+    for c in batch.iter_mut() {
+        let conv = c.message.conversation;
+        let start = rows.partition_point(|r| r.0 < conv);
+        let i = next.entry(conv).or_insert(start);
+        let Some(&(row_conv, id, at)) = rows.get(*i).filter(|r| r.0 == conv) else {
+            return Err(StoreError::Inconsistent("a committed batch has fewer rows than messages"));
+        };
+        debug_assert_eq!(row_conv, conv);
+        c.message.id = id;
+        c.message.inserted_at_us = at;
+        *i += 1;
+    }
+    Ok(())
+}
+
+impl Store for PgStore {
+    fn commit(&mut self, batch: &mut [Committed]) -> Result<(), StoreError> {
+        let token = Uuid::new_v4();
+        let node = self.node.clone();
+        let Some(live) = self.live() else { return Err(StoreError::Unavailable) };
+        let convs: Vec<Uuid> = batch.iter().map(|c| c.message.conversation).collect();
+        let senders: Vec<Uuid> = batch.iter().map(|c| c.message.sender).collect();
+        let bodies: Vec<&str> = batch.iter().map(|c| c.message.body.as_str()).collect();
+        let backend_pid = live.backend_pid;
+        match live.client.query(&live.append, &[&convs, &senders, &bodies, &token, &node]) {
+            Ok(rows) => {
+                for row in rows {
+                    let ord: i64 = row.get(0);
+                    let c = usize::try_from(ord - 1).ok().and_then(|i| batch.get_mut(i));
+                    let c = c.ok_or(StoreError::Inconsistent("the append returned an unknown position"))?;
+                    c.message.id = row.get(1);
+                    c.message.inserted_at_us = row.get(2);
+                }
+                Ok(())
+            }
+            Err(e) if live.client.is_closed() => {
+                tracing::warn!(error = %e, rows = batch.len(), "connection lost during a commit: looking the batch up");
+                self.live = None;
+                self.resolve(token, backend_pid, batch)
+            }
+            Err(e) => Err(StoreError::Postgres(e)),
+        }
+    }
+
+    fn maintain(&mut self, idle: bool) {
+        if !self.unresolved.is_empty() && idle {
+            self.live(); // reconnecting resolves them
+        }
+        if self.pruned_at.elapsed() < limits::DB_TOKEN_PRUNE_EVERY {
+            return;
+        }
+        self.pruned_at = Instant::now();
+        let keep = format!("{} seconds", limits::DB_TOKEN_KEEP.as_secs());
+        if let Some(live) = self.live() {
+            let pruned = live.client.execute("DELETE FROM nexus_batches WHERE at < now() - $1::interval", &[&keep]);
+            if let Err(e) = pruned {
+                tracing::warn!(error = %e, "pruning batch tokens failed");
+            }
+        }
+    }
+
+    fn take_late(&mut self) -> Vec<Committed> {
+        std::mem::take(&mut self.late)
+    }
+}
+
+/// Starts `readers` history threads, each with its own connection (made on first use and
+/// remade after a failure); a request that finds the database down is answered 503 at once.
+pub fn spawn_readers(target: &PgTarget, readers: usize, timeout: Duration) -> Result<ReaderHandle, OpenError> {
+    let (handle, rx) = ReaderHandle::channel();
+    for i in 0..readers.max(1) {
+        let (target, rx) = (target.clone(), rx.clone());
+        std::thread::Builder::new()
+            .name(format!("pg-reader-{i}"))
+            .spawn(move || serve_history(&target, &rx, timeout))
+            .map_err(|source| OpenError::Thread { name: "history reader", source })?;
+    }
+    Ok(handle)
+}
+
+fn serve_history(target: &PgTarget, rx: &Receiver<HistoryJob>, timeout: Duration) {
+    let mut client: Option<Client> = None;
+    let mut retry_at = Instant::now();
+    for job in rx {
+        if client.as_ref().is_some_and(Client::is_closed) {
+            client = None;
+        }
+        if client.is_none() && Instant::now() >= retry_at {
+            match target.connect(limits::DB_RECONNECT_TIMEOUT.min(timeout)) {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "history reader: PostgreSQL unreachable");
+                    retry_at = Instant::now() + limits::DB_RECONNECT_BACKOFF_MIN;
+                }
+            }
+        }
+        let result = match client.as_mut() {
+            Some(c) => read_page(c, &job.query),
+            None => Err(HistoryError::Unavailable),
+        };
+        (job.reply)(result);
+    }
+}
+
+/// One page: messages with an id below `before` (any UUID), oldest first.
+fn read_page(client: &mut Client, q: &HistoryQuery) -> Result<HistoryPage, HistoryError> {
+    let before = q.before.unwrap_or(Uuid::max());
+    // A v7 id's first 48 bits are its millisecond: every id below `before` has an instant
+    // before the end of that millisecond (the exact test is `id < before`).
+    let ms = before.as_u64_pair().0 >> 16;
+    let bound = i64::try_from((ms + 1) * 1_000).unwrap_or(i64::MAX);
+    let limit = i64::try_from(q.limit + 1).unwrap_or(i64::MAX);
+    let rows = client.query(PAGE, &[&q.conversation, &bound, &before, &limit]).map_err(HistoryError::Postgres)?;
+    let mut messages: Vec<Message> = rows
+        .iter()
+        .map(|r| Message {
+            id: r.get(0),
+            conversation: q.conversation,
+            sender: r.get(1),
+            body: r.get(2),
+            inserted_at_us: r.get(3),
+        })
+        .collect();
+    let more = messages.len() > q.limit;
+    messages.truncate(q.limit);
+    messages.reverse();
+    let next_before = if more { messages.first().map(|m| m.id) } else { None };
+    Ok(HistoryPage { messages, next_before })
+}

@@ -1,0 +1,286 @@
+//! PostgreSQL storage (`NEXUS_DATABASE_URL`), what only it has: the per-conversation `seq`,
+//! start-up refusals, and real faults — the database stopped (`pg_ctl stop -m immediate`)
+//! while idle and while commits are in flight, then started again. The behaviours both
+//! stores share (persistence, crash, history) run against both in their own test files.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::pg::Postgres;
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn storage_unavailable(r: &str, topic: &str) -> String {
+    failed_to_save("1", r, topic, "storage unavailable")
+}
+
+/// `GET` of a conversation's history as `sub`.
+fn get_history(port: u16, sub: &str, conversation: &str) -> HttpResponse {
+    let auth = format!("Bearer {}", token(sub));
+    http_get(port, &format!("/api/conversations/{conversation}/messages"), Some(&auth))
+}
+
+/// Sends one `new_msg` and returns the sender's reply to it (broadcasts skipped).
+fn push_reply(c: &mut Client, r: &str, topic: &str, body: &str) -> String {
+    c.send_text(&new_msg_push("1", r, topic, body));
+    c.recv_until(WAIT, |t| t.contains("phx_reply"))
+}
+
+#[test]
+fn every_conversation_gets_a_dense_seq_in_broadcast_order() {
+    let server = start_server_on(Backend::Postgres, &[("NEXUS_MSG_RATE", "0")]);
+    let topics = [new_topic(), new_topic()];
+    let sub = new_sub();
+    let mut seen: HashMap<String, Vec<Live>> = HashMap::new();
+    for topic in &topics {
+        let mut c = joined(server.port, &sub, topic);
+        let bodies: Vec<String> = (0..40).map(|k| format!("{topic}-{k}")).collect();
+        seen.insert(conversation_of(topic).to_string(), send_all(&mut c, "1", topic, &bodies));
+    }
+    let rows = server.stored_rows();
+    assert_eq!(rows.len(), 80);
+    for (conversation, live) in &seen {
+        let mine: Vec<&DbRow> = rows.iter().filter(|r| &r.conversation == conversation).collect();
+        assert_eq!(mine.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=40).collect::<Vec<i64>>(), "dense from 1");
+        for w in mine.windows(2) {
+            assert!(w[0].inserted_at_us < w[1].inserted_at_us && w[0].id < w[1].id, "{w:?}");
+        }
+        let stored: Vec<(&str, &str)> = mine.iter().map(|r| (r.id.as_str(), r.body.as_str())).collect();
+        let broadcast: Vec<(&str, &str)> = live.iter().map(|m| (m.id.as_str(), m.text.as_str())).collect();
+        assert_eq!(stored, broadcast, "seq order = broadcast order");
+        let at: Vec<String> = mine.iter().map(|r| format_micros(r.inserted_at_us)).collect();
+        assert_eq!(at, live.iter().map(|m| m.inserted_at.clone()).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn an_unreachable_database_exits_2_with_one_line_and_no_secret() {
+    let dir = unique_temp_dir();
+    let url = format!("postgresql://nexus:hunter2secret@/db?host={}&port=5432", dir.display());
+    let mut cmd = nexus_command();
+    cmd.env("JWT_SECRET", SECRET).env("PORT", "0").env("NEXUS_BIND", "127.0.0.1").env("NEXUS_DATABASE_URL", &url);
+    let started = Instant::now();
+    let (status, stderr) = run_to_exit(cmd, WAIT);
+    assert_eq!(status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(8), "bounded by the connect timeout");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(lines[0].starts_with("nexus: cannot use PostgreSQL at postgres://nexus@"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "the password leaked: {stderr}");
+
+    let mut cmd = nexus_command();
+    cmd.env("JWT_SECRET", SECRET).env("NEXUS_DATABASE_URL", "postgres://nexus:hunter2@host:notaport/db");
+    let (status, stderr) = run_to_exit(cmd, WAIT);
+    assert_eq!(status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(stderr.contains("NEXUS_DATABASE_URL is not a PostgreSQL URL") && !stderr.contains("hunter2"), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_newer_schema_is_refused_and_migrations_run_once() {
+    let url = pg::shared().create_db();
+    let mut first = start_server(&[("NEXUS_DATABASE_URL", url.as_str())]);
+    // A second node on the same database at the same time migrates nothing twice.
+    let second = start_server(&[("NEXUS_DATABASE_URL", url.as_str())]);
+    drop(second);
+    first.signal(libc::SIGTERM);
+    first.wait_exit(WAIT);
+    let mut db = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    let versions: Vec<i32> = db
+        .query("SELECT version FROM nexus_schema ORDER BY version", &[])
+        .expect("versions")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, [1]);
+    db.execute("INSERT INTO nexus_schema (version) VALUES (99)", &[]).expect("bump");
+    let mut cmd = nexus_command();
+    cmd.env("JWT_SECRET", SECRET).env("PORT", "0").env("NEXUS_DATABASE_URL", &url);
+    let (status, stderr) = run_to_exit(cmd, WAIT);
+    assert_eq!(status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(stderr.contains("schema version 99, newer than this nexus supports"), "{stderr}");
+}
+
+#[test]
+fn a_stopped_database_fails_fast_and_recovers_without_a_restart() {
+    let mut pg = Postgres::start();
+    let url = pg.create_db();
+    let server = start_server(&[("NEXUS_DATABASE_URL", url.as_str()), ("NEXUS_MSG_RATE", "0")]);
+    let topic = new_topic();
+    let conversation = conversation_of(&topic).to_string();
+    let (ann, bob) = (new_sub(), new_sub());
+    let mut sender = joined(server.port, &ann, &topic);
+    let mut member = joined(server.port, &bob, &topic);
+    send_all(&mut sender, "1", &topic, &["before".to_string()]);
+    member.recv_until(WAIT, |t| t.contains("before"));
+
+    pg.stop_immediate();
+    for k in 0..3 {
+        let started = Instant::now();
+        let reply = push_reply(&mut sender, &format!("down{k}"), &topic, &format!("while down {k}"));
+        assert_eq!(reply, storage_unavailable(&format!("down{k}"), &topic));
+        assert!(started.elapsed() < Duration::from_secs(1), "answered after {:?}", started.elapsed());
+    }
+    member.expect_silence(Duration::from_millis(200)); // nothing was broadcast
+    sender.heartbeat("still-here"); // the cores stay responsive
+    let history = get_history(server.port, &bob, &conversation);
+    assert_eq!(history.status, 503, "history while the database is down");
+    assert!(std::str::from_utf8(&history.body).is_ok_and(|b| b.contains("storage unavailable")));
+
+    pg.run();
+    // The writer reconnects by itself (back-off at most 1 s): keep trying until a message is
+    // acknowledged.
+    let deadline = Instant::now() + WAIT;
+    let mut k = 0;
+    loop {
+        let r = format!("up{k}");
+        let reply = push_reply(&mut sender, &r, &topic, &format!("after {k}"));
+        if reply == v2_ok(Some("1"), &r, &topic) {
+            break;
+        }
+        assert_eq!(reply, storage_unavailable(&r, &topic));
+        assert!(Instant::now() < deadline, "no message acknowledged within {WAIT:?} of the restart");
+        k += 1;
+        thread::sleep(Duration::from_millis(50)); // pace the retries of an operation that fails until recovery
+    }
+    member.recv_until(WAIT, |t| t.contains(&format!("after {k}")));
+    let bodies: Vec<String> = server.stored_rows().into_iter().map(|r| r.body).collect();
+    assert_eq!(bodies, ["before".to_string(), format!("after {k}")], "nothing refused was stored");
+    let history = get_history(server.port, &bob, &conversation);
+    assert_eq!(history.status, 200, "history is back");
+}
+
+#[test]
+fn commits_cut_by_a_crash_lose_no_acked_message_and_store_none_twice() {
+    const SENDERS: usize = 3;
+    let mut pg = Postgres::start();
+    let url = pg.create_db();
+    let server = start_server(&[("NEXUS_DATABASE_URL", url.as_str()), ("NEXUS_MSG_RATE", "0")]);
+    let topic = new_topic();
+    let subs: Vec<String> = (0..SENDERS).map(|_| new_sub()).collect();
+    let (reached_tx, reached) = mpsc::channel();
+    let handles: Vec<_> = subs
+        .iter()
+        .map(|sub| {
+            let mut c = joined(server.port, sub, &topic);
+            let (topic, reached_tx) = (topic.clone(), reached_tx.clone());
+            thread::spawn(move || stream_messages(&mut c, &topic, 16, 1_000_000, 100, reached_tx, WAIT))
+        })
+        .collect();
+    for _ in 0..SENDERS {
+        reached.recv_timeout(WAIT).expect("every sender had messages acknowledged before the crash");
+    }
+    pg.stop_immediate(); // commits in flight lose their connection
+    let streamed: Vec<Streamed> =
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect();
+    for s in &streamed {
+        assert!(s.end == "done" && !s.refused.is_empty(), "each stream ends on a refusal: {s:?}");
+        assert!(s.refused.iter().all(|(_, d)| d == "storage unavailable"), "{s:?}");
+    }
+    // A member who joins now (joins need no database) sees, once the database is back, every
+    // batch answered `storage unavailable` that had in fact committed (broadcast late, once,
+    // in order), then new messages.
+    let mut member = joined(server.port, &new_sub(), &topic);
+    let mut probe = joined(server.port, &new_sub(), &topic);
+    pg.run();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let reply = push_reply(&mut probe, "p", &topic, "probe");
+        if reply == v2_ok(Some("1"), "p", &topic) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no message acknowledged after the restart: {reply}");
+        thread::sleep(Duration::from_millis(50)); // pace the retries until the writer reconnects
+    }
+    let rows = server.stored_rows();
+    let ids: std::collections::HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids.len(), rows.len());
+    assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=rows.len() as i64).collect::<Vec<_>>());
+    for (i, (sub, s)) in subs.iter().zip(&streamed).enumerate() {
+        let mine: Vec<&str> = rows.iter().filter(|r| r.sender == *sub).map(|r| r.body.as_str()).collect();
+        let expected: Vec<String> = (0..mine.len()).map(|n| format!("m-{n}")).collect();
+        assert_eq!(mine, expected, "sender {i}: stored = m-0.. in send order, each once ({s:?})");
+        let last_acked = s.acked.last().copied().unwrap_or(0);
+        assert!(mine.len() > last_acked, "sender {i}: acknowledged m-{last_acked} is not stored ({s:?})");
+    }
+    // The probe's broadcast comes after every late one.
+    let mut got = Vec::new();
+    while got.last().map(|m: &Live| m.text.as_str()) != Some("probe") {
+        let frame = member.recv_until(WAIT, is_new_msg);
+        got.push(parse_live(&frame, &topic));
+    }
+    let late: Vec<&str> = got.iter().map(|m| m.text.as_str()).filter(|t| *t != "probe").collect();
+    let stored_late: Vec<&str> =
+        rows.iter().filter(|r| r.body != "probe" && !acked(&streamed, &subs, r)).map(|r| r.body.as_str()).collect();
+    assert_eq!(late, stored_late, "committed-but-refused messages are broadcast once, late, in order");
+}
+
+#[test]
+fn a_slow_database_fills_the_bounded_queue_and_new_messages_get_server_busy() {
+    const QUEUE: usize = 8;
+    let url = pg::shared().create_db();
+    let queue = QUEUE.to_string();
+    let server = start_server(&[
+        ("NEXUS_DATABASE_URL", url.as_str()),
+        ("NEXUS_WRITER_QUEUE", queue.as_str()),
+        ("NEXUS_MSG_RATE", "0"),
+    ]);
+    let topic = new_topic();
+    let mut c = joined(server.port, &new_sub(), &topic);
+    send_all(&mut c, "1", &topic, &["first".to_string()]);
+    // Another session holds the conversations table: the writer's next batch waits on it.
+    let mut blocker = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    let mut tx = blocker.transaction().expect("begin");
+    tx.batch_execute("LOCK TABLE conversations IN EXCLUSIVE MODE").expect("lock");
+    // One message gets the writer stuck on the lock (seen in pg_stat_activity), QUEUE more
+    // wait for it, and every one after them is refused at once.
+    c.send_text(&new_msg_push("1", "stuck", &topic, "stuck"));
+    let deadline = Instant::now() + WAIT;
+    while blocker_sees_no_waiter(&url) {
+        assert!(Instant::now() < deadline, "the writer never waited on the lock");
+        thread::sleep(Duration::from_millis(10)); // poll the database's own view of its sessions
+    }
+    let n = 1 + 3 * QUEUE;
+    for k in 1..n {
+        c.send_text(&new_msg_push("1", &format!("s{k}"), &topic, &format!("slow {k}")));
+    }
+    let mut busy = 0;
+    while busy < n - 1 - QUEUE {
+        let reply = c.recv_until(WAIT, |t| t.contains("phx_reply"));
+        assert!(reply.contains(r#""detail":"server busy""#), "only busy refusals while the table is locked: {reply}");
+        busy += 1;
+    }
+    tx.rollback().expect("release the lock");
+    // Everything accepted is committed once the database answers, in order.
+    let mut acked = 0;
+    while acked < 1 + QUEUE {
+        let reply = c.recv_until(WAIT, |t| t.contains("phx_reply"));
+        assert!(reply.contains(r#""status":"ok""#), "what was accepted is committed: {reply}");
+        acked += 1;
+    }
+    let stored: Vec<String> = server.stored_rows().into_iter().map(|r| r.body).collect();
+    let mut expected = vec!["first".to_string(), "stuck".to_string()];
+    expected.extend((1..=QUEUE).map(|k| format!("slow {k}")));
+    assert_eq!(stored, expected, "every accepted message stored in order, no refused one");
+}
+
+/// Whether no session waits on a lock (the writer has not reached the held table yet).
+fn blocker_sees_no_waiter(url: &str) -> bool {
+    let mut db = postgres::Client::connect(url, postgres::NoTls).expect("connect");
+    let waiting = db
+        .query_opt("SELECT 1 FROM pg_stat_activity WHERE application_name = 'nexus' AND wait_event_type = 'Lock'", &[])
+        .expect("pg_stat_activity");
+    waiting.is_none()
+}
+
+/// Whether `row` was acknowledged to its sender (so it was broadcast before the crash).
+fn acked(streamed: &[Streamed], subs: &[String], row: &DbRow) -> bool {
+    let Some(i) = subs.iter().position(|s| *s == row.sender) else { return false };
+    let n: usize = row.body.strip_prefix("m-").and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
+    streamed[i].acked.contains(&n)
+}
