@@ -50,6 +50,14 @@ fn every_conversation_gets_a_dense_seq_in_broadcast_order() {
         for w in mine.windows(2) {
             assert!(w[0].inserted_at_us < w[1].inserted_at_us && w[0].id < w[1].id, "{w:?}");
         }
+        for r in &mine {
+            // A UUIDv7 of its own instant: ms, version 7, µs within the ms, RFC variant.
+            let id = uuid::Uuid::parse_str(&r.id).expect("uuid");
+            let (hi, lo) = id.as_u64_pair();
+            assert_eq!((hi >> 16) as i64, r.inserted_at_us / 1_000, "{r:?}");
+            assert_eq!((hi & 0xffff) as i64, 0x7000 | (r.inserted_at_us % 1_000), "{r:?}");
+            assert_eq!(lo >> 62, 0b10, "{r:?}");
+        }
         let stored: Vec<(&str, &str)> = mine.iter().map(|r| (r.id.as_str(), r.body.as_str())).collect();
         let broadcast: Vec<(&str, &str)> = live.iter().map(|m| (m.id.as_str(), m.text.as_str())).collect();
         assert_eq!(stored, broadcast, "seq order = broadcast order");

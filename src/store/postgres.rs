@@ -48,34 +48,46 @@ const MIGRATIONS: &[&str] = &[
         at timestamptz NOT NULL DEFAULT now(),
         convs uuid[] NOT NULL,
         first_at bigint[] NOT NULL,
-        counts bigint[] NOT NULL);
-     CREATE FUNCTION nexus_uuid7(us bigint) RETURNS uuid LANGUAGE sql VOLATILE AS $$
-       SELECT encode(substring(int8send(us / 1000) FROM 3 FOR 6) || int2send((28672 + us % 1000)::int2)
-                     || substring(uuid_send(gen_random_uuid()) FROM 9 FOR 8), 'hex')::uuid $$;",
+        counts bigint[] NOT NULL);",
 ];
 
 const _: () = assert!(MIGRATIONS.len() == PG_SCHEMA_VERSION as usize);
 
-/// The batch append: one statement, one round trip, one transaction. `$1` conversations,
-/// `$2` senders, `$3` bodies (in batch order), `$4` the batch token, `$5` this node. Returns
-/// each message's stamps by its position in the batch. The token row records, per
-/// conversation, the first `inserted_at` and the count, so a writer that lost the answer can
-/// find out whether the batch committed and read its stamps back.
+/// The batch append: one statement, one round trip, one transaction.
+///
+/// Per message, in batch order: `$1` conversation, `$2` sender, `$3` body, `$4` the id's random
+/// low 64 bits, `$5` its position among its conversation's messages in the batch (1, 2, …) and
+/// `$6` that conversation's count in the batch. Per conversation, sorted by id (the order the
+/// row locks are taken in, so concurrent writers never deadlock): `$7` the ids, `$8` the
+/// counts. `$9` the batch token, `$10` this node. The writer works out the positions and
+/// counts itself, so the statement needs no grouping, window or sort over the messages (each
+/// of which cost about a millisecond per 1,024 here).
+///
+/// Each conversation's row gives its messages the next dense `seq`s and `inserted_at`s from
+/// the database clock, above its last one. The id is the UUIDv7 of `inserted_at` (48-bit ms,
+/// version 7, the µs within the ms in the 12 `rand_a` bits, then the given bits, variant
+/// included), built inline (a SQL function per row with `gen_random_uuid` cost 10 ms per 1,024
+/// rows). The token row records, per conversation, the first `inserted_at` and the count, so
+/// a writer that lost the answer can learn whether the batch committed and read its stamps.
+/// Returns `(position in the batch, id, inserted_at)` per message, in no particular order.
 const APPEND: &str = "
-WITH b AS (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[]) WITH ORDINALITY AS b(conv, sender, body, ord)),
-n AS (SELECT conv, count(*) AS n FROM b GROUP BY conv),
-up AS (INSERT INTO conversations AS c (id, seq, last_at)
-  SELECT conv, n, (extract(epoch FROM clock_timestamp()) * 1e6)::bigint + n - 1 FROM n ORDER BY conv
-  ON CONFLICT (id) DO UPDATE SET seq = c.seq + excluded.seq,
-                                 last_at = greatest(c.last_at + excluded.seq, excluded.last_at)
-  RETURNING id, seq, last_at),
-r AS (SELECT b.*, up.seq - n.n + row_number() OVER w AS seq, up.last_at - n.n + row_number() OVER w AS at
-      FROM b JOIN n USING (conv) JOIN up ON up.id = b.conv WINDOW w AS (PARTITION BY b.conv ORDER BY b.ord)),
-rows AS (SELECT r.*, nexus_uuid7(r.at) AS id FROM r),
+WITH up AS (INSERT INTO conversations AS c (id, seq, last_at)
+    SELECT conv, n, (extract(epoch FROM clock_timestamp()) * 1e6)::bigint + n - 1
+    FROM unnest($7::uuid[], $8::bigint[]) AS u(conv, n) ORDER BY conv
+    ON CONFLICT (id) DO UPDATE SET seq = c.seq + excluded.seq,
+                                   last_at = greatest(c.last_at + excluded.seq, excluded.last_at)
+    RETURNING id, seq, last_at),
+rows AS (SELECT b.ord, b.conv, b.sender, b.body, up.seq - b.n + b.k AS seq, up.last_at - b.n + b.k AS at,
+         encode(int8send(((up.last_at - b.n + b.k) / 1000 << 16) | 28672 | ((up.last_at - b.n + b.k) % 1000))
+                || int8send(b.tail), 'hex')::uuid AS id
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[])
+         WITH ORDINALITY AS b(conv, sender, body, tail, k, n, ord)
+    JOIN up ON up.id = b.conv),
 ins AS (INSERT INTO messages SELECT conv, at, seq, id, sender, body FROM rows),
 tok AS (INSERT INTO nexus_batches (token, node, convs, first_at, counts)
-        SELECT $4, $5, array_agg(up.id), array_agg(up.last_at - n.n + 1), array_agg(n.n) FROM up JOIN n ON n.conv = up.id)
-SELECT ord, id, at FROM rows ORDER BY ord";
+    SELECT $9, $10, array_agg(up.id), array_agg(up.last_at - u.n + 1), array_agg(u.n)
+    FROM up JOIN unnest($7::uuid[], $8::bigint[]) AS u(conv, n) ON u.conv = up.id)
+SELECT ord, id, at FROM rows";
 
 /// The stamps of a batch whose token was found: every row it wrote, by conversation and time.
 const BATCH_ROWS: &str = "
@@ -225,6 +237,8 @@ pub struct PgStore {
     unresolved: Vec<Unresolved>,
     late: Vec<Committed>,
     pruned_at: Instant,
+    /// splitmix64 state for the ids' random bits (unique by time; not secret).
+    rng: u64,
 }
 
 impl PgStore {
@@ -243,6 +257,7 @@ impl PgStore {
             unresolved: Vec::new(),
             late: Vec::new(),
             pruned_at: Instant::now(),
+            rng: Uuid::new_v4().as_u64_pair().0,
         })
     }
 
@@ -333,6 +348,50 @@ fn connect_live(target: &PgTarget, timeout: Duration) -> Result<Live, postgres::
     Ok(Live { client, append, backend_pid })
 }
 
+/// The parameters of [`APPEND`] for one batch.
+struct AppendParams<'a> {
+    convs: Vec<Uuid>,
+    senders: Vec<Uuid>,
+    bodies: Vec<&'a str>,
+    tails: Vec<i64>,
+    positions: Vec<i64>,
+    counts: Vec<i64>,
+    /// The batch's conversations, sorted, and their counts.
+    ids: Vec<Uuid>,
+    totals: Vec<i64>,
+}
+
+impl<'a> AppendParams<'a> {
+    fn of(batch: &'a [Committed], rng: &mut u64) -> AppendParams<'a> {
+        let mut per_conv: std::collections::BTreeMap<Uuid, i64> = std::collections::BTreeMap::new();
+        let mut positions = Vec::with_capacity(batch.len());
+        for c in batch {
+            let n = per_conv.entry(c.message.conversation).or_insert(0);
+            *n += 1;
+            positions.push(*n);
+        }
+        AppendParams {
+            convs: batch.iter().map(|c| c.message.conversation).collect(),
+            senders: batch.iter().map(|c| c.message.sender).collect(),
+            bodies: batch.iter().map(|c| c.message.body.as_str()).collect(),
+            tails: batch.iter().map(|_| id_tail(rng)).collect(),
+            positions,
+            counts: batch.iter().map(|c| per_conv[&c.message.conversation]).collect(),
+            ids: per_conv.keys().copied().collect(),
+            totals: per_conv.values().copied().collect(),
+        }
+    }
+}
+
+/// The low 64 bits of a UUIDv7: random, with the RFC 4122 variant (`10`) on top.
+fn id_tail(rng: &mut u64) -> i64 {
+    *rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *rng;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 2 | 1 << 63) as i64
+}
+
 /// Whether batch `token` committed. A backend that may still be running the batch is ended
 /// first, so "absent" is final.
 fn lookup(client: &mut Client, token: Uuid, backend_pid: i32) -> Result<Outcome, postgres::Error> {
@@ -378,12 +437,14 @@ impl Store for PgStore {
     fn commit(&mut self, batch: &mut [Committed]) -> Result<(), StoreError> {
         let token = Uuid::new_v4();
         let node = self.node.clone();
+        let mut rng = self.rng;
+        let p = AppendParams::of(batch, &mut rng);
+        self.rng = rng;
         let Some(live) = self.live() else { return Err(StoreError::Unavailable) };
-        let convs: Vec<Uuid> = batch.iter().map(|c| c.message.conversation).collect();
-        let senders: Vec<Uuid> = batch.iter().map(|c| c.message.sender).collect();
-        let bodies: Vec<&str> = batch.iter().map(|c| c.message.body.as_str()).collect();
         let backend_pid = live.backend_pid;
-        match live.client.query(&live.append, &[&convs, &senders, &bodies, &token, &node]) {
+        let params: [&(dyn postgres::types::ToSql + Sync); 10] =
+            [&p.convs, &p.senders, &p.bodies, &p.tails, &p.positions, &p.counts, &p.ids, &p.totals, &token, &node];
+        match live.client.query(&live.append, &params) {
             Ok(rows) => {
                 for row in rows {
                     let ord: i64 = row.get(0);
