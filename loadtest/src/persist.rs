@@ -23,6 +23,10 @@ pub(crate) struct Args {
     /// Messages each sender keeps in flight.
     #[arg(long, default_value_t = 8)]
     window: usize,
+    /// Aggregate send rate in messages/s, spread evenly over the senders (open loop, still
+    /// capped by the window); 0 = as fast as the window allows.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     /// Measured duration (seconds or `10s`).
     #[arg(long, default_value = "10", value_parser = crate::parse_secs)]
     duration: Duration,
@@ -61,7 +65,10 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     for topic in &topics {
         let (secret, body, start) = (args.target.secret.clone(), body.clone(), start.clone());
         let (topic, window, duration) = (*topic, args.window, args.duration);
-        handles.push(std::thread::spawn(move || sender(addr, &secret, topic, &body, window, duration, &start)));
+        // Each sender's share of the rate, as the gap between its sends.
+        let gap = (args.rate > 0).then(|| Duration::from_secs_f64(args.senders as f64 / args.rate as f64));
+        let pace = Pace { window, gap, duration };
+        handles.push(std::thread::spawn(move || sender(addr, &secret, topic, &body, pace, &start)));
     }
     let history = args.history.then(|| {
         let (secret, topic, duration) = (args.target.secret.clone(), topics[0], args.duration);
@@ -97,12 +104,13 @@ fn report(
     let rate = acked as f64 / elapsed;
     if args.json {
         println!(
-            "{{\"scenario\":\"persist\",\"senders\":{},\"window\":{},\"secs\":{elapsed:.2},\"acked\":{acked},\
+            "{{\"scenario\":\"persist\",\"senders\":{},\"window\":{},\"rate\":{},\"secs\":{elapsed:.2},\"acked\":{acked},\
              \"acks_per_s\":{rate:.0},\"errors\":{errors},\"lost_broadcasts\":{},\"ack_ms_p50\":{p50:.3},\
              \"ack_ms_p99\":{p99:.3},\"ack_ms_p999\":{p999:.3},\"server_cpu_us_per_msg\":{},\
              \"history_reads\":{},\"history_ms_p50\":{h50:.3},\"history_ms_p99\":{h99:.3},\"failed_senders\":{}}}",
             args.senders,
             args.window,
+            args.rate,
             acked.saturating_sub(broadcasts),
             cpu_us.map_or("null".into(), |c| format!("{c:.2}")),
             history.as_ref().map_or(0, Vec::len),
@@ -132,15 +140,15 @@ fn report(
     }
 }
 
-fn sender(
-    addr: SocketAddr,
-    secret: &str,
-    topic: Uuid,
-    body: &str,
+/// How one sender sends: at most `window` in flight, one every `gap` if paced, for `duration`.
+struct Pace {
     window: usize,
+    gap: Option<Duration>,
     duration: Duration,
-    start: &Barrier,
-) -> SenderResult {
+}
+
+fn sender(addr: SocketAddr, secret: &str, topic: Uuid, body: &str, pace: Pace, start: &Barrier) -> SenderResult {
+    let Pace { window, gap, duration } = pace;
     let mut out = SenderResult::default();
     let setup = token(secret, Uuid::new_v4()).and_then(|t| Client::connect(addr, &t)).and_then(|mut c| {
         c.join(&format!("chat:{topic}"))?;
@@ -154,21 +162,34 @@ fn sender(
             return out;
         }
     };
-    client.set_timeout(Some(Duration::from_millis(200)));
+    const WAIT_MAX: Duration = Duration::from_millis(200);
+    client.set_timeout(Some(WAIT_MAX));
     let frame = |n: u64| format!(r#"["1","{n}","chat:{topic}","new_msg",{{"body":"{body}"}}]"#);
     let mut inflight: VecDeque<(u64, Instant)> = VecDeque::with_capacity(window);
     let (mut next, began) = (2u64, Instant::now());
+    // Paced: the next send is due at `due`; a late sender catches up at once (open loop).
+    let mut due = began;
     let hard_stop = began + duration + Duration::from_secs(10);
     loop {
         let sending = began.elapsed() < duration;
         if sending {
-            while inflight.len() < window {
+            while inflight.len() < window && Instant::now() >= due {
                 if let Err(e) = client.send(frame(next)) {
                     out.failure = Some(e);
                     return out;
                 }
-                inflight.push_back((next, Instant::now()));
+                // The latency counts from when the message was due, not from when a full
+                // window let it go (coordinated omission).
+                let sent_at = if gap.is_some() { due } else { Instant::now() };
+                inflight.push_back((next, sent_at));
                 next += 1;
+                if let Some(gap) = gap {
+                    due += gap;
+                }
+            }
+            if gap.is_some() {
+                let wait = due.saturating_duration_since(Instant::now()).clamp(Duration::from_micros(100), WAIT_MAX);
+                client.set_timeout(Some(wait));
             }
             if let Err(e) = client.flush() {
                 out.failure = Some(e);
