@@ -1,4 +1,4 @@
-//! Chat fan-out across cores (NEXUS_WORKERS=2): many members of one topic, spread over both
+//! Chat fan-out across cores (NEXUS_WORKERS=2), on both stores: many members of one topic, spread over both
 //! cores by the kernel's SO_REUSEPORT hash, all receive every message in one common order,
 //! each sender's messages in its send order, every send acknowledged; topics stay isolated;
 //! members that go away do not disturb the others.
@@ -51,14 +51,13 @@ fn join_threads<T>(handles: Vec<thread::JoinHandle<T>>) -> Vec<T> {
     handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
 }
 
-#[test]
-fn every_member_sees_every_message_in_one_order() {
+fn every_member_sees_every_message_in_one_order(backend: Backend) {
     const SOCKETS: usize = 40;
     const SENDERS: usize = 4;
     const PER_SENDER: usize = 25;
     const TOTAL: usize = SENDERS * PER_SENDER;
 
-    let server = start_server(&[("NEXUS_WORKERS", "2")]);
+    let server = start_server_on(backend, &[("NEXUS_WORKERS", "2")]);
     let topic = new_topic();
     let subs: Vec<String> = (0..SOCKETS).map(|_| new_sub()).collect();
     // Everyone is a member (join acknowledged) before anyone sends.
@@ -126,15 +125,17 @@ fn every_member_sees_every_message_in_one_order() {
         let expected: Vec<String> = (0..PER_SENDER).map(|k| format!("s{i}-{k}")).collect();
         assert_eq!(mine, expected, "sender {i}");
     }
+    // The broadcast order is the stored order.
+    let stored: Vec<String> = server.stored_rows().into_iter().map(|r| r.id).collect();
+    assert_eq!(stored, reference.iter().map(|m| m.0.clone()).collect::<Vec<_>>(), "stored order != broadcast order");
 }
 
-#[test]
-fn topics_are_isolated() {
+fn topics_are_isolated(backend: Backend) {
     const TOPICS: usize = 4;
     const MEMBERS: usize = 6;
     const MESSAGES: usize = 10;
 
-    let server = start_server(&[("NEXUS_WORKERS", "2")]);
+    let server = start_server_on(backend, &[("NEXUS_WORKERS", "2")]);
     let topics: Vec<String> = (0..TOPICS).map(|_| new_topic()).collect();
     let mut handles = Vec::new();
     let mut groups = Vec::new();
@@ -181,9 +182,8 @@ fn topics_are_isolated() {
     }
 }
 
-#[test]
-fn members_leaving_do_not_disturb_the_others() {
-    let server = start_server(&[("NEXUS_WORKERS", "2")]);
+fn members_leaving_do_not_disturb_the_others(backend: Backend) {
+    let server = start_server_on(backend, &[("NEXUS_WORKERS", "2")]);
     let port = server.port;
     let topic = new_topic();
     let shared_sub = new_sub();
@@ -218,3 +218,9 @@ fn members_leaving_do_not_disturb_the_others() {
     // The socket that left with phx_leave gets nothing more: its next frame is its heartbeat.
     closing.heartbeat("after");
 }
+
+both_backends!(
+    every_member_sees_every_message_in_one_order,
+    topics_are_isolated,
+    members_leaving_do_not_disturb_the_others
+);
