@@ -250,7 +250,13 @@ pub const DB_RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// How long the writer tries to learn whether a batch whose answer a lost connection hid was
 /// committed, before answering it `storage unavailable` (it keeps looking it up afterwards):
 /// short enough that senders hear back within a second when the database is gone.
-pub const DB_OUTCOME_WAIT: Duration = Duration::from_millis(600);
+pub const DB_OUTCOME_WAIT: Duration = Duration::from_millis(500);
+
+/// Longest a byte sent to the database may stay unacknowledged by its host before the
+/// connection is given up (TCP user timeout). A live server's host acknowledges at once
+/// however busy the server is; silence this long means the host or the network is gone. With
+/// [`DB_OUTCOME_WAIT`] after it, a commit cut off this way is answered within a second.
+pub const DB_UNACKED_MAX: Duration = Duration::from_millis(400);
 
 /// Pause between tries while learning a batch's outcome.
 pub const DB_OUTCOME_POLL: Duration = Duration::from_millis(50);
@@ -265,5 +271,6 @@ pub const DB_TOKEN_KEEP: Duration = Duration::from_secs(3_600);
 /// See [`DB_TOKEN_KEEP`].
 pub const DB_TOKEN_PRUNE_EVERY: Duration = Duration::from_secs(60);
 
-const _: () = assert!(DB_RECONNECT_TIMEOUT.as_millis() + DB_OUTCOME_WAIT.as_millis() < 1_200);
+const _: () = assert!(DB_UNACKED_MAX.as_millis() + DB_OUTCOME_WAIT.as_millis() < 1_000);
+const _: () = assert!(DB_RECONNECT_TIMEOUT.as_millis() <= DB_OUTCOME_WAIT.as_millis());
 const _: () = assert!(DB_RECONNECT_BACKOFF_MIN.as_millis() <= DB_RECONNECT_BACKOFF_MAX.as_millis());

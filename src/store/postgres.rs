@@ -121,15 +121,17 @@ impl std::fmt::Debug for PgTarget {
 
 impl PgTarget {
     /// Parses `postgres://…` / `postgresql://…` (TCP, or a unix-socket directory as `host`) or
-    /// a `key=value` connection string. `timeout` bounds connecting, each statement (on the
-    /// server) and unacknowledged writes (TCP user timeout).
+    /// a `key=value` connection string. `timeout` bounds connecting and each statement (on the
+    /// server); bytes the server's host does not acknowledge within
+    /// [`limits::DB_UNACKED_MAX`] end the connection (TCP user timeout), so an unreachable
+    /// database is noticed in well under a second, while a slow one is not mistaken for it.
     pub fn parse(url: &str, timeout: Duration) -> Result<PgTarget, OpenError> {
         let mut config = postgres::Config::from_str(url)
             .map_err(|e| OpenError::BadUrl { why: format!("NEXUS_DATABASE_URL is not a PostgreSQL URL: {e}") })?;
         let ms = timeout.as_millis().max(1);
         config
             .connect_timeout(timeout)
-            .tcp_user_timeout(timeout)
+            .tcp_user_timeout(limits::DB_UNACKED_MAX.min(timeout))
             .keepalives(true)
             .application_name("nexus")
             // An ack means committed and flushed: never inherit an `off` from the server.
@@ -264,11 +266,16 @@ impl PgStore {
     /// The live connection, reconnecting when the back-off allows; `None` fails the batch at
     /// once (no waiting while the database is down).
     fn live(&mut self) -> Option<&mut Live> {
+        self.live_within(limits::DB_RECONNECT_TIMEOUT)
+    }
+
+    /// [`PgStore::live`] with a reconnect attempt bounded by `cap`.
+    fn live_within(&mut self, cap: Duration) -> Option<&mut Live> {
         if self.live.as_ref().is_some_and(|l| l.client.is_closed()) {
             self.live = None;
         }
         if self.live.is_none() && Instant::now() >= self.retry_at {
-            match connect_live(&self.target, limits::DB_RECONNECT_TIMEOUT.min(self.timeout)) {
+            match connect_live(&self.target, cap.min(limits::DB_RECONNECT_TIMEOUT).min(self.timeout)) {
                 Ok(live) => {
                     let down_for = self.down_since.take().map(|t| t.elapsed());
                     tracing::info!(database = %self.target.shown, ?down_for, "reconnected to PostgreSQL");
@@ -298,7 +305,9 @@ impl PgStore {
         let deadline = Instant::now() + limits::DB_OUTCOME_WAIT;
         loop {
             self.retry_at = Instant::now();
-            if let Some(live) = self.live() {
+            // Each attempt ends by the deadline, so the batch is answered in time either way.
+            let remaining = deadline.saturating_duration_since(Instant::now()).max(limits::DB_OUTCOME_POLL);
+            if let Some(live) = self.live_within(remaining) {
                 match lookup(&mut live.client, token, backend_pid) {
                     Ok(Outcome::Committed(rows)) => return restamp(batch, &rows),
                     Ok(Outcome::Absent) => return Err(StoreError::NotCommitted),
