@@ -271,6 +271,10 @@ pub const DB_TOKEN_KEEP: Duration = Duration::from_secs(3_600);
 /// See [`DB_TOKEN_KEEP`].
 pub const DB_TOKEN_PRUNE_EVERY: Duration = Duration::from_secs(60);
 
+/// Most batch tokens deleted at a time (a full chunk brings the next one forward), so pruning
+/// never holds the writer for more than a few milliseconds.
+pub const DB_TOKEN_PRUNE_ROWS: usize = 2_000;
+
 const _: () = assert!(DB_UNACKED_MAX.as_millis() + DB_OUTCOME_WAIT.as_millis() < 1_000);
 const _: () = assert!(DB_RECONNECT_TIMEOUT.as_millis() <= DB_OUTCOME_WAIT.as_millis());
 const _: () = assert!(DB_RECONNECT_BACKOFF_MIN.as_millis() <= DB_RECONNECT_BACKOFF_MAX.as_millis());

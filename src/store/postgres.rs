@@ -48,7 +48,8 @@ const MIGRATIONS: &[&str] = &[
         at timestamptz NOT NULL DEFAULT now(),
         convs uuid[] NOT NULL,
         first_at bigint[] NOT NULL,
-        counts bigint[] NOT NULL);",
+        counts bigint[] NOT NULL);
+     CREATE INDEX nexus_batches_at ON nexus_batches (at);",
 ];
 
 const _: () = assert!(MIGRATIONS.len() == PG_SCHEMA_VERSION as usize);
@@ -482,10 +483,21 @@ impl Store for PgStore {
         }
         self.pruned_at = Instant::now();
         let keep = format!("{} seconds", limits::DB_TOKEN_KEEP.as_secs());
+        let chunk = i64::try_from(limits::DB_TOKEN_PRUNE_ROWS).unwrap_or(i64::MAX);
         if let Some(live) = self.live() {
-            let pruned = live.client.execute("DELETE FROM nexus_batches WHERE at < now() - $1::interval", &[&keep]);
-            if let Err(e) = pruned {
-                tracing::warn!(error = %e, "pruning batch tokens failed");
+            // A bounded chunk through the index on `at`: the writer's other work waits for it.
+            let pruned = live.client.execute(
+                "DELETE FROM nexus_batches WHERE token IN
+                   (SELECT token FROM nexus_batches WHERE at < now() - $1::interval ORDER BY at LIMIT $2)",
+                &[&keep, &chunk],
+            );
+            match pruned {
+                Ok(n) if n as usize == limits::DB_TOKEN_PRUNE_ROWS => {
+                    // More to delete: the next maintenance step goes on.
+                    self.pruned_at = Instant::now().checked_sub(limits::DB_TOKEN_PRUNE_EVERY).unwrap_or(self.pruned_at);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "pruning batch tokens failed"),
             }
         }
     }
