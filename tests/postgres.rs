@@ -6,7 +6,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::mpsc;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -291,4 +294,110 @@ fn acked(streamed: &[Streamed], subs: &[String], row: &DbRow) -> bool {
     let Some(i) = subs.iter().position(|s| *s == row.sender) else { return false };
     let n: usize = row.body.strip_prefix("m-").and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
     streamed[i].acked.contains(&n)
+}
+
+/// A TCP proxy in front of PostgreSQL that can cut the line: while cut, whatever the server
+/// sends next is thrown away and the connection closed (the client never learns how its
+/// statement ended), and new connections are closed at once.
+struct CuttableProxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+}
+
+impl CuttableProxy {
+    fn start(target: u16) -> CuttableProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let flag = cut.clone();
+        thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                if flag.load(Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { continue };
+                let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+                thread::spawn(move || pipe(c2, s2, None));
+                let flag = flag.clone();
+                thread::spawn(move || pipe(server, client, Some(flag)));
+            }
+        });
+        CuttableProxy { port, cut }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` until either ends; with `cut` set, the next bytes are dropped and both
+/// sockets closed instead.
+fn pipe(mut from: TcpStream, mut to: TcpStream, cut: Option<Arc<AtomicBool>>) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if cut.as_ref().is_some_and(|c| c.load(Ordering::SeqCst)) {
+            break;
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+#[test]
+fn a_commit_whose_answer_was_lost_is_broadcast_late_once_the_database_answers_again() {
+    let pg = Postgres::start_tcp();
+    let db = pg.create_db();
+    let name = db.split('/').nth(3).and_then(|d| d.split('?').next()).expect("database name").to_string();
+    let proxy = CuttableProxy::start(pg.tcp_port());
+    let url = format!("postgres://nexus@127.0.0.1:{}/{name}", proxy.port);
+    let server = start_server(&[("NEXUS_DATABASE_URL", url.as_str()), ("NEXUS_MSG_RATE", "0")]);
+    let topic = new_topic();
+    let mut sender = joined(server.port, &new_sub(), &topic);
+    let mut member = joined(server.port, &new_sub(), &topic);
+    send_all(&mut sender, "1", &topic, &["before".to_string()]);
+    member.recv_until(WAIT, |t| t.contains("before"));
+
+    // The append reaches the database and commits; its answer is lost with the connection, and
+    // the writer cannot get back in to look the batch up: it answers `storage unavailable`.
+    proxy.set_cut(true);
+    let started = Instant::now();
+    let reply = push_reply(&mut sender, "lost", &topic, "answer lost");
+    assert_eq!(reply, storage_unavailable("lost", &topic));
+    assert!(started.elapsed() < Duration::from_secs(1), "answered after {:?}", started.elapsed());
+    member.expect_silence(Duration::from_millis(200));
+    let bodies = |url: &str| -> Vec<String> { pg::rows(url).into_iter().map(|r| r.body).collect() };
+    assert_eq!(bodies(&db), ["before", "answer lost"], "it did commit");
+
+    // Once the line is back, the writer finds the batch committed: the member gets it, late,
+    // before the next message, and only once; its sender was answered already (no second reply).
+    proxy.set_cut(false);
+    let deadline = Instant::now() + WAIT;
+    let mut k = 0;
+    loop {
+        let r = format!("after{k}");
+        let reply = push_reply(&mut sender, &r, &topic, &format!("after {k}"));
+        if reply == v2_ok(Some("1"), &r, &topic) {
+            break;
+        }
+        assert_eq!(reply, storage_unavailable(&r, &topic));
+        assert!(Instant::now() < deadline, "no message acknowledged within {WAIT:?} of healing");
+        k += 1;
+        thread::sleep(Duration::from_millis(50)); // pace the retries until the writer reconnects
+    }
+    let late = parse_live(&member.recv_until(WAIT, is_new_msg), &topic);
+    assert_eq!(late.text, "answer lost");
+    let next = parse_live(&member.recv_until(WAIT, is_new_msg), &topic);
+    assert_eq!(next.text, format!("after {k}"));
+    assert!(late.id < next.id && late.inserted_at < next.inserted_at);
+    let mut expected = vec!["before".to_string(), "answer lost".to_string()];
+    expected.push(format!("after {k}"));
+    assert_eq!(bodies(&db), expected, "each once, in order");
+    sender.heartbeat("no stray replies");
 }

@@ -22,6 +22,9 @@ pub struct Postgres {
     dir: PathBuf,
     bin: PathBuf,
     child: Option<Child>,
+    /// Port of the unix socket's name, and of the TCP listener on 127.0.0.1 if `tcp`.
+    port: u16,
+    tcp: bool,
 }
 
 /// The directory holding `initdb`, `postgres` and `pg_ctl`.
@@ -74,8 +77,17 @@ fn pg_command(program: &Path) -> Command {
 }
 
 impl Postgres {
-    /// A new, private server (initdb + start).
+    /// A new, private server (initdb + start) on a unix socket.
     pub fn start() -> Postgres {
+        Postgres::start_on(false)
+    }
+
+    /// A new, private server that also listens on 127.0.0.1 ([`Postgres::tcp_url`]).
+    pub fn start_tcp() -> Postgres {
+        Postgres::start_on(true)
+    }
+
+    fn start_on(tcp: bool) -> Postgres {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("nexus-pg-{}-{n}", std::process::id()));
@@ -92,7 +104,13 @@ impl Postgres {
             .output()
             .expect("run initdb");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        let mut pg = Postgres { dir, bin, child: None };
+        let port = if tcp {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+            probe.local_addr().expect("its address").port()
+        } else {
+            5432
+        };
+        let mut pg = Postgres { dir, bin, child: None, port, tcp };
         pg.run();
         pg
     }
@@ -105,7 +123,11 @@ impl Postgres {
             .arg(self.dir.join("data"))
             .arg("-k")
             .arg(&self.dir)
-            .args(["-p", "5432", "-c", "listen_addresses=", "-c", "fsync=off", "-c", "max_connections=300"])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-c")
+            .arg(if self.tcp { "listen_addresses=127.0.0.1" } else { "listen_addresses=" })
+            .args(["-c", "fsync=off", "-c", "max_connections=300"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -146,7 +168,13 @@ impl Postgres {
 
     /// The URL of database `db` on this server.
     pub fn url(&self, db: &str) -> String {
-        format!("postgresql://nexus@/{db}?host={}&port=5432", self.dir.display())
+        format!("postgresql://nexus@/{db}?host={}&port={}", self.dir.display(), self.port)
+    }
+
+    /// The TCP port of a server from [`Postgres::start_tcp`].
+    pub fn tcp_port(&self) -> u16 {
+        assert!(self.tcp, "started without TCP");
+        self.port
     }
 
     /// Creates a fresh database and returns its URL.
