@@ -179,7 +179,7 @@ fn unreachable(target: &PgTarget, source: postgres::Error) -> OpenError {
 
 /// Connects (bounded by the target's timeout) and brings the schema to this build's version
 /// under an advisory lock; refuses a newer schema.
-pub fn migrate(target: &PgTarget, timeout: Duration) -> Result<(), OpenError> {
+fn migrate(target: &PgTarget, timeout: Duration) -> Result<(), OpenError> {
     let mut client = target.connect(timeout).map_err(|e| unreachable(target, e))?;
     let mut tx = client.transaction().map_err(|e| unreachable(target, e))?;
     let steps = (|| -> Result<i32, postgres::Error> {
