@@ -23,6 +23,16 @@ pub fn format_micros(micros: i64) -> String {
     }
 }
 
+/// The next of a splitmix64 sequence: fast random bits for message ids (unique by their time,
+/// not secret; a `getrandom` call per message would cost a syscall each).
+pub fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// Microseconds since the Unix epoch, from the system clock.
 pub fn now_micros() -> i64 {
     chrono::Utc::now().timestamp_micros()

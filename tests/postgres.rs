@@ -34,6 +34,24 @@ fn push_reply(c: &mut Client, r: &str, topic: &str, body: &str) -> String {
     c.recv_until(WAIT, |t| t.contains("phx_reply"))
 }
 
+/// Sends `new_msg`s with bodies `<prefix> 0`, `<prefix> 1`, … until one is acknowledged, each
+/// refusal being `storage unavailable` (the writer reconnects with back-off, at most 1 s);
+/// returns the acknowledged body.
+fn send_until_acked(c: &mut Client, topic: &str, prefix: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    for k in 0.. {
+        let (r, body) = (format!("{prefix}{k}"), format!("{prefix} {k}"));
+        let reply = push_reply(c, &r, topic, &body);
+        if reply == v2_ok(Some("1"), &r, topic) {
+            return body;
+        }
+        assert_eq!(reply, storage_unavailable(&r, topic));
+        assert!(Instant::now() < deadline, "no message acknowledged within {WAIT:?}");
+        thread::sleep(Duration::from_millis(50)); // pace retries of a send that fails until recovery
+    }
+    unreachable!("the loop returns or fails")
+}
+
 #[test]
 fn every_conversation_gets_a_dense_seq_in_broadcast_order() {
     let server = start_server_on(Backend::Postgres, &[("NEXUS_MSG_RATE", "0")]);
@@ -146,22 +164,10 @@ fn a_stopped_database_fails_fast_and_recovers_without_a_restart() {
     pg.run();
     // The writer reconnects by itself (back-off at most 1 s): keep trying until a message is
     // acknowledged.
-    let deadline = Instant::now() + WAIT;
-    let mut k = 0;
-    loop {
-        let r = format!("up{k}");
-        let reply = push_reply(&mut sender, &r, &topic, &format!("after {k}"));
-        if reply == v2_ok(Some("1"), &r, &topic) {
-            break;
-        }
-        assert_eq!(reply, storage_unavailable(&r, &topic));
-        assert!(Instant::now() < deadline, "no message acknowledged within {WAIT:?} of the restart");
-        k += 1;
-        thread::sleep(Duration::from_millis(50)); // pace the retries of an operation that fails until recovery
-    }
-    member.recv_until(WAIT, |t| t.contains(&format!("after {k}")));
+    let acked = send_until_acked(&mut sender, &topic, "after");
+    member.recv_until(WAIT, |t| t.contains(&acked));
     let bodies: Vec<String> = server.stored_rows().into_iter().map(|r| r.body).collect();
-    assert_eq!(bodies, ["before".to_string(), format!("after {k}")], "nothing refused was stored");
+    assert_eq!(bodies, ["before".to_string(), acked], "nothing refused was stored");
     let history = get_history(server.port, &bob, &conversation);
     assert_eq!(history.status, 200, "history is back");
 }
@@ -199,15 +205,7 @@ fn commits_cut_by_a_crash_lose_no_acked_message_and_store_none_twice() {
     let mut member = joined(server.port, &new_sub(), &topic);
     let mut probe = joined(server.port, &new_sub(), &topic);
     pg.run();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let reply = push_reply(&mut probe, "p", &topic, "probe");
-        if reply == v2_ok(Some("1"), "p", &topic) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no message acknowledged after the restart: {reply}");
-        thread::sleep(Duration::from_millis(50)); // pace the retries until the writer reconnects
-    }
+    let probed = send_until_acked(&mut probe, &topic, "probe");
     let rows = server.stored_rows();
     let ids: std::collections::HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids.len(), rows.len());
@@ -221,13 +219,13 @@ fn commits_cut_by_a_crash_lose_no_acked_message_and_store_none_twice() {
     }
     // The probe's broadcast comes after every late one.
     let mut got = Vec::new();
-    while got.last().map(|m: &Live| m.text.as_str()) != Some("probe") {
+    while got.last().map(|m: &Live| m.text.as_str()) != Some(probed.as_str()) {
         let frame = member.recv_until(WAIT, is_new_msg);
         got.push(parse_live(&frame, &topic));
     }
-    let late: Vec<&str> = got.iter().map(|m| m.text.as_str()).filter(|t| *t != "probe").collect();
+    let late: Vec<&str> = got.iter().map(|m| m.text.as_str()).filter(|t| *t != probed).collect();
     let stored_late: Vec<&str> =
-        rows.iter().filter(|r| r.body != "probe" && !acked(&streamed, &subs, r)).map(|r| r.body.as_str()).collect();
+        rows.iter().filter(|r| r.body != probed && !acked(&streamed, &subs, r)).map(|r| r.body.as_str()).collect();
     assert_eq!(late, stored_late, "committed-but-refused messages are broadcast once, late, in order");
 }
 
@@ -378,26 +376,12 @@ fn a_commit_whose_answer_was_lost_is_broadcast_late_once_the_database_answers_ag
     // Once the line is back, the writer finds the batch committed: the member gets it, late,
     // before the next message, and only once; its sender was answered already (no second reply).
     proxy.set_cut(false);
-    let deadline = Instant::now() + WAIT;
-    let mut k = 0;
-    loop {
-        let r = format!("after{k}");
-        let reply = push_reply(&mut sender, &r, &topic, &format!("after {k}"));
-        if reply == v2_ok(Some("1"), &r, &topic) {
-            break;
-        }
-        assert_eq!(reply, storage_unavailable(&r, &topic));
-        assert!(Instant::now() < deadline, "no message acknowledged within {WAIT:?} of healing");
-        k += 1;
-        thread::sleep(Duration::from_millis(50)); // pace the retries until the writer reconnects
-    }
+    let after = send_until_acked(&mut sender, &topic, "after");
     let late = parse_live(&member.recv_until(WAIT, is_new_msg), &topic);
     assert_eq!(late.text, "answer lost");
     let next = parse_live(&member.recv_until(WAIT, is_new_msg), &topic);
-    assert_eq!(next.text, format!("after {k}"));
+    assert_eq!(next.text, after);
     assert!(late.id < next.id && late.inserted_at < next.inserted_at);
-    let mut expected = vec!["before".to_string(), "answer lost".to_string()];
-    expected.push(format!("after {k}"));
-    assert_eq!(bodies(&db), expected, "each once, in order");
+    assert_eq!(bodies(&db), ["before".to_string(), "answer lost".to_string(), after], "each once, in order");
     sender.heartbeat("no stray replies");
 }

@@ -405,7 +405,7 @@ impl Core {
     // --- HTTP requests answered by other threads --------------------------------------------
 
     /// Parks `conn` until another thread's response arrives ([`CoreMsg::HttpResponse`] with
-    /// the returned ticket); `None` if it cannot wait.
+    /// the returned ticket).
     pub(crate) fn wait_http(&self, conn: &Rc<Conn>) -> u32 {
         let ticket = self.http_waits.borrow_mut().insert(conn.clone());
         u32::try_from(ticket).expect("waiting requests are bounded by the connections")

@@ -151,7 +151,7 @@ pub struct Env<'a> {
     pub counters: &'a Counters,
     /// New joins are refused (`server busy`): the core's queues to other cores are congested.
     pub joins_refused: bool,
-    /// Core and connection ids, for logs.
+    /// Core id, for logs.
     pub core: usize,
     /// Connection id, for logs.
     pub conn: u64,

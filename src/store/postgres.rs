@@ -240,7 +240,7 @@ pub struct PgStore {
     unresolved: Vec<Unresolved>,
     late: Vec<Committed>,
     pruned_at: Instant,
-    /// splitmix64 state for the ids' random bits (unique by time; not secret).
+    /// State of [`crate::ids::splitmix64`] for the ids' random bits.
     rng: u64,
 }
 
@@ -395,11 +395,7 @@ impl<'a> AppendParams<'a> {
 
 /// The low 64 bits of a UUIDv7: random, with the RFC 4122 variant (`10`) on top.
 fn id_tail(rng: &mut u64) -> i64 {
-    *rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *rng;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    ((z ^ (z >> 31)) >> 2 | 1 << 63) as i64
+    (crate::ids::splitmix64(rng) >> 2 | 1 << 63) as i64
 }
 
 /// Whether batch `token` committed. A backend that may still be running the batch is ended
@@ -446,14 +442,14 @@ fn restamp(batch: &mut [Committed], rows: &[(Uuid, Uuid, i64)]) -> Result<(), St
 impl Store for PgStore {
     fn commit(&mut self, batch: &mut [Committed]) -> Result<(), StoreError> {
         let token = Uuid::new_v4();
-        let node = self.node.clone();
-        let mut rng = self.rng;
-        let p = AppendParams::of(batch, &mut rng);
-        self.rng = rng;
-        let Some(live) = self.live() else { return Err(StoreError::Unavailable) };
+        if self.live().is_none() {
+            return Err(StoreError::Unavailable);
+        }
+        let p = AppendParams::of(batch, &mut self.rng);
+        let live = self.live.as_mut().expect("connected just above");
         let backend_pid = live.backend_pid;
         let params: [&(dyn postgres::types::ToSql + Sync); 10] =
-            [&p.convs, &p.senders, &p.bodies, &p.tails, &p.positions, &p.counts, &p.ids, &p.totals, &token, &node];
+            [&p.convs, &p.senders, &p.bodies, &p.tails, &p.positions, &p.counts, &p.ids, &p.totals, &token, &self.node];
         match live.client.query(&live.append, &params) {
             Ok(rows) => {
                 for row in rows {

@@ -97,8 +97,7 @@ pub fn spawn_writer(
 /// stamp), which the history table's `(conversation_id, id)` order relies on.
 struct Stamper {
     last_us: i64,
-    /// splitmix64 state for the random id bits (ids are unique by time, not secret; a
-    /// `getrandom` call per message would cost a syscall each).
+    /// State of [`ids::splitmix64`] for the random id bits.
     rng: u64,
 }
 
@@ -107,11 +106,7 @@ impl Stamper {
         let us = ids::now_micros().max(self.last_us + 1);
         self.last_us = us;
         let sub_ms = (us % 1_000) as u16; // < 1000 fits rand_a's 12 bits
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        let random = (z ^ (z >> 31)).to_le_bytes();
+        let random = ids::splitmix64(&mut self.rng).to_le_bytes();
         let mut bytes = [0u8; 10];
         bytes[2..].copy_from_slice(&random);
         bytes[0] = (sub_ms >> 8) as u8; // the builder overwrites the high nibble with the version
