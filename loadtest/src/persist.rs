@@ -163,7 +163,8 @@ fn sender(addr: SocketAddr, secret: &str, topic: Uuid, body: &str, pace: Pace, s
         }
     };
     const WAIT_MAX: Duration = Duration::from_millis(200);
-    client.set_timeout(Some(WAIT_MAX));
+    let mut timeout = WAIT_MAX;
+    client.set_timeout(Some(timeout));
     let frame = |n: u64| format!(r#"["1","{n}","chat:{topic}","new_msg",{{"body":"{body}"}}]"#);
     let mut inflight: VecDeque<(u64, Instant)> = VecDeque::with_capacity(window);
     let (mut next, began) = (2u64, Instant::now());
@@ -172,7 +173,11 @@ fn sender(addr: SocketAddr, secret: &str, topic: Uuid, body: &str, pace: Pace, s
     let hard_stop = began + duration + Duration::from_secs(10);
     loop {
         let sending = began.elapsed() < duration;
-        if sending {
+        // Closed loop: refill once half the window is acknowledged, so sends go out in
+        // bursts (one write for many frames, like a client flushing a queue) rather than one
+        // syscall per ack; paced: whenever a send is due.
+        let refill = gap.is_some() || inflight.len() <= window / 2;
+        if sending && refill {
             while inflight.len() < window && Instant::now() >= due {
                 if let Err(e) = client.send(frame(next)) {
                     out.failure = Some(e);
@@ -188,14 +193,20 @@ fn sender(addr: SocketAddr, secret: &str, topic: Uuid, body: &str, pace: Pace, s
                 }
             }
             if gap.is_some() {
+                // Wake in time for the next due send. A timeout set earlier is kept unless it
+                // is too long for that or far too short (a syscall per frame cost the load
+                // generator as much CPU as the server spent on the message).
                 let wait = due.saturating_duration_since(Instant::now()).clamp(Duration::from_micros(100), WAIT_MAX);
-                client.set_timeout(Some(wait));
+                if wait < timeout || wait > 4 * timeout {
+                    timeout = wait;
+                    client.set_timeout(Some(wait));
+                }
             }
             if let Err(e) = client.flush() {
                 out.failure = Some(e);
                 return out;
             }
-        } else if inflight.is_empty() || Instant::now() > hard_stop {
+        } else if !sending && (inflight.is_empty() || Instant::now() > hard_stop) {
             return out;
         }
         match client.recv() {

@@ -56,21 +56,24 @@ const _: () = assert!(MIGRATIONS.len() == PG_SCHEMA_VERSION as usize);
 
 /// The batch append: one statement, one round trip, one transaction.
 ///
-/// Per message, in batch order: `$1` conversation, `$2` sender, `$3` body, `$4` the id's random
-/// low 64 bits, `$5` its position among its conversation's messages in the batch (1, 2, …) and
-/// `$6` that conversation's count in the batch. Per conversation, sorted by id (the order the
-/// row locks are taken in, so concurrent writers never deadlock): `$7` the ids, `$8` the
-/// counts. `$9` the batch token, `$10` this node. The writer works out the positions and
-/// counts itself, so the statement needs no grouping, window or sort over the messages (each
-/// of which cost about a millisecond per 1,024 here).
+/// Per message, grouped by conversation (so the index inserts of a conversation follow each
+/// other) and in batch order within it: `$1` conversation, `$2` sender, `$3` body, `$4` the
+/// id's random low 64 bits, `$5` its position among its conversation's messages in the batch
+/// (1, 2, …) and `$6` that conversation's count in the batch. Per conversation, sorted by id
+/// (the order the row locks are taken in, so concurrent writers never deadlock): `$7` the
+/// ids, `$8` the counts. `$9` the batch token, `$10` this node. The writer works out the
+/// positions and counts itself, so the statement needs no grouping, window or sort over the
+/// messages (each of which cost about a millisecond per 1,024 here).
 ///
 /// Each conversation's row gives its messages the next dense `seq`s and `inserted_at`s from
 /// the database clock, above its last one. The id is the UUIDv7 of `inserted_at` (48-bit ms,
 /// version 7, the µs within the ms in the 12 `rand_a` bits, then the given bits, variant
 /// included), built inline (a SQL function per row with `gen_random_uuid` cost 10 ms per 1,024
-/// rows). The token row records, per conversation, the first `inserted_at` and the count, so
-/// a writer that lost the answer can learn whether the batch committed and read its stamps.
-/// Returns `(position in the batch, id, inserted_at)` per message, in no particular order.
+/// rows); [`v7_of`] is the same function in Rust. The token row records, per conversation,
+/// the first `inserted_at` and the count, so a writer that lost the answer can learn whether
+/// the batch committed and read its stamps. Returns each conversation's new last
+/// `inserted_at`, from which the writer derives every message's stamp and id (one row per
+/// conversation rather than per message: the answer was a tenth of the statement's cost).
 const APPEND: &str = "
 WITH up AS (INSERT INTO conversations AS c (id, seq, last_at)
     SELECT conv, n, (extract(epoch FROM clock_timestamp()) * 1e6)::bigint + n - 1
@@ -78,17 +81,18 @@ WITH up AS (INSERT INTO conversations AS c (id, seq, last_at)
     ON CONFLICT (id) DO UPDATE SET seq = c.seq + excluded.seq,
                                    last_at = greatest(c.last_at + excluded.seq, excluded.last_at)
     RETURNING id, seq, last_at),
-rows AS (SELECT b.ord, b.conv, b.sender, b.body, up.seq - b.n + b.k AS seq, up.last_at - b.n + b.k AS at,
-         encode(int8send(((up.last_at - b.n + b.k) / 1000 << 16) | 28672 | ((up.last_at - b.n + b.k) % 1000))
-                || int8send(b.tail), 'hex')::uuid AS id
+ins AS (INSERT INTO messages
+    SELECT b.conv, up.last_at - b.n + b.k, up.seq - b.n + b.k,
+           encode(int8send(((up.last_at - b.n + b.k) / 1000 << 16) | 28672 | ((up.last_at - b.n + b.k) % 1000))
+                  || int8send(b.tail), 'hex')::uuid,
+           b.sender, b.body
     FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[])
-         WITH ORDINALITY AS b(conv, sender, body, tail, k, n, ord)
+         AS b(conv, sender, body, tail, k, n)
     JOIN up ON up.id = b.conv),
-ins AS (INSERT INTO messages SELECT conv, at, seq, id, sender, body FROM rows),
 tok AS (INSERT INTO nexus_batches (token, node, convs, first_at, counts)
     SELECT $9, $10, array_agg(up.id), array_agg(up.last_at - u.n + 1), array_agg(u.n)
     FROM up JOIN unnest($7::uuid[], $8::bigint[]) AS u(conv, n) ON u.conv = up.id)
-SELECT ord, id, at FROM rows";
+SELECT id, last_at FROM up";
 
 /// The stamps of a batch whose token was found: every row it wrote, by conversation and time.
 const BATCH_ROWS: &str = "
@@ -358,7 +362,8 @@ fn connect_live(target: &PgTarget, timeout: Duration) -> Result<Live, postgres::
     Ok(Live { client, append, backend_pid })
 }
 
-/// The parameters of [`APPEND`] for one batch.
+/// The parameters of [`APPEND`] for one batch, and what the writer needs to stamp it from the
+/// answer.
 struct AppendParams<'a> {
     convs: Vec<Uuid>,
     senders: Vec<Uuid>,
@@ -369,33 +374,79 @@ struct AppendParams<'a> {
     /// The batch's conversations, sorted, and their counts.
     ids: Vec<Uuid>,
     totals: Vec<i64>,
+    /// Batch index of each array element.
+    order: Vec<usize>,
 }
 
 impl<'a> AppendParams<'a> {
     fn of(batch: &'a [Committed], rng: &mut u64) -> AppendParams<'a> {
-        let mut per_conv: std::collections::BTreeMap<Uuid, i64> = std::collections::BTreeMap::new();
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by_key(|&i| batch[i].message.conversation); // stable: batch order within one
+        let (mut ids, mut totals) = (Vec::new(), Vec::new());
         let mut positions = Vec::with_capacity(batch.len());
-        for c in batch {
-            let n = per_conv.entry(c.message.conversation).or_insert(0);
+        for &i in &order {
+            let conv = batch[i].message.conversation;
+            if ids.last() != Some(&conv) {
+                ids.push(conv);
+                totals.push(0);
+            }
+            let n = totals.last_mut().expect("pushed above");
             *n += 1;
             positions.push(*n);
         }
+        let total = |conv: &Uuid| ids.binary_search(conv).map_or(0, |j| totals[j]);
         AppendParams {
-            convs: batch.iter().map(|c| c.message.conversation).collect(),
-            senders: batch.iter().map(|c| c.message.sender).collect(),
-            bodies: batch.iter().map(|c| c.message.body.as_str()).collect(),
-            tails: batch.iter().map(|_| id_tail(rng)).collect(),
+            convs: order.iter().map(|&i| batch[i].message.conversation).collect(),
+            senders: order.iter().map(|&i| batch[i].message.sender).collect(),
+            bodies: order.iter().map(|&i| batch[i].message.body.as_str()).collect(),
+            tails: order.iter().map(|_| id_tail(rng)).collect(),
+            counts: order.iter().map(|&i| total(&batch[i].message.conversation)).collect(),
             positions,
-            counts: batch.iter().map(|c| per_conv[&c.message.conversation]).collect(),
-            ids: per_conv.keys().copied().collect(),
-            totals: per_conv.values().copied().collect(),
+            ids,
+            totals,
+            order,
         }
+    }
+
+    /// Each message's stamp and id `(batch index, inserted_at, id)` from the append's answer:
+    /// each conversation's new last `inserted_at`.
+    fn stamps(&self, rows: &[postgres::Row]) -> Result<Vec<(usize, i64, Uuid)>, StoreError> {
+        let mut last = vec![None; self.ids.len()];
+        for row in rows {
+            let conv: Uuid = row.try_get(0).map_err(StoreError::Postgres)?;
+            let at: i64 = row.try_get(1).map_err(StoreError::Postgres)?;
+            if let Ok(j) = self.ids.binary_search(&conv) {
+                last[j] = Some(at);
+            }
+        }
+        self.stamps_after(&last)
+    }
+
+    /// [`AppendParams::stamps`] from each conversation's new last `inserted_at` (by `ids`).
+    fn stamps_after(&self, last: &[Option<i64>]) -> Result<Vec<(usize, i64, Uuid)>, StoreError> {
+        let mut j = 0;
+        let mut out = Vec::with_capacity(self.order.len());
+        for (e, &i) in self.order.iter().enumerate() {
+            while self.ids[j] != self.convs[e] {
+                j += 1;
+            }
+            let last = last[j].ok_or(StoreError::Inconsistent("the append did not answer for a conversation"))?;
+            let at = last - self.counts[e] + self.positions[e];
+            out.push((i, at, v7_of(at, self.tails[e])));
+        }
+        Ok(out)
     }
 }
 
 /// The low 64 bits of a UUIDv7: random, with the RFC 4122 variant (`10`) on top.
 fn id_tail(rng: &mut u64) -> i64 {
     (crate::ids::splitmix64(rng) >> 2 | 1 << 63) as i64
+}
+
+/// The id [`APPEND`] stores for a message stamped `at` (µs) with random bits `tail`.
+fn v7_of(at: i64, tail: i64) -> Uuid {
+    let hi = ((at / 1_000) << 16) | 0x7000 | (at % 1_000);
+    Uuid::from_u64_pair(hi as u64, tail as u64)
 }
 
 /// Whether batch `token` committed. A backend that may still be running the batch is ended
@@ -452,12 +503,9 @@ impl Store for PgStore {
             [&p.convs, &p.senders, &p.bodies, &p.tails, &p.positions, &p.counts, &p.ids, &p.totals, &token, &self.node];
         match live.client.query(&live.append, &params) {
             Ok(rows) => {
-                for row in rows {
-                    let ord: i64 = row.get(0);
-                    let c = usize::try_from(ord - 1).ok().and_then(|i| batch.get_mut(i));
-                    let c = c.ok_or(StoreError::Inconsistent("the append returned an unknown position"))?;
-                    c.message.id = row.get(1);
-                    c.message.inserted_at_us = row.get(2);
+                for (i, at, id) in p.stamps(&rows)? {
+                    batch[i].message.inserted_at_us = at;
+                    batch[i].message.id = id;
                 }
                 Ok(())
             }
@@ -565,4 +613,38 @@ fn read_page(client: &mut Client, q: &HistoryQuery) -> Result<HistoryPage, Histo
     messages.reverse();
     let next_before = if more { messages.first().map(|m| m.id) } else { None };
     Ok(HistoryPage { messages, next_before })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Origin;
+    use super::*;
+
+    fn message(conversation: Uuid, body: &str) -> Committed {
+        let message =
+            Message { id: Uuid::nil(), conversation, sender: Uuid::nil(), body: body.into(), inserted_at_us: 0 };
+        Committed { message, origin: Some(Origin { core: 0, ticket: 0 }) }
+    }
+
+    #[test]
+    fn messages_go_grouped_by_conversation_and_get_stamps_back_in_batch_order() {
+        let (a, b) = (Uuid::from_u128(2), Uuid::from_u128(1));
+        let batch = [message(a, "a1"), message(b, "b1"), message(a, "a2"), message(a, "a3"), message(b, "b2")];
+        let p = AppendParams::of(&batch, &mut 7);
+        assert_eq!(p.bodies, ["b1", "b2", "a1", "a2", "a3"]);
+        assert_eq!(p.positions, [1, 2, 1, 2, 3]);
+        assert_eq!(p.counts, [2, 2, 3, 3, 3]);
+        assert_eq!((p.ids.clone(), p.totals.clone()), (vec![b, a], vec![2, 3]));
+        // The database answers each conversation's new last instant.
+        let mut stamps = p.stamps_after(&[Some(9_000_002), Some(5_000_003)]).expect("stamps");
+        stamps.sort_by_key(|s| s.0);
+        let ats: Vec<i64> = stamps.iter().map(|s| s.1).collect();
+        assert_eq!(ats, [5_000_001, 9_000_001, 5_000_002, 5_000_003, 9_000_002]);
+        let id = stamps[0].2;
+        assert_eq!(id.get_version_num(), 7);
+        assert_eq!(id.as_u64_pair().0 >> 16, 5_000, "milliseconds");
+        assert_eq!(id.as_u64_pair().0 & 0xfff, 1, "microseconds within the millisecond");
+        assert_eq!(id.as_u64_pair().1 >> 62, 0b10, "RFC 4122 variant");
+        assert!(p.stamps_after(&[Some(1), None]).is_err(), "a conversation without an answer");
+    }
 }
