@@ -62,14 +62,12 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 fn pg_store(url: &str) -> Box<dyn Store> {
     let mut admin = postgres::Client::connect(url, postgres::NoTls).expect("connect to NEXUS_BENCH_PG_URL");
     admin
-        .batch_execute(
-            "DROP TABLE IF EXISTS messages, conversations, nexus_batches, nexus_schema;
-             DROP FUNCTION IF EXISTS nexus_uuid7(bigint);",
-        )
+        .batch_execute("DROP TABLE IF EXISTS messages, conversations, nexus_batches, nexus_schema;")
         .expect("drop the Nexus tables");
     let timeout = Duration::from_secs(30);
     let target = PgTarget::parse(url, timeout).expect("NEXUS_BENCH_PG_URL");
-    Box::new(PgStore::open(target, "bench".into(), timeout).expect("open PostgreSQL"))
+    let mut lanes = PgStore::open(&target, "bench", timeout, 1).expect("open PostgreSQL");
+    Box::new(lanes.pop().expect("one lane"))
 }
 
 fn run(conversations: usize, prefill: usize, secs: u64, sync: Sync, dir: &std::path::Path) {

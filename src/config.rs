@@ -103,11 +103,14 @@ pub struct ServerArgs {
     /// PostgreSQL history reader threads (one connection each).
     #[arg(long, env = "NEXUS_DB_READERS", default_value_t = limits::DB_READERS_DEFAULT)]
     pub db_readers: usize,
+    /// PostgreSQL writer lanes (one connection each); each conversation is written by one.
+    #[arg(long, env = "NEXUS_DB_WRITERS", default_value_t = limits::DB_WRITERS_DEFAULT)]
+    pub db_writers: usize,
     /// Commit durability: `normal` survives a process crash, `full` also power loss.
     #[arg(long, env = "NEXUS_SYNC", default_value = "normal", value_parser = ["normal", "full"])]
     pub sync: String,
-    /// Messages that may wait for the writer; when full, `new_msg` is refused at once with
-    /// `server busy` (size it from the wait you accept: ~200k msg/s drain rate).
+    /// Messages that may wait for the writer (for each lane with PostgreSQL); when full,
+    /// `new_msg` is refused at once with `server busy` (size it from the wait you accept).
     #[arg(long, env = "NEXUS_WRITER_QUEUE", default_value_t = limits::WRITER_QUEUE_MAX_DEFAULT)]
     pub writer_queue: usize,
     /// Refuse to grow the database beyond this many bytes (writes then fail with
@@ -154,6 +157,7 @@ pub struct Config {
     pub database_url: Option<DatabaseUrl>,
     pub db_timeout: Duration,
     pub db_readers: usize,
+    pub db_writers: usize,
     /// `NEXUS_SYNC=full`.
     pub sync_full: bool,
     pub db_max_bytes: Option<u64>,
@@ -199,6 +203,9 @@ impl Config {
         if args.db_readers == 0 || args.db_readers > limits::DB_READERS_MAX {
             return Err(invalid("NEXUS_DB_READERS", &format!("must be from 1 to {}", limits::DB_READERS_MAX)));
         }
+        if args.db_writers == 0 || args.db_writers > limits::DB_WRITERS_MAX {
+            return Err(invalid("NEXUS_DB_WRITERS", &format!("must be from 1 to {}", limits::DB_WRITERS_MAX)));
+        }
         if args.db_timeout.0 < Duration::from_millis(100) {
             return Err(invalid("NEXUS_DB_TIMEOUT", "must be at least 100ms"));
         }
@@ -229,6 +236,7 @@ impl Config {
             database_url: args.database_url.clone().filter(|u| !u.trim().is_empty()).map(DatabaseUrl),
             db_timeout: args.db_timeout.0,
             db_readers: args.db_readers,
+            db_writers: args.db_writers,
             sync_full: args.sync == "full",
             db_max_bytes: args.db_max_bytes,
             writer_queue: args.writer_queue,
@@ -342,6 +350,7 @@ mod tests {
             ("writer_queue", "8192"),
             ("db_timeout", "5"),
             ("db_readers", "2"),
+            ("db_writers", "2"),
         ];
         for (id, value) in expected {
             assert_eq!(default_of(id), value, "default of {id}");

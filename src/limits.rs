@@ -236,6 +236,14 @@ pub const DB_READERS_DEFAULT: usize = 2;
 /// Most PostgreSQL history reader threads.
 pub const DB_READERS_MAX: usize = 64;
 
+/// Default PostgreSQL writer lanes (`NEXUS_DB_WRITERS`), one connection each. One PostgreSQL
+/// backend executes one batch at a time; two lanes, on disjoint conversations, let the
+/// database execute one batch while the other waits for its fsync or its next batch.
+pub const DB_WRITERS_DEFAULT: usize = 2;
+
+/// Most PostgreSQL writer lanes.
+pub const DB_WRITERS_MAX: usize = 16;
+
 /// Bound on one reconnect attempt while the database is down: the writer fails batches at once
 /// between attempts, and an attempt this short keeps `storage unavailable` answers within a
 /// second even when the database host does not answer at all.

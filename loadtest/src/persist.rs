@@ -17,9 +17,14 @@ use crate::wire::{token, Client};
 pub(crate) struct Args {
     #[command(flatten)]
     target: crate::Target,
-    /// Concurrent senders, each on its own socket and topic.
+    /// Concurrent senders, each on its own socket.
     #[arg(long, default_value_t = 64)]
     senders: usize,
+    /// Conversations, dealt out to the senders (each joins its share and sends to them in
+    /// turn); default: one per sender. Raise the server's `NEXUS_MAX_CHANNELS` to at least
+    /// topics / senders.
+    #[arg(long)]
+    topics: Option<usize>,
     /// Messages each sender keeps in flight.
     #[arg(long, default_value_t = 8)]
     window: usize,
@@ -59,16 +64,20 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
         return Err("--senders and --window must be 1..=10000".into());
     }
     let body = "x".repeat(args.body_bytes);
-    let topics: Vec<Uuid> = (0..args.senders).map(|_| Uuid::new_v4()).collect();
+    let n_topics = args.topics.unwrap_or(args.senders);
+    if n_topics < args.senders || n_topics > 1_000_000 {
+        return Err("--topics must be from --senders to 1000000".into());
+    }
+    let topics: Vec<Uuid> = (0..n_topics).map(|_| Uuid::new_v4()).collect();
     let start = Arc::new(Barrier::new(args.senders + 1));
     let mut handles = Vec::new();
-    for topic in &topics {
+    for share in deal(&topics, args.senders) {
         let (secret, body, start) = (args.target.secret.clone(), body.clone(), start.clone());
-        let (topic, window, duration) = (*topic, args.window, args.duration);
+        let (window, duration) = (args.window, args.duration);
         // Each sender's share of the rate, as the gap between its sends.
         let gap = (args.rate > 0).then(|| Duration::from_secs_f64(args.senders as f64 / args.rate as f64));
         let pace = Pace { window, gap, duration };
-        handles.push(std::thread::spawn(move || sender(addr, &secret, topic, &body, pace, &start)));
+        handles.push(std::thread::spawn(move || sender(addr, &secret, &share, &body, pace, &start)));
     }
     let history = args.history.then(|| {
         let (secret, topic, duration) = (args.target.secret.clone(), topics[0], args.duration);
@@ -147,11 +156,18 @@ struct Pace {
     duration: Duration,
 }
 
-fn sender(addr: SocketAddr, secret: &str, topic: Uuid, body: &str, pace: Pace, start: &Barrier) -> SenderResult {
+/// Sender `i` gets topics `i`, `i + senders`, … (each topic to one sender).
+fn deal(topics: &[Uuid], senders: usize) -> Vec<Vec<Uuid>> {
+    (0..senders).map(|i| topics.iter().skip(i).step_by(senders).copied().collect()).collect()
+}
+
+fn sender(addr: SocketAddr, secret: &str, topics: &[Uuid], body: &str, pace: Pace, start: &Barrier) -> SenderResult {
     let Pace { window, gap, duration } = pace;
     let mut out = SenderResult::default();
     let setup = token(secret, Uuid::new_v4()).and_then(|t| Client::connect(addr, &t)).and_then(|mut c| {
-        c.join(&format!("chat:{topic}"))?;
+        for (i, topic) in topics.iter().enumerate() {
+            c.join(&format!("chat:{topic}"), i + 1)?;
+        }
         Ok(c)
     });
     start.wait();
@@ -165,7 +181,11 @@ fn sender(addr: SocketAddr, secret: &str, topic: Uuid, body: &str, pace: Pace, s
     const WAIT_MAX: Duration = Duration::from_millis(200);
     let mut timeout = WAIT_MAX;
     client.set_timeout(Some(timeout));
-    let frame = |n: u64| format!(r#"["1","{n}","chat:{topic}","new_msg",{{"body":"{body}"}}]"#);
+    // Message n goes to the sender's topics in turn, under that channel's join ref.
+    let frame = |n: u64| {
+        let i = n as usize % topics.len();
+        format!(r#"["{}","{n}","chat:{}","new_msg",{{"body":"{body}"}}]"#, i + 1, topics[i])
+    };
     let mut inflight: VecDeque<(u64, Instant)> = VecDeque::with_capacity(window);
     let (mut next, began) = (2u64, Instant::now());
     // Paced: the next send is due at `due`; a late sender catches up at once (open loop).

@@ -60,13 +60,16 @@ impl Client {
         }
     }
 
-    pub(crate) fn join(&mut self, topic: &str) -> Result<(), String> {
-        self.send(format!(r#"["1","1","{topic}","phx_join",{{}}]"#))?;
+    /// Joins `topic` with `join_ref` as both the join and the message ref (a socket's channels
+    /// need distinct join refs).
+    pub(crate) fn join(&mut self, topic: &str, join_ref: usize) -> Result<(), String> {
+        self.send(format!(r#"["{join_ref}","{join_ref}","{topic}","phx_join",{{}}]"#))?;
         self.flush()?;
         self.set_timeout(Some(Duration::from_secs(5)));
+        let expected = join_ref.to_string();
         loop {
             match self.recv()? {
-                Some(f) if f.reference.as_deref() == Some("1") && f.event == "phx_reply" => {
+                Some(f) if f.reference.as_deref() == Some(expected.as_str()) && f.event == "phx_reply" => {
                     return if f.ok { Ok(()) } else { Err(format!("join {topic} refused")) };
                 }
                 Some(_) => {}

@@ -84,7 +84,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         published: crate::metrics::Published::new(workers),
     });
     let fanout = shared.clone();
-    let sink = Box::new(move |batch| {
+    let sink = Arc::new(move |batch| {
         for mailbox in &fanout.mailboxes {
             mailbox.push_blocking(CoreMsg::Committed(Arc::clone(&batch)));
         }
@@ -142,14 +142,15 @@ fn drain(shared: &Shared, signal: &str) {
 
 /// Opens the configured store (migrating it) and starts its history readers; returns them
 /// with a description for the start-up line (never a password).
-fn open_storage(config: &Config) -> Result<(Box<dyn Store>, ReaderHandle, String), ServerError> {
+fn open_storage(config: &Config) -> Result<(Vec<Box<dyn Store>>, ReaderHandle, String), ServerError> {
     if let Some(url) = &config.database_url {
         let target = PgTarget::parse(url.expose(), config.db_timeout)?;
         let node = format!("{}:{}", sys::hostname(), config.listen.port());
-        let store = PgStore::open(target.clone(), node, config.db_timeout)?;
+        let lanes = PgStore::open(&target, &node, config.db_timeout, config.db_writers)?;
         let reader = spawn_pg_readers(&target, config.db_readers, config.db_timeout)?;
-        let shown = format!("database={} readers={}", target.shown(), config.db_readers);
-        return Ok((Box::new(store), reader, shown));
+        let shown = format!("database={} writers={} readers={}", target.shown(), config.db_writers, config.db_readers);
+        let stores = lanes.into_iter().map(|s| Box::new(s) as Box<dyn Store>).collect();
+        return Ok((stores, reader, shown));
     }
     let sync = if config.sync_full { schema::Sync::Full } else { schema::Sync::Normal };
     let db = schema::open_writer(&config.database_path, sync, config.db_max_bytes)?;
@@ -158,7 +159,7 @@ fn open_storage(config: &Config) -> Result<(Box<dyn Store>, ReaderHandle, String
     let (reader, _reader_thread) = spawn_reader(&config.database_path)?;
     schema::spawn_checkpointer(&config.database_path)?;
     let sync = if config.sync_full { "full" } else { "normal" };
-    Ok((Box::new(store), reader, format!("database={} sync={sync}", config.database_path.display())))
+    Ok((vec![Box::new(store)], reader, format!("database={} sync={sync}", config.database_path.display())))
 }
 
 /// One `SO_REUSEPORT` listener per core, all on the same port (port 0 resolves once).

@@ -128,5 +128,5 @@ pub enum StoreError {
     Inconsistent(&'static str),
 }
 
-/// Receives each batch the writer finishes (the server fans it out to the core mailboxes).
-pub type BatchSink = Box<dyn FnMut(Arc<CommitBatch>) + Send>;
+/// Receives each batch the writer lanes finish (the server fans it out to the core mailboxes).
+pub type BatchSink = Arc<dyn Fn(Arc<CommitBatch>) + Send + Sync>;

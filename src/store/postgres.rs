@@ -243,29 +243,37 @@ pub struct PgStore {
     down_since: Option<Instant>,
     unresolved: Vec<Unresolved>,
     late: Vec<Committed>,
+    /// Only lane 0 prunes the batch tokens.
+    prunes: bool,
     pruned_at: Instant,
     /// State of [`crate::ids::splitmix64`] for the ids' random bits.
     rng: u64,
 }
 
 impl PgStore {
-    /// Connects and migrates (start-up: failures are fatal), naming this node in batch tokens.
-    pub fn open(target: PgTarget, node: String, timeout: Duration) -> Result<PgStore, OpenError> {
-        migrate(&target, timeout)?;
-        let live = connect_live(&target, timeout).map_err(|e| unreachable(&target, e))?;
-        Ok(PgStore {
-            target,
-            node,
-            timeout,
-            live: Some(live),
-            retry_at: Instant::now(),
-            backoff: limits::DB_RECONNECT_BACKOFF_MIN,
-            down_since: None,
-            unresolved: Vec::new(),
-            late: Vec::new(),
-            pruned_at: Instant::now(),
-            rng: Uuid::new_v4().as_u64_pair().0,
-        })
+    /// Connects and migrates (start-up: failures are fatal): one store per writer lane, each
+    /// with its own connection, naming this node in batch tokens.
+    pub fn open(target: &PgTarget, node: &str, timeout: Duration, lanes: usize) -> Result<Vec<PgStore>, OpenError> {
+        migrate(target, timeout)?;
+        (0..lanes.max(1))
+            .map(|lane| {
+                let live = connect_live(target, timeout).map_err(|e| unreachable(target, e))?;
+                Ok(PgStore {
+                    target: target.clone(),
+                    node: node.to_string(),
+                    timeout,
+                    live: Some(live),
+                    retry_at: Instant::now(),
+                    backoff: limits::DB_RECONNECT_BACKOFF_MIN,
+                    down_since: None,
+                    unresolved: Vec::new(),
+                    late: Vec::new(),
+                    prunes: lane == 0,
+                    pruned_at: Instant::now(),
+                    rng: Uuid::new_v4().as_u64_pair().0,
+                })
+            })
+            .collect()
     }
 
     /// The live connection, reconnecting when the back-off allows; `None` fails the batch at
@@ -522,7 +530,7 @@ impl Store for PgStore {
         if !self.unresolved.is_empty() && idle {
             self.live(); // reconnecting resolves them
         }
-        if self.pruned_at.elapsed() < limits::DB_TOKEN_PRUNE_EVERY {
+        if !self.prunes || self.pruned_at.elapsed() < limits::DB_TOKEN_PRUNE_EVERY {
             return;
         }
         self.pruned_at = Instant::now();

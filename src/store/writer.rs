@@ -1,6 +1,13 @@
 //! The writer thread: take one request, drain what else is queued up to a batch cap, stamp,
 //! commit once, hand the batch to the cores once. Group commit: the busier it is, the bigger
 //! the batches and the cheaper each message.
+//!
+//! A store that takes concurrent transactions (PostgreSQL) gets several writer *lanes*, each a
+//! thread with its own queue and connection, and each conversation always goes to the same
+//! lane (by its id). A conversation's messages are therefore still taken, committed and handed
+//! to the cores in one order, while lanes commit side by side: their conversations are
+//! disjoint, so they never wait on each other's row locks. (Lanes sharing conversations would
+//! serialize on those locks, and could even take them out of order.)
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -32,41 +39,43 @@ enum Request {
     Stop,
 }
 
-/// The cores' handle to the writer queue. Cloned once per core.
+/// The cores' handle to the writer lanes' queues. Cloned once per core.
 #[derive(Debug, Clone)]
 pub struct StoreHandle {
-    tx: Sender<Request>,
+    lanes: Vec<Sender<Request>>,
     stats: Arc<WriterStats>,
 }
 
 /// Stops the writer after everything accepted so far is committed (graceful shutdown).
 #[derive(Debug)]
 pub struct WriterStopper {
-    tx: Sender<Request>,
-    join: JoinHandle<()>,
+    lanes: Vec<(Sender<Request>, JoinHandle<()>)>,
 }
 
 impl WriterStopper {
-    /// Queues the stop behind every accepted request and waits for the writer to finish.
+    /// Queues the stop behind every accepted request and waits for every lane to finish.
     pub fn stop(self) {
-        if self.tx.send(Request::Stop).is_ok() {
-            let _ = self.join.join();
+        let sent: Vec<_> = self.lanes.into_iter().filter(|(tx, _)| tx.send(Request::Stop).is_ok()).collect();
+        for (_, join) in sent {
+            let _ = join.join();
         }
     }
 }
 
 impl StoreHandle {
-    /// Queues a request without blocking.
+    /// Queues a request on its conversation's lane without blocking.
     pub fn try_submit(&self, req: InsertRequest) -> Result<(), SubmitError> {
-        self.tx.try_send(Request::Insert(req)).map_err(|e| match e {
+        let (hi, lo) = req.conversation.as_u64_pair();
+        let lane = ((hi ^ lo) % self.lanes.len() as u64) as usize;
+        self.lanes[lane].try_send(Request::Insert(req)).map_err(|e| match e {
             TrySendError::Full(_) => SubmitError::Busy,
             TrySendError::Disconnected(_) => SubmitError::Closed,
         })
     }
 
-    /// Requests waiting for the writer now.
+    /// Requests waiting for the writer now (all lanes).
     pub fn queued(&self) -> usize {
-        self.tx.len()
+        self.lanes.iter().map(Sender::len).sum()
     }
 
     /// The writer's batch and commit histograms.
@@ -75,19 +84,27 @@ impl StoreHandle {
     }
 }
 
-/// Starts the writer thread. It runs until stopped through the [`WriterStopper`] (or every
-/// handle is dropped), committing everything it accepted first.
-/// `queue` bounds the requests waiting for the writer; a full queue answers `server busy`.
+/// Starts the writer: one lane (thread and queue) per store. It runs until stopped through the
+/// [`WriterStopper`] (or every handle is dropped), committing everything it accepted first.
+/// `queue` bounds the requests waiting for each lane (the wait it bounds is the lane's own);
+/// a full queue answers `server busy`.
 pub fn spawn_writer(
-    store: Box<dyn Store>,
+    stores: Vec<Box<dyn Store>>,
     sink: BatchSink,
     queue: usize,
 ) -> std::io::Result<(StoreHandle, WriterStopper)> {
-    let (tx, rx) = crossbeam_channel::bounded(queue.max(1));
     let stats = Arc::new(WriterStats::default());
-    let recorder = stats.clone();
-    let join = std::thread::Builder::new().name("writer".into()).spawn(move || run(store, sink, rx, &recorder))?;
-    Ok((StoreHandle { tx: tx.clone(), stats }, WriterStopper { tx, join }))
+    let single = stores.len() == 1;
+    let mut lanes = Vec::with_capacity(stores.len());
+    for (i, store) in stores.into_iter().enumerate() {
+        let (tx, rx) = crossbeam_channel::bounded(queue.max(1));
+        let (sink, recorder) = (sink.clone(), stats.clone());
+        let name = if single { "writer".to_string() } else { format!("writer-{i}") };
+        let join = std::thread::Builder::new().name(name).spawn(move || run(store, &*sink, rx, &recorder))?;
+        lanes.push((tx, join));
+    }
+    let handle = StoreHandle { lanes: lanes.iter().map(|(tx, _)| tx.clone()).collect(), stats };
+    Ok((handle, WriterStopper { lanes }))
 }
 
 /// Monotonic stamping: strictly increasing microseconds even if the wall clock steps back,
@@ -115,7 +132,12 @@ impl Stamper {
     }
 }
 
-fn run(mut store: Box<dyn Store>, mut sink: BatchSink, rx: Receiver<Request>, stats: &WriterStats) {
+fn run(
+    mut store: Box<dyn Store>,
+    sink: &(dyn Fn(Arc<CommitBatch>) + Send + Sync),
+    rx: Receiver<Request>,
+    stats: &WriterStats,
+) {
     let probe = rx.clone();
     store.set_waiting_probe(Box::new(move || !probe.is_empty()));
     let mut stamper = Stamper { last_us: store.last_inserted_at_us(), rng: Uuid::new_v4().as_u64_pair().0 };
@@ -126,7 +148,7 @@ fn run(mut store: Box<dyn Store>, mut sink: BatchSink, rx: Receiver<Request>, st
             Ok(Request::Stop) => break,
             Err(RecvTimeoutError::Timeout) => {
                 store.maintain(true);
-                send_late(&mut *store, &mut sink);
+                send_late(&mut *store, sink);
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => break,
@@ -154,11 +176,11 @@ fn run(mut store: Box<dyn Store>, mut sink: BatchSink, rx: Receiver<Request>, st
             }
         };
         // Late commits (found while reconnecting for this batch) are older: they go first.
-        send_late(&mut *store, &mut sink);
+        send_late(&mut *store, sink);
         sink(Arc::new(CommitBatch { messages: batch, failure }));
         store.maintain(false);
     }
-    tracing::info!("writer stopped; every accepted message is committed");
+    tracing::info!("writer stopped; every message it accepted is committed");
 }
 
 fn stamped(stamper: &mut Stamper, req: InsertRequest) -> Committed {
@@ -169,7 +191,7 @@ fn stamped(stamper: &mut Stamper, req: InsertRequest) -> Committed {
 
 /// Broadcasts what the store found committed after answering it as failed (no acks: the
 /// senders were answered).
-fn send_late(store: &mut dyn Store, sink: &mut BatchSink) {
+fn send_late(store: &mut dyn Store, sink: &(dyn Fn(Arc<CommitBatch>) + Send + Sync)) {
     let late = store.take_late();
     if !late.is_empty() {
         sink(Arc::new(CommitBatch { messages: late, failure: None }));
@@ -207,7 +229,8 @@ mod tests {
     fn batches_in_order_and_stops_when_handles_drop() {
         let (tx, rx) = mpsc::channel();
         let (handle, stopper) =
-            spawn_writer(Box::new(MemoryStore), Box::new(move |b| tx.send(b).expect("send")), 128).expect("spawn");
+            spawn_writer(vec![Box::new(MemoryStore)], Arc::new(move |b| tx.send(b).expect("send")), 128)
+                .expect("spawn");
         for i in 0..100u32 {
             let origin = Origin { core: 0, ticket: i };
             let req = InsertRequest { conversation: Uuid::nil(), sender: Uuid::nil(), body: i.to_string(), origin };
@@ -222,5 +245,33 @@ mod tests {
             w[0].message.inserted_at_us < w[1].message.inserted_at_us && w[0].message.id < w[1].message.id
         };
         assert!(all.windows(2).all(ordered));
+    }
+
+    #[test]
+    fn lanes_keep_each_conversation_in_order_and_stop_after_everything() {
+        let (tx, rx) = mpsc::channel();
+        let stores: Vec<Box<dyn Store>> = vec![Box::new(MemoryStore), Box::new(MemoryStore), Box::new(MemoryStore)];
+        let (handle, stopper) =
+            spawn_writer(stores, Arc::new(move |b| tx.send(b).expect("send")), 1_000).expect("spawn");
+        let conversations: Vec<Uuid> = (0..8).map(|_| Uuid::new_v4()).collect();
+        for i in 0..800u32 {
+            let conversation = conversations[i as usize % conversations.len()];
+            let origin = Origin { core: 0, ticket: i };
+            let req = InsertRequest { conversation, sender: Uuid::nil(), body: i.to_string(), origin };
+            handle.try_submit(req).expect("queued");
+        }
+        drop(handle);
+        stopper.stop();
+        let all: Vec<Committed> = rx.iter().flat_map(|b| b.messages.clone()).collect();
+        assert_eq!(all.len(), 800, "every accepted message handed off before the stop returns");
+        for conversation in &conversations {
+            let tickets: Vec<u32> = all
+                .iter()
+                .filter(|c| c.message.conversation == *conversation)
+                .filter_map(|c| c.origin.map(|o| o.ticket))
+                .collect();
+            assert_eq!(tickets.len(), 100);
+            assert!(tickets.windows(2).all(|w| w[0] < w[1]), "one order per conversation: {tickets:?}");
+        }
     }
 }
