@@ -96,6 +96,10 @@ fn counters_gauges_and_histograms_follow_what_clients_do() {
         get(&m, r#"nexus_writer_commit_seconds_bucket{le="+Inf"}"#),
         get(&m, "nexus_writer_commit_seconds_count")
     );
+    // Bounds print as written (0.025, not 0.024999999999999998).
+    for le in ["0.00025", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1"] {
+        assert!(m.contains_key(&format!(r#"nexus_writer_commit_seconds_bucket{{le="{le}"}}"#)), "bucket {le}");
+    }
     assert!(m.contains_key(r#"nexus_mailbox_depth{core="1"}"#));
 
     assert_eq!(get(&m, "nexus_messages_dropped_total"), 0.0);

@@ -53,7 +53,7 @@ pub(crate) fn render(shared: &Shared, store: &StoreHandle) -> String {
     }
     let stats = store.stats();
     histogram(&mut out, "nexus_writer_batch_size", "Messages per committed batch.", &stats.batch_size, 1.0);
-    histogram(&mut out, "nexus_writer_commit_seconds", "Time to commit one batch.", &stats.commit_us, 1e-6);
+    histogram(&mut out, "nexus_writer_commit_seconds", "Time to commit one batch.", &stats.commit_us, 1e6);
     header(
         &mut out,
         "nexus_writer_failed_batches_total",
@@ -82,14 +82,16 @@ fn sample(out: &mut String, name: &str, labels: &str, v: u64) {
     }
 }
 
-/// A cumulative histogram; `scale` converts bucket bounds and the sum to the exposed unit.
-fn histogram<const N: usize>(out: &mut String, name: &str, help: &str, h: &Histogram<N>, scale: f64) {
+/// A cumulative histogram; bucket bounds and the sum are divided by `per_unit` to get the
+/// exposed unit (dividing by a power of ten prints `0.025`, multiplying by its inverse
+/// `0.024999999999999998`).
+fn histogram<const N: usize>(out: &mut String, name: &str, help: &str, h: &Histogram<N>, per_unit: f64) {
     header(out, name, help, "histogram");
     let (buckets, count, sum) = h.cumulative();
     for (bound, c) in buckets {
-        let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {c}", bound as f64 * scale);
+        let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {c}", bound as f64 / per_unit);
     }
     let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-    let _ = writeln!(out, "{name}_sum {}", sum as f64 * scale);
+    let _ = writeln!(out, "{name}_sum {}", sum as f64 / per_unit);
     let _ = writeln!(out, "{name}_count {count}");
 }

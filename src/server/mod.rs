@@ -51,7 +51,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     // Before any thread starts: a thread that does not block SIGTERM would take the signal
     // and die by it, ending the whole process without a drain.
     block_signals();
-    let (store, reader, database) = open_storage(&config)?;
+    let Storage { lanes: store, reader, shown: database } = open_storage(&config)?;
     let nofile = sys::raise_nofile_limit();
     let workers = config.workers;
     let reserved = limits::FDS_RESERVED + limits::FDS_PER_CORE * workers as u64;
@@ -140,17 +140,24 @@ fn drain(shared: &Shared, signal: &str) {
     }
 }
 
-/// Opens the configured store (migrating it) and starts its history readers; returns them
-/// with a description for the start-up line (never a password).
-fn open_storage(config: &Config) -> Result<(Vec<Box<dyn Store>>, ReaderHandle, String), ServerError> {
+/// The opened storage: a store per writer lane, the history readers, and a description for
+/// the start-up line (never a password).
+struct Storage {
+    lanes: Vec<Box<dyn Store>>,
+    reader: ReaderHandle,
+    shown: String,
+}
+
+/// Opens the configured store (migrating it) and starts its history readers.
+fn open_storage(config: &Config) -> Result<Storage, ServerError> {
     if let Some(url) = &config.database_url {
         let target = PgTarget::parse(url.expose(), config.db_timeout)?;
         let node = format!("{}:{}", sys::hostname(), config.listen.port());
         let lanes = PgStore::open(&target, &node, config.db_timeout, config.db_writers)?;
         let reader = spawn_pg_readers(&target, config.db_readers, config.db_timeout)?;
         let shown = format!("database={} writers={} readers={}", target.shown(), config.db_writers, config.db_readers);
-        let stores = lanes.into_iter().map(|s| Box::new(s) as Box<dyn Store>).collect();
-        return Ok((stores, reader, shown));
+        let lanes = lanes.into_iter().map(|s| Box::new(s) as Box<dyn Store>).collect();
+        return Ok(Storage { lanes, reader, shown });
     }
     let sync = if config.sync_full { schema::Sync::Full } else { schema::Sync::Normal };
     let db = schema::open_writer(&config.database_path, sync, config.db_max_bytes)?;
@@ -159,7 +166,8 @@ fn open_storage(config: &Config) -> Result<(Vec<Box<dyn Store>>, ReaderHandle, S
     let (reader, _reader_thread) = spawn_reader(&config.database_path)?;
     schema::spawn_checkpointer(&config.database_path)?;
     let sync = if config.sync_full { "full" } else { "normal" };
-    Ok((vec![Box::new(store)], reader, format!("database={} sync={sync}", config.database_path.display())))
+    let shown = format!("database={} sync={sync}", config.database_path.display());
+    Ok(Storage { lanes: vec![Box::new(store)], reader, shown })
 }
 
 /// One `SO_REUSEPORT` listener per core, all on the same port (port 0 resolves once).
