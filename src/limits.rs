@@ -255,18 +255,22 @@ pub const DB_RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// See [`DB_RECONNECT_BACKOFF_MIN`].
 pub const DB_RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// How long the writer tries to learn whether a batch whose answer a lost connection hid was
-/// committed, before answering it `storage unavailable` (it keeps looking it up afterwards):
-/// short enough that senders hear back within a second when the database is gone.
-pub const DB_OUTCOME_WAIT: Duration = Duration::from_millis(500);
+/// A batch whose connection is lost is answered within this of being sent: the writer tries to
+/// learn whether it committed until then, and otherwise answers it `storage unavailable` (and
+/// keeps looking it up afterwards). Short enough that senders hear back within a second when
+/// the database is gone; long enough for a reconnect and a look-up when only the connection
+/// was.
+pub const DB_OUTCOME_WAIT: Duration = Duration::from_millis(800);
 
 /// Longest a byte sent to the database may stay unacknowledged by its host before the
 /// connection is given up (TCP user timeout). A live server's host acknowledges at once
-/// however busy the server is; silence this long means the host or the network is gone. With
-/// [`DB_OUTCOME_WAIT`] after it, a commit cut off this way is answered within a second.
-pub const DB_UNACKED_MAX: Duration = Duration::from_millis(400);
+/// however busy the server is; silence this long means the host or the network is gone. One
+/// retransmission fits in it (the minimum retransmission timeout is 200 ms). Linux notices
+/// at its next retransmission timer, measured here ~0.45 s later, so a commit cut off this
+/// way fails ~0.75 s after it was sent, inside [`DB_OUTCOME_WAIT`].
+pub const DB_UNACKED_MAX: Duration = Duration::from_millis(300);
 
-/// Pause between tries while learning a batch's outcome.
+/// Poll interval while waiting for an old backend to end or the database to come back.
 pub const DB_OUTCOME_POLL: Duration = Duration::from_millis(50);
 
 /// Batches of unknown outcome kept for a later look-up; beyond it the oldest is forgotten
@@ -283,6 +287,6 @@ pub const DB_TOKEN_PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// never holds the writer for more than a few milliseconds.
 pub const DB_TOKEN_PRUNE_ROWS: usize = 2_000;
 
-const _: () = assert!(DB_UNACKED_MAX.as_millis() + DB_OUTCOME_WAIT.as_millis() < 1_000);
+const _: () = assert!(DB_UNACKED_MAX.as_millis() < DB_OUTCOME_WAIT.as_millis() && DB_OUTCOME_WAIT.as_millis() < 1_000);
 const _: () = assert!(DB_RECONNECT_TIMEOUT.as_millis() <= DB_OUTCOME_WAIT.as_millis());
 const _: () = assert!(DB_RECONNECT_BACKOFF_MIN.as_millis() <= DB_RECONNECT_BACKOFF_MAX.as_millis());

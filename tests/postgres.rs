@@ -1,6 +1,7 @@
 //! PostgreSQL storage (`NEXUS_DATABASE_URL`), what only it has: the per-conversation `seq`,
 //! start-up refusals, and real faults — the database stopped (`pg_ctl stop -m immediate`)
-//! while idle and while commits are in flight, then started again. The behaviours both
+//! while idle and while commits are in flight, then started again; its host unreachable
+//! (packets dropped by an nftables rule); its answers lost by a proxy. The behaviours both
 //! stores share (persistence, crash, history) run against both in their own test files.
 
 mod common;
@@ -170,6 +171,79 @@ fn a_stopped_database_fails_fast_and_recovers_without_a_restart() {
     assert_eq!(bodies, ["before".to_string(), acked], "nothing refused was stored");
     let history = get_history(server.port, &bob, &conversation);
     assert_eq!(history.status, 200, "history is back");
+}
+
+/// A network partition between Nexus and PostgreSQL, made real with an nftables rule that drops
+/// every packet to the database's TCP port (no reset, no answer: the database host is
+/// unreachable rather than down). Removed when dropped.
+struct Partition {
+    table: String,
+}
+
+impl Partition {
+    fn cut(port: u16) -> Partition {
+        assert!(
+            std::process::Command::new("nft").arg("--version").output().is_ok(),
+            "this test needs nft (install Debian's nftables; tests/run.sh does)"
+        );
+        let table = format!("nexus_test_{}_{port}", std::process::id());
+        let rules = format!(
+            "add table inet {table}\n\
+             add chain inet {table} input {{ type filter hook input priority 0; }}\n\
+             add rule inet {table} input tcp dport {port} drop\n"
+        );
+        let mut nft = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("run nft");
+        nft.stdin.take().expect("stdin").write_all(rules.as_bytes()).expect("write the rules");
+        assert!(nft.wait().expect("nft").success(), "nft refused the rules (this test runs as root)");
+        Partition { table }
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft").args(["delete", "table", "inet", &self.table]).status();
+    }
+}
+
+#[test]
+fn an_unreachable_database_host_fails_fast_and_recovers_without_a_restart() {
+    let pg = Postgres::start_tcp();
+    let db = pg.create_db();
+    let name = db.split('/').nth(3).and_then(|d| d.split('?').next()).expect("database name").to_string();
+    let url = format!("postgres://nexus@127.0.0.1:{}/{name}", pg.tcp_port());
+    let server = start_server(&[("NEXUS_DATABASE_URL", url.as_str()), ("NEXUS_MSG_RATE", "0")]);
+    let topic = new_topic();
+    let (ann, bob) = (new_sub(), new_sub());
+    let mut sender = joined(server.port, &ann, &topic);
+    let mut member = joined(server.port, &bob, &topic);
+    send_all(&mut sender, "1", &topic, &["before".to_string()]);
+    member.recv_until(WAIT, |t| t.contains("before"));
+
+    let partition = Partition::cut(pg.tcp_port());
+    // The first commit's bytes go unacknowledged (the writer gives the connection up), the
+    // look-up cannot get through either: `storage unavailable`, in time, for it and the next.
+    for k in 0..3 {
+        let started = Instant::now();
+        let reply = push_reply(&mut sender, &format!("cut{k}"), &topic, &format!("while cut {k}"));
+        assert_eq!(reply, storage_unavailable(&format!("cut{k}"), &topic));
+        assert!(started.elapsed() < Duration::from_secs(1), "answered after {:?}", started.elapsed());
+    }
+    member.expect_silence(Duration::from_millis(200));
+    sender.heartbeat("still-here");
+    let started = Instant::now();
+    let history = get_history(server.port, &bob, conversation_of(&topic));
+    assert_eq!(history.status, 503, "history while the database is unreachable");
+    assert!(started.elapsed() < Duration::from_secs(2), "history answered after {:?}", started.elapsed());
+
+    drop(partition);
+    let acked = send_until_acked(&mut sender, &topic, "after");
+    member.recv_until(WAIT, |t| t.contains(&acked));
+    let bodies: Vec<String> = pg::rows(&db).into_iter().map(|r| r.body).collect();
+    assert_eq!(bodies, ["before".to_string(), acked], "nothing refused was stored");
 }
 
 #[test]

