@@ -1,9 +1,10 @@
 //! The message path's storage boundary: the writer thread that sequences every `new_msg`,
 //! stamps its id and time, commits it through a [`Store`], and hands results back to the cores.
 //!
-//! The writer is the single sequencer of messages: whatever order it commits is the order every
-//! core broadcasts, because each writer→core mailbox is FIFO. That is what gives every member of
-//! a topic one order, on every core.
+//! The writer is the single sequencer of each conversation's messages: whatever order it
+//! commits them in is the order every core broadcasts, because each writer→core mailbox is
+//! FIFO. That is what gives every member of a topic one order, on every core. (With PostgreSQL
+//! the writer runs several lanes, each owning a share of the conversations.)
 
 mod history;
 mod postgres;
