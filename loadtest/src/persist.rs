@@ -25,6 +25,10 @@ pub(crate) struct Args {
     /// topics / senders.
     #[arg(long)]
     topics: Option<usize>,
+    /// Derive the conversation ids from this seed instead of at random, so one run can fill
+    /// the very conversations a later run measures (steady state: rows and index pages exist).
+    #[arg(long)]
+    seed: Option<u64>,
     /// Messages each sender keeps in flight.
     #[arg(long, default_value_t = 8)]
     window: usize,
@@ -68,7 +72,9 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     if n_topics < args.senders || n_topics > 1_000_000 {
         return Err("--topics must be from --senders to 1000000".into());
     }
-    let topics: Vec<Uuid> = (0..n_topics).map(|_| Uuid::new_v4()).collect();
+    let topics: Vec<Uuid> = (0..n_topics as u64)
+        .map(|i| args.seed.map_or_else(Uuid::new_v4, |seed| Uuid::from_u64_pair(seed, i)))
+        .collect();
     let start = Arc::new(Barrier::new(args.senders + 1));
     let mut handles = Vec::new();
     for share in deal(&topics, args.senders) {
