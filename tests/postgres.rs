@@ -456,6 +456,13 @@ fn a_commit_whose_answer_was_lost_is_broadcast_late_once_the_database_answers_ag
     let next = parse_live(&member.recv_until(WAIT, is_new_msg), &topic);
     assert_eq!(next.text, after);
     assert!(late.id < next.id && late.inserted_at < next.inserted_at);
+    // Restamped from the batch's token row: the id and time it was stored with.
+    let rows = pg::rows(&db);
+    let stored = rows.iter().find(|r| r.body == "answer lost").expect("stored");
+    assert_eq!(
+        (late.id.as_str(), late.inserted_at.clone()),
+        (stored.id.as_str(), format_micros(stored.inserted_at_us))
+    );
     assert_eq!(bodies(&db), ["before".to_string(), "answer lost".to_string(), after], "each once, in order");
     sender.heartbeat("no stray replies");
 }
