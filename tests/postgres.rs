@@ -127,7 +127,7 @@ fn a_newer_schema_is_refused_and_migrations_run_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1]);
+    assert_eq!(versions, [1, 2]);
     db.execute("INSERT INTO nexus_schema (version) VALUES (99)", &[]).expect("bump");
     let mut cmd = nexus_command();
     cmd.env("JWT_SECRET", SECRET).env("PORT", "0").env("NEXUS_DATABASE_URL", &url);

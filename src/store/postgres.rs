@@ -25,7 +25,7 @@ use super::{Committed, Message, Store, StoreError};
 use crate::limits;
 
 /// Schema version this build writes; a newer database is refused.
-pub const PG_SCHEMA_VERSION: i32 = 1;
+pub const PG_SCHEMA_VERSION: i32 = 2;
 
 /// Advisory lock key held while migrating, so nodes starting together migrate once.
 const MIGRATION_LOCK: i64 = 0x6e65_7875_735f_7067; // "nexus_pg"
@@ -50,6 +50,9 @@ const MIGRATIONS: &[&str] = &[
         first_at bigint[] NOT NULL,
         counts bigint[] NOT NULL);
      CREATE INDEX nexus_batches_at ON nexus_batches (at);",
+    // 2: a lost batch's rows are found by their ids' random bits, so the token row no longer
+    // lists its conversations (those arrays were most of its cost on wide batches).
+    "ALTER TABLE nexus_batches DROP COLUMN convs, DROP COLUMN first_at, DROP COLUMN counts;",
 ];
 
 const _: () = assert!(MIGRATIONS.len() == PG_SCHEMA_VERSION as usize);
@@ -69,11 +72,9 @@ const _: () = assert!(MIGRATIONS.len() == PG_SCHEMA_VERSION as usize);
 /// the database clock, above its last one. The id is the UUIDv7 of `inserted_at` (48-bit ms,
 /// version 7, the µs within the ms in the 12 `rand_a` bits, then the given bits, variant
 /// included), built inline (a SQL function per row with `gen_random_uuid` cost 10 ms per 1,024
-/// rows); [`v7_of`] is the same function in Rust. The token row records, per conversation,
-/// the first `inserted_at` and the count, so a writer that lost the answer can learn whether
-/// the batch committed and read its stamps (`$7`/`$8` as given, and `up`'s instants zipped
-/// with them in id order: `up` has exactly one row per conversation, and a join cost ~1.5 ms
-/// per 1,000 conversations). Returns each conversation's new last
+/// rows); [`v7_of`] is the same function in Rust. The token row records that the batch
+/// committed, and when, so a writer that lost the answer can learn whether it did and find its
+/// rows by their ids' random bits ([`BATCH_ROWS`]). Returns each conversation's new last
 /// `inserted_at`, from which the writer derives every message's stamp and id (one row per
 /// conversation rather than per message: encoding, sending and parsing a row per message was
 /// a visible part of both the backend's and the writer's work).
@@ -92,21 +93,18 @@ ins AS (INSERT INTO messages
     FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[])
          AS b(conv, sender, body, tail, k, n)
     JOIN up ON up.id = b.conv),
-tok AS (INSERT INTO nexus_batches (token, node, convs, first_at, counts)
-    SELECT $9, $10, $7, (SELECT array_agg(l.at - l.n + 1 ORDER BY l.i)
-                         FROM unnest(ARRAY(SELECT last_at FROM up ORDER BY id), $8::bigint[])
-                              WITH ORDINALITY AS l(at, n, i)), $8)
+tok AS (INSERT INTO nexus_batches (token, node) VALUES ($9, $10))
 SELECT id, last_at FROM up";
 
-/// The stamps of a batch whose token was found: every row it wrote, by conversation and time.
+/// The stamps of a batch whose token was found: the rows of its conversations (`$2`) stored
+/// since its transaction began whose ids end in one of its random tails (`$3`, 8 bytes each).
 const BATCH_ROWS: &str = "
 SELECT m.conversation_id, m.id, m.inserted_at
-FROM nexus_batches b, unnest(b.convs, b.first_at, b.counts) AS u(conv, first_at, n),
+FROM nexus_batches b, unnest($2::uuid[]) AS c(conv),
   LATERAL (SELECT conversation_id, id, inserted_at FROM messages
-           WHERE conversation_id = u.conv AND inserted_at >= u.first_at
-           ORDER BY inserted_at LIMIT u.n) m
-WHERE b.token = $1
-ORDER BY m.conversation_id, m.inserted_at";
+           WHERE conversation_id = c.conv AND inserted_at >= (extract(epoch FROM b.at) * 1e6)::bigint - 1000
+             AND substring(uuid_send(id) FROM 9) = ANY($3::bytea[])) m
+WHERE b.token = $1";
 
 /// One history page, newest first: messages of a conversation with an id below `$3`
 /// (`$2` bounds `inserted_at` from that id, so the primary key serves the scan).
@@ -228,7 +226,7 @@ struct Unresolved {
 
 /// What looking a batch token up found.
 enum Outcome {
-    /// Committed: the rows' stamps, by conversation then time.
+    /// Committed: its rows' `(conversation, id, inserted_at)`.
     Committed(Vec<(Uuid, Uuid, i64)>),
     /// Not committed, and it never will be (its backend is gone).
     Absent,
@@ -332,7 +330,7 @@ impl PgStore {
             // Each attempt ends by the deadline, so the batch is answered in time either way.
             let remaining = deadline.saturating_duration_since(Instant::now()).max(limits::DB_OUTCOME_POLL);
             if let Some(live) = self.live_within(remaining) {
-                match lookup(&mut live.client, token, backend_pid, deadline) {
+                match lookup(&mut live.client, token, backend_pid, batch, deadline) {
                     Ok(Outcome::Committed(rows)) => return restamp(batch, &rows),
                     Ok(Outcome::Absent) => return Err(StoreError::NotCommitted),
                     Ok(Outcome::Running) => break,
@@ -360,7 +358,8 @@ impl PgStore {
         let Some(live) = self.live.as_mut() else { return };
         let mut keep = Vec::new();
         for mut u in std::mem::take(&mut self.unresolved) {
-            match lookup(&mut live.client, u.token, u.backend_pid, Instant::now() + limits::DB_OUTCOME_WAIT) {
+            let deadline = Instant::now() + limits::DB_OUTCOME_WAIT;
+            match lookup(&mut live.client, u.token, u.backend_pid, &u.batch, deadline) {
                 Ok(Outcome::Committed(rows)) => {
                     if restamp(&mut u.batch, &rows).is_ok() {
                         tracing::warn!(token = %u.token, rows = u.batch.len(), "a batch answered 'storage unavailable' had committed: broadcasting it late");
@@ -399,7 +398,7 @@ struct AppendParams<'a> {
 }
 
 impl<'a> AppendParams<'a> {
-    fn of(batch: &'a [Committed], rng: &mut u64) -> AppendParams<'a> {
+    fn of(batch: &'a [Committed]) -> AppendParams<'a> {
         let mut order: Vec<usize> = (0..batch.len()).collect();
         order.sort_by_key(|&i| batch[i].message.conversation); // stable: batch order within one
         let (mut ids, mut totals) = (Vec::new(), Vec::new());
@@ -419,7 +418,7 @@ impl<'a> AppendParams<'a> {
             convs: order.iter().map(|&i| batch[i].message.conversation).collect(),
             senders: order.iter().map(|&i| batch[i].message.sender).collect(),
             bodies: order.iter().map(|&i| batch[i].message.body.as_str()).collect(),
-            tails: order.iter().map(|_| id_tail(rng)).collect(),
+            tails: order.iter().map(|&i| batch[i].message.id.as_u64_pair().1 as i64).collect(),
             counts: order.iter().map(|&i| total(&batch[i].message.conversation)).collect(),
             positions,
             ids,
@@ -469,9 +468,16 @@ fn v7_of(at: i64, tail: i64) -> Uuid {
     Uuid::from_u64_pair(hi as u64, tail as u64)
 }
 
-/// Whether batch `token` committed. A backend that may still be running the batch is ended
-/// first, so "absent" is final; one that has not ended by `deadline` leaves it undecided.
-fn lookup(client: &mut Client, token: Uuid, backend_pid: i32, deadline: Instant) -> Result<Outcome, postgres::Error> {
+/// Whether batch `token` (holding `batch`, with the ids it was sent with) committed. A backend
+/// that may still be running the batch is ended first, so "absent" is final; one that has not
+/// ended by `deadline` leaves it undecided.
+fn lookup(
+    client: &mut Client,
+    token: Uuid,
+    backend_pid: i32,
+    batch: &[Committed],
+    deadline: Instant,
+) -> Result<Outcome, postgres::Error> {
     client.execute("SELECT pg_terminate_backend($1) FROM pg_stat_activity WHERE pid = $1", &[&backend_pid])?;
     while client.query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&backend_pid])?.is_some() {
         if Instant::now() >= deadline {
@@ -479,7 +485,11 @@ fn lookup(client: &mut Client, token: Uuid, backend_pid: i32, deadline: Instant)
         }
         std::thread::sleep(limits::DB_OUTCOME_POLL);
     }
-    let rows = client.query(BATCH_ROWS, &[&token])?;
+    let mut convs: Vec<Uuid> = batch.iter().map(|c| c.message.conversation).collect();
+    convs.sort_unstable();
+    convs.dedup();
+    let tails: Vec<Vec<u8>> = batch.iter().map(|c| c.message.id.as_bytes()[8..].to_vec()).collect();
+    let rows = client.query(BATCH_ROWS, &[&token, &convs, &tails])?;
     if rows.is_empty() {
         let recorded = client.query_opt("SELECT 1 FROM nexus_batches WHERE token = $1", &[&token])?;
         if recorded.is_none() {
@@ -489,21 +499,17 @@ fn lookup(client: &mut Client, token: Uuid, backend_pid: i32, deadline: Instant)
     Ok(Outcome::Committed(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()))
 }
 
-/// Copies the stamps of a committed batch (rows by conversation, then time) onto its messages
-/// (in batch order: each conversation's messages got its rows in that order).
+/// Copies the stamps of a committed batch onto its messages: each message's row is the one
+/// whose id ends in the same random bits as the id it was sent with.
 fn restamp(batch: &mut [Committed], rows: &[(Uuid, Uuid, i64)]) -> Result<(), StoreError> {
-    let mut next: std::collections::HashMap<Uuid, usize> = std::collections::HashMap::new();
+    let by_tail: std::collections::HashMap<u64, (Uuid, i64)> =
+        rows.iter().map(|&(_, id, at)| (id.as_u64_pair().1, (id, at))).collect();
     for c in batch.iter_mut() {
-        let conv = c.message.conversation;
-        let start = rows.partition_point(|r| r.0 < conv);
-        let i = next.entry(conv).or_insert(start);
-        let Some(&(row_conv, id, at)) = rows.get(*i).filter(|r| r.0 == conv) else {
+        let Some(&(id, at)) = by_tail.get(&c.message.id.as_u64_pair().1) else {
             return Err(StoreError::Inconsistent("a committed batch has fewer rows than messages"));
         };
-        debug_assert_eq!(row_conv, conv);
         c.message.id = id;
         c.message.inserted_at_us = at;
-        *i += 1;
     }
     Ok(())
 }
@@ -516,7 +522,12 @@ impl Store for PgStore {
         if self.live().is_none() {
             return Err(StoreError::Unavailable);
         }
-        let p = AppendParams::of(batch, &mut self.rng);
+        // Each message is sent with the random low bits of its final id; they find its row if
+        // the answer is lost.
+        for c in batch.iter_mut() {
+            c.message.id = v7_of(c.message.inserted_at_us, id_tail(&mut self.rng));
+        }
+        let p = AppendParams::of(batch);
         let live = self.live.as_mut().expect("connected just above");
         let backend_pid = live.backend_pid;
         let params: [&(dyn postgres::types::ToSql + Sync); 10] =
@@ -641,8 +652,9 @@ mod tests {
     use super::*;
 
     fn message(conversation: Uuid, body: &str) -> Committed {
-        let message =
-            Message { id: Uuid::nil(), conversation, sender: Uuid::nil(), body: body.into(), inserted_at_us: 0 };
+        // As `commit` sends it: the id carries its random tail.
+        let id = v7_of(1, id_tail(&mut 7));
+        let message = Message { id, conversation, sender: Uuid::nil(), body: body.into(), inserted_at_us: 1 };
         Committed { message, origin: Some(Origin { core: 0, ticket: 0 }) }
     }
 
@@ -650,7 +662,7 @@ mod tests {
     fn messages_go_grouped_by_conversation_and_get_stamps_back_in_batch_order() {
         let (a, b) = (Uuid::from_u128(2), Uuid::from_u128(1));
         let batch = [message(a, "a1"), message(b, "b1"), message(a, "a2"), message(a, "a3"), message(b, "b2")];
-        let p = AppendParams::of(&batch, &mut 7);
+        let p = AppendParams::of(&batch);
         assert_eq!(p.bodies, ["b1", "b2", "a1", "a2", "a3"]);
         assert_eq!(p.positions, [1, 2, 1, 2, 3]);
         assert_eq!(p.counts, [2, 2, 3, 3, 3]);
