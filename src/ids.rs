@@ -35,6 +35,16 @@ pub fn splitmix64(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The UUIDv7 of instant `at_us` (µs since the epoch): the 48-bit millisecond, version 7, the
+/// µs within the millisecond in the 12 `rand_a` bits (so ids order exactly like their
+/// instants), then `tail` as the low 64 bits with its top two replaced by the RFC 4122 variant
+/// (so an id's own low bits give it back unchanged).
+/// The writer stamps with it, and PostgreSQL's append builds the same layout in SQL.
+pub fn v7(at_us: i64, tail: u64) -> Uuid {
+    let hi = ((at_us / 1_000) << 16) as u64 | 0x7000 | (at_us % 1_000) as u64;
+    Uuid::from_u64_pair(hi, tail & !(0b11 << 62) | 1 << 63)
+}
+
 /// Microseconds since the Unix epoch, from the system clock.
 pub fn now_micros() -> i64 {
     chrono::Utc::now().timestamp_micros()
@@ -60,5 +70,16 @@ mod tests {
         assert_eq!(format_micros(0), "1970-01-01T00:00:00.000000Z");
         assert_eq!(format_micros(1_768_161_950_000_000), "2026-01-11T20:05:50.000000Z");
         assert_eq!(format_micros(1_768_161_950_000_001), "2026-01-11T20:05:50.000001Z");
+    }
+
+    #[test]
+    fn v7_layout() {
+        let id = v7(1_768_161_950_055_142, u64::MAX);
+        assert_eq!(id.get_version_num(), 7);
+        assert_eq!(id.as_u64_pair().0 >> 16, 1_768_161_950_055, "milliseconds");
+        assert_eq!(id.as_u64_pair().0 & 0xfff, 142, "µs within the millisecond");
+        assert_eq!(id.as_u64_pair().1 >> 62, 0b10, "RFC 4122 variant");
+        assert_eq!(v7(5, id.as_u64_pair().1).as_u64_pair().1, id.as_u64_pair().1, "its own tail comes back");
+        assert!(v7(1_000, 0) > v7(999, u64::MAX), "ordered by instant first");
     }
 }

@@ -53,6 +53,13 @@ fn send_until_acked(c: &mut Client, topic: &str, prefix: &str) -> String {
     unreachable!("the loop returns or fails")
 }
 
+/// The URL of the database `db_url` names, over TCP to 127.0.0.1:`port` (the test server's
+/// TCP port, or a proxy in front of it).
+fn tcp_url(db_url: &str, port: u16) -> String {
+    let name = db_url.split('/').nth(3).and_then(|d| d.split('?').next()).expect("database name");
+    format!("postgres://nexus@127.0.0.1:{port}/{name}")
+}
+
 #[test]
 fn every_conversation_gets_a_dense_seq_in_broadcast_order() {
     let server = start_server_on(Backend::Postgres, &[("NEXUS_MSG_RATE", "0")]);
@@ -213,8 +220,7 @@ impl Drop for Partition {
 fn an_unreachable_database_host_fails_fast_and_recovers_without_a_restart() {
     let pg = Postgres::start_tcp();
     let db = pg.create_db();
-    let name = db.split('/').nth(3).and_then(|d| d.split('?').next()).expect("database name").to_string();
-    let url = format!("postgres://nexus@127.0.0.1:{}/{name}", pg.tcp_port());
+    let url = tcp_url(&db, pg.tcp_port());
     let server = start_server(&[("NEXUS_DATABASE_URL", url.as_str()), ("NEXUS_MSG_RATE", "0")]);
     let topic = new_topic();
     let (ann, bob) = (new_sub(), new_sub());
@@ -426,9 +432,8 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, cut: Option<Arc<AtomicBool>>) {
 fn a_commit_whose_answer_was_lost_is_broadcast_late_once_the_database_answers_again() {
     let pg = Postgres::start_tcp();
     let db = pg.create_db();
-    let name = db.split('/').nth(3).and_then(|d| d.split('?').next()).expect("database name").to_string();
     let proxy = CuttableProxy::start(pg.tcp_port());
-    let url = format!("postgres://nexus@127.0.0.1:{}/{name}", proxy.port);
+    let url = tcp_url(&db, proxy.port);
     let server = start_server(&[("NEXUS_DATABASE_URL", url.as_str()), ("NEXUS_MSG_RATE", "0")]);
     let topic = new_topic();
     let mut sender = joined(server.port, &new_sub(), &topic);

@@ -72,7 +72,8 @@ const _: () = assert!(MIGRATIONS.len() == PG_SCHEMA_VERSION as usize);
 /// the database clock, above its last one. The id is the UUIDv7 of `inserted_at` (48-bit ms,
 /// version 7, the µs within the ms in the 12 `rand_a` bits, then the given bits, variant
 /// included), built inline (a SQL function per row with `gen_random_uuid` cost 10 ms per 1,024
-/// rows); [`v7_of`] is the same function in Rust. The token row records that the batch
+/// rows); [`crate::ids::v7`] is the same function in Rust, and `$4` are the low bits of the ids
+/// the writer stamped. The token row records that the batch
 /// committed, and when, so a writer that lost the answer can learn whether it did and find its
 /// rows by their ids' random bits ([`BATCH_ROWS`]). Returns each conversation's new last
 /// `inserted_at`, from which the writer derives every message's stamp and id (one row per
@@ -250,8 +251,6 @@ pub struct PgStore {
     /// Only lane 0 prunes the batch tokens.
     prunes: bool,
     pruned_at: Instant,
-    /// State of [`crate::ids::splitmix64`] for the ids' random bits.
-    rng: u64,
 }
 
 impl PgStore {
@@ -274,7 +273,6 @@ impl PgStore {
                     late: Vec::new(),
                     prunes: lane == 0,
                     pruned_at: Instant::now(),
-                    rng: Uuid::new_v4().as_u64_pair().0,
                 })
             })
             .collect()
@@ -395,6 +393,8 @@ struct AppendParams<'a> {
     totals: Vec<i64>,
     /// Batch index of each array element.
     order: Vec<usize>,
+    /// Index in `ids` of each array element's conversation.
+    group: Vec<usize>,
 }
 
 impl<'a> AppendParams<'a> {
@@ -402,7 +402,7 @@ impl<'a> AppendParams<'a> {
         let mut order: Vec<usize> = (0..batch.len()).collect();
         order.sort_by_key(|&i| batch[i].message.conversation); // stable: batch order within one
         let (mut ids, mut totals) = (Vec::new(), Vec::new());
-        let mut positions = Vec::with_capacity(batch.len());
+        let (mut positions, mut group) = (Vec::with_capacity(batch.len()), Vec::with_capacity(batch.len()));
         for &i in &order {
             let conv = batch[i].message.conversation;
             if ids.last() != Some(&conv) {
@@ -412,18 +412,19 @@ impl<'a> AppendParams<'a> {
             let n = totals.last_mut().expect("pushed above");
             *n += 1;
             positions.push(*n);
+            group.push(ids.len() - 1);
         }
-        let total = |conv: &Uuid| ids.binary_search(conv).map_or(0, |j| totals[j]);
         AppendParams {
             convs: order.iter().map(|&i| batch[i].message.conversation).collect(),
             senders: order.iter().map(|&i| batch[i].message.sender).collect(),
             bodies: order.iter().map(|&i| batch[i].message.body.as_str()).collect(),
             tails: order.iter().map(|&i| batch[i].message.id.as_u64_pair().1 as i64).collect(),
-            counts: order.iter().map(|&i| total(&batch[i].message.conversation)).collect(),
+            counts: group.iter().map(|&j| totals[j]).collect(),
             positions,
             ids,
             totals,
             order,
+            group,
         }
     }
 
@@ -443,29 +444,15 @@ impl<'a> AppendParams<'a> {
 
     /// [`AppendParams::stamps`] from each conversation's new last `inserted_at` (by `ids`).
     fn stamps_after(&self, last: &[Option<i64>]) -> Result<Vec<(usize, i64, Uuid)>, StoreError> {
-        let mut j = 0;
-        let mut out = Vec::with_capacity(self.order.len());
-        for (e, &i) in self.order.iter().enumerate() {
-            while self.ids[j] != self.convs[e] {
-                j += 1;
-            }
-            let last = last[j].ok_or(StoreError::Inconsistent("the append did not answer for a conversation"))?;
-            let at = last - self.counts[e] + self.positions[e];
-            out.push((i, at, v7_of(at, self.tails[e])));
-        }
-        Ok(out)
+        (0..self.order.len())
+            .map(|e| {
+                let last = last[self.group[e]]
+                    .ok_or(StoreError::Inconsistent("the append did not answer for a conversation"))?;
+                let at = last - self.counts[e] + self.positions[e];
+                Ok((self.order[e], at, crate::ids::v7(at, self.tails[e] as u64)))
+            })
+            .collect()
     }
-}
-
-/// The low 64 bits of a UUIDv7: random, with the RFC 4122 variant (`10`) on top.
-fn id_tail(rng: &mut u64) -> i64 {
-    (crate::ids::splitmix64(rng) >> 2 | 1 << 63) as i64
-}
-
-/// The id [`APPEND`] stores for a message stamped `at` (µs) with random bits `tail`.
-fn v7_of(at: i64, tail: i64) -> Uuid {
-    let hi = ((at / 1_000) << 16) | 0x7000 | (at % 1_000);
-    Uuid::from_u64_pair(hi as u64, tail as u64)
 }
 
 /// Whether batch `token` (holding `batch`, with the ids it was sent with) committed. A backend
@@ -522,11 +509,8 @@ impl Store for PgStore {
         if self.live().is_none() {
             return Err(StoreError::Unavailable);
         }
-        // Each message is sent with the random low bits of its final id; they find its row if
-        // the answer is lost.
-        for c in batch.iter_mut() {
-            c.message.id = v7_of(c.message.inserted_at_us, id_tail(&mut self.rng));
-        }
+        // Each message keeps the random low bits of the id the writer stamped; they find its row
+        // if the answer is lost.
         let p = AppendParams::of(batch);
         let live = self.live.as_mut().expect("connected just above");
         let backend_pid = live.backend_pid;
@@ -652,8 +636,8 @@ mod tests {
     use super::*;
 
     fn message(conversation: Uuid, body: &str) -> Committed {
-        // As `commit` sends it: the id carries its random tail.
-        let id = v7_of(1, id_tail(&mut 7));
+        // As the writer stamps it: the id carries its random tail.
+        let id = crate::ids::v7(1, crate::ids::splitmix64(&mut 7));
         let message = Message { id, conversation, sender: Uuid::nil(), body: body.into(), inserted_at_us: 1 };
         Committed { message, origin: Some(Origin { core: 0, ticket: 0 }) }
     }

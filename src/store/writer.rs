@@ -53,10 +53,13 @@ pub struct WriterStopper {
 }
 
 impl WriterStopper {
-    /// Queues the stop behind every accepted request and waits for every lane to finish.
+    /// Queues the stop behind every accepted request and waits for every lane to finish (a
+    /// lane that already ended refuses the stop and joins at once).
     pub fn stop(self) {
-        let sent: Vec<_> = self.lanes.into_iter().filter(|(tx, _)| tx.send(Request::Stop).is_ok()).collect();
-        for (_, join) in sent {
+        for (tx, _) in &self.lanes {
+            let _ = tx.send(Request::Stop);
+        }
+        for (_, join) in self.lanes {
             let _ = join.join();
         }
     }
@@ -100,7 +103,7 @@ pub fn spawn_writer(
         let (tx, rx) = crossbeam_channel::bounded(queue.max(1));
         let (sink, recorder) = (sink.clone(), stats.clone());
         let name = if single { "writer".to_string() } else { format!("writer-{i}") };
-        let join = std::thread::Builder::new().name(name).spawn(move || run(store, &*sink, rx, &recorder))?;
+        let join = std::thread::Builder::new().name(name).spawn(move || run(store, &sink, rx, &recorder))?;
         lanes.push((tx, join));
     }
     let handle = StoreHandle { lanes: lanes.iter().map(|(tx, _)| tx.clone()).collect(), stats };
@@ -122,22 +125,11 @@ impl Stamper {
     fn stamp(&mut self) -> (Uuid, i64) {
         let us = ids::now_micros().max(self.last_us + 1);
         self.last_us = us;
-        let sub_ms = (us % 1_000) as u16; // < 1000 fits rand_a's 12 bits
-        let random = ids::splitmix64(&mut self.rng).to_le_bytes();
-        let mut bytes = [0u8; 10];
-        bytes[2..].copy_from_slice(&random);
-        bytes[0] = (sub_ms >> 8) as u8; // the builder overwrites the high nibble with the version
-        bytes[1] = sub_ms as u8;
-        (uuid::Builder::from_unix_timestamp_millis((us / 1_000) as u64, &bytes).into_uuid(), us)
+        (ids::v7(us, ids::splitmix64(&mut self.rng)), us)
     }
 }
 
-fn run(
-    mut store: Box<dyn Store>,
-    sink: &(dyn Fn(Arc<CommitBatch>) + Send + Sync),
-    rx: Receiver<Request>,
-    stats: &WriterStats,
-) {
+fn run(mut store: Box<dyn Store>, sink: &BatchSink, rx: Receiver<Request>, stats: &WriterStats) {
     let probe = rx.clone();
     store.set_waiting_probe(Box::new(move || !probe.is_empty()));
     let mut stamper = Stamper { last_us: store.last_inserted_at_us(), rng: Uuid::new_v4().as_u64_pair().0 };
@@ -191,7 +183,7 @@ fn stamped(stamper: &mut Stamper, req: InsertRequest) -> Committed {
 
 /// Broadcasts what the store found committed after answering it as failed (no acks: the
 /// senders were answered).
-fn send_late(store: &mut dyn Store, sink: &(dyn Fn(Arc<CommitBatch>) + Send + Sync)) {
+fn send_late(store: &mut dyn Store, sink: &BatchSink) {
     let late = store.take_late();
     if !late.is_empty() {
         sink(Arc::new(CommitBatch { messages: late, failure: None }));

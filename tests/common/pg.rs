@@ -82,7 +82,7 @@ impl Postgres {
         Postgres::start_on(false)
     }
 
-    /// A new, private server that also listens on 127.0.0.1 ([`Postgres::tcp_url`]).
+    /// A new, private server that also listens on 127.0.0.1 ([`Postgres::tcp_port`]).
     pub fn start_tcp() -> Postgres {
         Postgres::start_on(true)
     }
