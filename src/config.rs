@@ -106,6 +106,10 @@ pub struct ServerArgs {
     /// PostgreSQL writer lanes (one connection each); each conversation is written by one.
     #[arg(long, env = "NEXUS_DB_WRITERS", default_value_t = limits::DB_WRITERS_DEFAULT)]
     pub db_writers: usize,
+    /// PostgreSQL: least milliseconds between the starts of a writer lane's commits under a
+    /// steady load (fewer, larger commits; an ack waits at most this much more); 0 = none.
+    #[arg(long, env = "NEXUS_DB_COMMIT_GAP_MS", default_value_t = limits::DB_COMMIT_GAP_MS_DEFAULT)]
+    pub db_commit_gap_ms: u64,
     /// Commit durability: `normal` survives a process crash, `full` also power loss.
     #[arg(long, env = "NEXUS_SYNC", default_value = "normal", value_parser = ["normal", "full"])]
     pub sync: String,
@@ -158,6 +162,8 @@ pub struct Config {
     pub db_timeout: Duration,
     pub db_readers: usize,
     pub db_writers: usize,
+    /// `NEXUS_DB_COMMIT_GAP_MS`.
+    pub db_commit_gap: Duration,
     /// `NEXUS_SYNC=full`.
     pub sync_full: bool,
     pub db_max_bytes: Option<u64>,
@@ -206,6 +212,10 @@ impl Config {
         if args.db_writers == 0 || args.db_writers > limits::DB_WRITERS_MAX {
             return Err(invalid("NEXUS_DB_WRITERS", &format!("must be from 1 to {}", limits::DB_WRITERS_MAX)));
         }
+        if args.db_commit_gap_ms > limits::DB_COMMIT_GAP_MS_MAX {
+            let why = format!("must be at most {}", limits::DB_COMMIT_GAP_MS_MAX);
+            return Err(invalid("NEXUS_DB_COMMIT_GAP_MS", &why));
+        }
         if args.db_timeout.0 < Duration::from_millis(100) {
             return Err(invalid("NEXUS_DB_TIMEOUT", "must be at least 100ms"));
         }
@@ -237,6 +247,7 @@ impl Config {
             db_timeout: args.db_timeout.0,
             db_readers: args.db_readers,
             db_writers: args.db_writers,
+            db_commit_gap: Duration::from_millis(args.db_commit_gap_ms),
             sync_full: args.sync == "full",
             db_max_bytes: args.db_max_bytes,
             writer_queue: args.writer_queue,
@@ -351,6 +362,7 @@ mod tests {
             ("db_timeout", "5"),
             ("db_readers", "2"),
             ("db_writers", "2"),
+            ("db_commit_gap_ms", "3"),
         ];
         for (id, value) in expected {
             assert_eq!(default_of(id), value, "default of {id}");

@@ -51,7 +51,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     // Before any thread starts: a thread that does not block SIGTERM would take the signal
     // and die by it, ending the whole process without a drain.
     block_signals();
-    let Storage { lanes: store, reader, shown: database } = open_storage(&config)?;
+    let Storage { lanes: store, commit_gap, reader, shown: database } = open_storage(&config)?;
     let nofile = sys::raise_nofile_limit();
     let workers = config.workers;
     let reserved = limits::FDS_RESERVED + limits::FDS_PER_CORE * workers as u64;
@@ -89,7 +89,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             mailbox.push_blocking(CoreMsg::Committed(Arc::clone(&batch)));
         }
     });
-    let (store, writer) = spawn_writer(store, sink, shared.config.writer_queue)?;
+    let (store, writer) = spawn_writer(store, sink, shared.config.writer_queue, commit_gap)?;
     let uring = monoio::utils::detect_uring();
     for (id, (listener, wake)) in listeners.into_iter().zip(wakes).enumerate() {
         spawn_core(id, shared.clone(), store.clone(), listener, wake)?;
@@ -144,6 +144,8 @@ fn drain(shared: &Shared, signal: &str) {
 /// the start-up line (never a password).
 struct Storage {
     lanes: Vec<Box<dyn Store>>,
+    /// Least time between a lane's commit starts under a steady load (PostgreSQL only).
+    commit_gap: Duration,
     reader: ReaderHandle,
     shown: String,
 }
@@ -155,9 +157,15 @@ fn open_storage(config: &Config) -> Result<Storage, ServerError> {
         let node = format!("{}:{}", sys::hostname(), config.listen.port());
         let lanes = PgStore::open(&target, &node, config.db_timeout, config.db_writers)?;
         let reader = spawn_pg_readers(&target, config.db_readers, config.db_timeout)?;
-        let shown = format!("database={} writers={} readers={}", target.shown(), config.db_writers, config.db_readers);
+        let shown = format!(
+            "database={} writers={} readers={} commit_gap={:?}",
+            target.shown(),
+            config.db_writers,
+            config.db_readers,
+            config.db_commit_gap
+        );
         let lanes = lanes.into_iter().map(|s| Box::new(s) as Box<dyn Store>).collect();
-        return Ok(Storage { lanes, reader, shown });
+        return Ok(Storage { lanes, commit_gap: config.db_commit_gap, reader, shown });
     }
     let sync = if config.sync_full { schema::Sync::Full } else { schema::Sync::Normal };
     let db = schema::open_writer(&config.database_path, sync, config.db_max_bytes)?;
@@ -167,7 +175,7 @@ fn open_storage(config: &Config) -> Result<Storage, ServerError> {
     schema::spawn_checkpointer(&config.database_path)?;
     let sync = if config.sync_full { "full" } else { "normal" };
     let shown = format!("database={} sync={sync}", config.database_path.display());
-    Ok(Storage { lanes: vec![Box::new(store)], reader, shown })
+    Ok(Storage { lanes: vec![Box::new(store)], commit_gap: Duration::ZERO, reader, shown })
 }
 
 /// One `SO_REUSEPORT` listener per core, all on the same port (port 0 resolves once).

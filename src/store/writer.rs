@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 use uuid::Uuid;
@@ -90,11 +90,13 @@ impl StoreHandle {
 /// Starts the writer: one lane (thread and queue) per store. It runs until stopped through the
 /// [`WriterStopper`] (or every handle is dropped), committing everything it accepted first.
 /// `queue` bounds the requests waiting for each lane (the wait it bounds is the lane's own);
-/// a full queue answers `server busy`.
+/// a full queue answers `server busy`. Under a steady load a lane starts its commits at least
+/// `gap` apart, gathering what arrives meanwhile into the batch (see [`run`]).
 pub fn spawn_writer(
     stores: Vec<Box<dyn Store>>,
     sink: BatchSink,
     queue: usize,
+    gap: Duration,
 ) -> std::io::Result<(StoreHandle, WriterStopper)> {
     let stats = Arc::new(WriterStats::default());
     let single = stores.len() == 1;
@@ -103,7 +105,7 @@ pub fn spawn_writer(
         let (tx, rx) = crossbeam_channel::bounded(queue.max(1));
         let (sink, recorder) = (sink.clone(), stats.clone());
         let name = if single { "writer".to_string() } else { format!("writer-{i}") };
-        let join = std::thread::Builder::new().name(name).spawn(move || run(store, &sink, rx, &recorder))?;
+        let join = std::thread::Builder::new().name(name).spawn(move || run(store, &sink, rx, &recorder, gap))?;
         lanes.push((tx, join));
     }
     let handle = StoreHandle { lanes: lanes.iter().map(|(tx, _)| tx.clone()).collect(), stats };
@@ -129,10 +131,18 @@ impl Stamper {
     }
 }
 
-fn run(mut store: Box<dyn Store>, sink: &BatchSink, rx: Receiver<Request>, stats: &WriterStats) {
+/// One lane. A commit has a fixed cost (a round trip, a statement, an fsync, and a hand-off
+/// to every core) whatever its size, so a lane that committed as soon as anything was queued
+/// would, at a moderate steady rate, commit a few messages at a time as fast as it could and
+/// spend about as much CPU as at its maximum rate. With a `gap`, a request that arrives
+/// within `gap` of the previous commit's start waits for the rest of the gap, joined by what
+/// arrives meanwhile; an idle lane (gap long passed) or a saturated one (commits longer than
+/// the gap) commits at once, so the gap adds at most `gap` to an ack.
+fn run(mut store: Box<dyn Store>, sink: &BatchSink, rx: Receiver<Request>, stats: &WriterStats, gap: Duration) {
     let probe = rx.clone();
     store.set_waiting_probe(Box::new(move || !probe.is_empty()));
     let mut stamper = Stamper { last_us: store.last_inserted_at_us(), rng: Uuid::new_v4().as_u64_pair().0 };
+    let mut last_start = Instant::now().checked_sub(gap).unwrap_or_else(Instant::now);
     let mut stopping = false;
     while !stopping {
         let first = match rx.recv_timeout(limits::WRITER_IDLE) {
@@ -147,17 +157,24 @@ fn run(mut store: Box<dyn Store>, sink: &BatchSink, rx: Receiver<Request>, stats
         };
         let mut batch = Vec::with_capacity(64);
         batch.push(stamped(&mut stamper, first));
+        let due = last_start + gap;
         while batch.len() < limits::WRITER_BATCH_MAX {
-            match rx.try_recv() {
+            let next = if Instant::now() < due {
+                rx.recv_deadline(due).map_err(|e| e == RecvTimeoutError::Disconnected)
+            } else {
+                rx.try_recv().map_err(|e| e == TryRecvError::Disconnected)
+            };
+            match next {
                 Ok(Request::Insert(req)) => batch.push(stamped(&mut stamper, req)),
                 Ok(Request::Stop) => {
                     stopping = true;
                     break;
                 }
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                Err(_) => break,
             }
         }
         let started = Instant::now();
+        last_start = started;
         let committed = store.commit(&mut batch);
         stats.record(batch.len(), started.elapsed(), committed.is_ok());
         let failure = match committed {
@@ -203,7 +220,26 @@ mod tests {
             Ok(())
         }
     }
-    use std::sync::mpsc;
+    use std::sync::{mpsc, Mutex};
+
+    /// Keeps nothing but when each commit started.
+    struct TimedStore(Arc<Mutex<Vec<Instant>>>);
+
+    impl Store for TimedStore {
+        fn commit(&mut self, _batch: &mut [Committed]) -> Result<(), StoreError> {
+            self.0.lock().expect("lock").push(Instant::now());
+            Ok(())
+        }
+    }
+
+    fn request(ticket: u32) -> InsertRequest {
+        let origin = Origin { core: 0, ticket };
+        InsertRequest { conversation: Uuid::nil(), sender: Uuid::nil(), body: ticket.to_string(), origin }
+    }
+
+    fn tickets(batch: &CommitBatch) -> Vec<u32> {
+        batch.messages.iter().filter_map(|m| m.origin.map(|o| o.ticket)).collect()
+    }
 
     #[test]
     fn stamps_strictly_increase() {
@@ -220,9 +256,13 @@ mod tests {
     #[test]
     fn batches_in_order_and_stops_when_handles_drop() {
         let (tx, rx) = mpsc::channel();
-        let (handle, stopper) =
-            spawn_writer(vec![Box::new(MemoryStore)], Arc::new(move |b| tx.send(b).expect("send")), 128)
-                .expect("spawn");
+        let (handle, stopper) = spawn_writer(
+            vec![Box::new(MemoryStore)],
+            Arc::new(move |b| tx.send(b).expect("send")),
+            128,
+            Duration::ZERO,
+        )
+        .expect("spawn");
         for i in 0..100u32 {
             let origin = Origin { core: 0, ticket: i };
             let req = InsertRequest { conversation: Uuid::nil(), sender: Uuid::nil(), body: i.to_string(), origin };
@@ -244,7 +284,7 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let stores: Vec<Box<dyn Store>> = vec![Box::new(MemoryStore), Box::new(MemoryStore), Box::new(MemoryStore)];
         let (handle, stopper) =
-            spawn_writer(stores, Arc::new(move |b| tx.send(b).expect("send")), 1_000).expect("spawn");
+            spawn_writer(stores, Arc::new(move |b| tx.send(b).expect("send")), 1_000, Duration::ZERO).expect("spawn");
         let conversations: Vec<Uuid> = (0..8).map(|_| Uuid::new_v4()).collect();
         for i in 0..800u32 {
             let conversation = conversations[i as usize % conversations.len()];
@@ -265,5 +305,36 @@ mod tests {
             assert_eq!(tickets.len(), 100);
             assert!(tickets.windows(2).all(|w| w[0] < w[1]), "one order per conversation: {tickets:?}");
         }
+    }
+
+    /// A lane idle for longer than the gap commits at once; requests arriving within the gap
+    /// of a commit's start wait for its end and go as one batch; a stop does not wait it out.
+    #[test]
+    fn the_commit_gap_spaces_commits_under_load_only() {
+        let gap = Duration::from_secs(2);
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let store = TimedStore(starts.clone());
+        let (handle, stopper) =
+            spawn_writer(vec![Box::new(store)], Arc::new(move |b| tx.send(b).expect("send")), 128, gap).expect("spawn");
+        let began = Instant::now();
+        handle.try_submit(request(0)).expect("queued");
+        let first = rx.recv_timeout(4 * gap).expect("first batch");
+        assert_eq!(tickets(&first), [0]);
+        for i in 1..=5 {
+            handle.try_submit(request(i)).expect("queued");
+        }
+        let second = rx.recv_timeout(4 * gap).expect("second batch");
+        assert_eq!(tickets(&second), [1, 2, 3, 4, 5], "what arrives within the gap is one batch");
+        let starts = starts.lock().expect("lock").clone();
+        assert!(starts[0] - began < gap / 2, "an idle lane commits at once: {:?}", starts[0] - began);
+        // The writer takes its own start instant just before the store records its own.
+        let apart = starts[1] - starts[0];
+        assert!(apart >= gap - Duration::from_millis(100), "commits start a gap apart: {apart:?}");
+        handle.try_submit(request(6)).expect("queued");
+        let stopping = Instant::now();
+        stopper.stop();
+        assert!(stopping.elapsed() < gap / 2, "a stop commits at once: {:?}", stopping.elapsed());
+        assert_eq!(tickets(&rx.recv_timeout(gap).expect("last batch")), [6]);
     }
 }
