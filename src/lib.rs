@@ -21,6 +21,7 @@ pub mod bus;
 pub mod channel;
 pub mod chat;
 pub mod close;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod ids;
