@@ -77,6 +77,7 @@ fn phoenix_encode(c: &mut Criterion) {
         sender: Uuid::from_u128(0x0192_b3c4_d5e6_7f80_9a1b_2c3d_4e5f_6a7d),
         body: body(),
         inserted_at_us: 1_764_000_000_000_000,
+        seq: 0,
     };
     let broadcast_payload = chat::new_msg_payload(&message);
     let reply_payload = br#"{"status":"ok","response":{}}"#;

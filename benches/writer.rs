@@ -24,6 +24,7 @@ fn batch(conversations: &[Uuid], n: usize, seed: &mut u64) -> Vec<Committed> {
                 sender: Uuid::from_u64_pair(1, *seed),
                 body: "x".repeat(100),
                 inserted_at_us: nexus::ids::now_micros(),
+                seq: 0,
             };
             Committed { message, origin: Some(Origin { core: 0, ticket: 0 }) }
         })

@@ -47,6 +47,7 @@ impl Gen {
                     sender: Uuid::from_u64_pair(1, self.seed % 100_000),
                     body: "x".repeat(100),
                     inserted_at_us: nexus::ids::now_micros(),
+                    seq: 0,
                 };
                 Committed { message, origin: Some(Origin { core: 0, ticket: 0 }) }
             })

@@ -99,6 +99,7 @@ mod tests {
             sender: Uuid::max(),
             body: "a\"b".into(),
             inserted_at_us: 1_768_161_950_055_142,
+            seq: 0,
         };
         let got = String::from_utf8(new_msg_payload(&m)).expect("utf8");
         assert_eq!(

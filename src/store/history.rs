@@ -78,6 +78,7 @@ pub fn read_history(conn: &mut Connection, q: &HistoryQuery) -> Result<HistoryPa
                     sender: blob(1)?,
                     body: r.get(2)?,
                     inserted_at_us: r.get(3)?,
+                    seq: 0,
                 })
             })?;
         mapped.collect::<Result<_, _>>()?
@@ -153,6 +154,7 @@ mod tests {
             sender: Uuid::nil(),
             body: format!("m{n}"),
             inserted_at_us: 1_000 + n,
+            seq: 0,
         };
         Committed { message, origin: Some(Origin { core: 0, ticket: 0 }) }
     }

@@ -58,6 +58,10 @@ pub struct Message {
     pub body: String,
     /// Microseconds since the epoch, strictly increasing in commit order.
     pub inserted_at_us: i64,
+    /// The message's place in its conversation, 1, 2, 3, … without gaps, where the store
+    /// numbers them (PostgreSQL, so that cluster nodes can tell a gap from a repeat); 0 where it
+    /// does not (SQLite).
+    pub seq: u64,
 }
 
 /// A message the writer has stamped and committed, with where to acknowledge it.

@@ -75,8 +75,8 @@ const _: () = assert!(MIGRATIONS.len() == PG_SCHEMA_VERSION as usize);
 /// rows); [`crate::ids::v7`] is the same function in Rust, and `$4` are the low bits of the ids
 /// the writer stamped. The token row records that the batch
 /// committed, and when, so a writer that lost the answer can learn whether it did and find its
-/// rows by their ids' random bits ([`BATCH_ROWS`]). Returns each conversation's new last
-/// `inserted_at`, from which the writer derives every message's stamp and id (one row per
+/// rows by their ids' random bits ([`BATCH_ROWS`]). Returns each conversation's new last `seq`
+/// and `inserted_at`, from which the writer derives every message's stamp, id and `seq` (one row per
 /// conversation rather than per message: encoding, sending and parsing a row per message was
 /// a visible part of both the backend's and the writer's work).
 const APPEND: &str = "
@@ -95,14 +95,14 @@ ins AS (INSERT INTO messages
          AS b(conv, sender, body, tail, k, n)
     JOIN up ON up.id = b.conv),
 tok AS (INSERT INTO nexus_batches (token, node) VALUES ($9, $10))
-SELECT id, last_at FROM up";
+SELECT id, seq, last_at FROM up";
 
 /// The stamps of a batch whose token was found: the rows of its conversations (`$2`) stored
 /// since its transaction began whose ids end in one of its random tails (`$3`, 8 bytes each).
 const BATCH_ROWS: &str = "
-SELECT m.conversation_id, m.id, m.inserted_at
+SELECT m.conversation_id, m.id, m.inserted_at, m.seq
 FROM nexus_batches b, unnest($2::uuid[]) AS c(conv),
-  LATERAL (SELECT conversation_id, id, inserted_at FROM messages
+  LATERAL (SELECT conversation_id, id, inserted_at, seq FROM messages
            WHERE conversation_id = c.conv AND inserted_at >= (extract(epoch FROM b.at) * 1e6)::bigint - 1000
              AND substring(uuid_send(id) FROM 9) = ANY($3::bytea[])) m
 WHERE b.token = $1";
@@ -110,7 +110,7 @@ WHERE b.token = $1";
 /// One history page, newest first: messages of a conversation with an id below `$3`
 /// (`$2` bounds `inserted_at` from that id, so the primary key serves the scan).
 const PAGE: &str = "
-SELECT id, sender_id, body, inserted_at FROM messages
+SELECT id, sender_id, body, inserted_at, seq FROM messages
 WHERE conversation_id = $1 AND inserted_at < $2 AND id < $3
 ORDER BY inserted_at DESC LIMIT $4";
 
@@ -227,8 +227,8 @@ struct Unresolved {
 
 /// What looking a batch token up found.
 enum Outcome {
-    /// Committed: its rows' `(conversation, id, inserted_at)`.
-    Committed(Vec<(Uuid, Uuid, i64)>),
+    /// Committed: its rows.
+    Committed(Vec<Stamp>),
     /// Not committed, and it never will be (its backend is gone).
     Absent,
     /// Its backend still runs: not known yet.
@@ -428,30 +428,49 @@ impl<'a> AppendParams<'a> {
         }
     }
 
-    /// Each message's stamp and id `(batch index, inserted_at, id)` from the append's answer:
-    /// each conversation's new last `inserted_at`.
-    fn stamps(&self, rows: &[postgres::Row]) -> Result<Vec<(usize, i64, Uuid)>, StoreError> {
+    /// Each message's batch index and stamp from the append's answer: each conversation's
+    /// new last `seq` and `inserted_at`.
+    fn stamps(&self, rows: &[postgres::Row]) -> Result<Vec<(usize, Stamp)>, StoreError> {
         let mut last = vec![None; self.ids.len()];
         for row in rows {
             let conv: Uuid = row.try_get(0).map_err(StoreError::Postgres)?;
-            let at: i64 = row.try_get(1).map_err(StoreError::Postgres)?;
+            let seq: i64 = row.try_get(1).map_err(StoreError::Postgres)?;
+            let at: i64 = row.try_get(2).map_err(StoreError::Postgres)?;
             if let Ok(j) = self.ids.binary_search(&conv) {
-                last[j] = Some(at);
+                last[j] = Some((seq, at));
             }
         }
         self.stamps_after(&last)
     }
 
-    /// [`AppendParams::stamps`] from each conversation's new last `inserted_at` (by `ids`).
-    fn stamps_after(&self, last: &[Option<i64>]) -> Result<Vec<(usize, i64, Uuid)>, StoreError> {
+    /// [`AppendParams::stamps`] from each conversation's new last `(seq, inserted_at)` (by `ids`).
+    fn stamps_after(&self, last: &[Option<(i64, i64)>]) -> Result<Vec<(usize, Stamp)>, StoreError> {
         (0..self.order.len())
             .map(|e| {
-                let last = last[self.group[e]]
+                let (seq, at) = last[self.group[e]]
                     .ok_or(StoreError::Inconsistent("the append did not answer for a conversation"))?;
-                let at = last - self.counts[e] + self.positions[e];
-                Ok((self.order[e], at, crate::ids::v7(at, self.tails[e] as u64)))
+                let back = self.counts[e] - self.positions[e];
+                let at = at - back;
+                let stamp = Stamp { id: crate::ids::v7(at, self.tails[e] as u64), at, seq: sequence(seq - back) };
+                Ok((self.order[e], stamp))
             })
             .collect()
+    }
+}
+
+/// What the database gave a stored message: its id, `inserted_at` and `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    id: Uuid,
+    at: i64,
+    seq: u64,
+}
+
+impl Stamp {
+    fn apply(&self, message: &mut Message) {
+        message.id = self.id;
+        message.inserted_at_us = self.at;
+        message.seq = self.seq;
     }
 }
 
@@ -483,20 +502,26 @@ fn lookup(
             return Ok(Outcome::Absent);
         }
     }
-    Ok(Outcome::Committed(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()))
+    let stamp = |r: &postgres::Row| -> Result<Stamp, postgres::Error> {
+        Ok(Stamp { id: r.try_get(1)?, at: r.try_get(2)?, seq: sequence(r.try_get(3)?) })
+    };
+    Ok(Outcome::Committed(rows.iter().map(stamp).collect::<Result<_, _>>()?))
+}
+
+/// A `seq` as stored (a positive `bigint`).
+fn sequence(seq: i64) -> u64 {
+    u64::try_from(seq).unwrap_or(0)
 }
 
 /// Copies the stamps of a committed batch onto its messages: each message's row is the one
 /// whose id ends in the same random bits as the id it was sent with.
-fn restamp(batch: &mut [Committed], rows: &[(Uuid, Uuid, i64)]) -> Result<(), StoreError> {
-    let by_tail: std::collections::HashMap<u64, (Uuid, i64)> =
-        rows.iter().map(|&(_, id, at)| (id.as_u64_pair().1, (id, at))).collect();
+fn restamp(batch: &mut [Committed], rows: &[Stamp]) -> Result<(), StoreError> {
+    let by_tail: std::collections::HashMap<u64, &Stamp> = rows.iter().map(|s| (s.id.as_u64_pair().1, s)).collect();
     for c in batch.iter_mut() {
-        let Some(&(id, at)) = by_tail.get(&c.message.id.as_u64_pair().1) else {
+        let Some(stamp) = by_tail.get(&c.message.id.as_u64_pair().1) else {
             return Err(StoreError::Inconsistent("a committed batch has fewer rows than messages"));
         };
-        c.message.id = id;
-        c.message.inserted_at_us = at;
+        stamp.apply(&mut c.message);
     }
     Ok(())
 }
@@ -518,9 +543,8 @@ impl Store for PgStore {
             [&p.convs, &p.senders, &p.bodies, &p.tails, &p.positions, &p.counts, &p.ids, &p.totals, &token, &self.node];
         match live.client.query(&live.append, &params) {
             Ok(rows) => {
-                for (i, at, id) in p.stamps(&rows)? {
-                    batch[i].message.inserted_at_us = at;
-                    batch[i].message.id = id;
+                for (i, stamp) in p.stamps(&rows)? {
+                    stamp.apply(&mut batch[i].message);
                 }
                 Ok(())
             }
@@ -621,6 +645,7 @@ fn read_page(client: &mut Client, q: &HistoryQuery) -> Result<HistoryPage, Histo
             sender: r.get(1),
             body: r.get(2),
             inserted_at_us: r.get(3),
+            seq: r.get::<_, i64>(4).try_into().unwrap_or(0),
         })
         .collect();
     let more = messages.len() > q.limit;
@@ -638,7 +663,7 @@ mod tests {
     fn message(conversation: Uuid, body: &str) -> Committed {
         // As the writer stamps it: the id carries its random tail.
         let id = crate::ids::v7(1, crate::ids::splitmix64(&mut 7));
-        let message = Message { id, conversation, sender: Uuid::nil(), body: body.into(), inserted_at_us: 1 };
+        let message = Message { id, conversation, sender: Uuid::nil(), body: body.into(), inserted_at_us: 1, seq: 0 };
         Committed { message, origin: Some(Origin { core: 0, ticket: 0 }) }
     }
 
@@ -651,16 +676,18 @@ mod tests {
         assert_eq!(p.positions, [1, 2, 1, 2, 3]);
         assert_eq!(p.counts, [2, 2, 3, 3, 3]);
         assert_eq!((p.ids.clone(), p.totals.clone()), (vec![b, a], vec![2, 3]));
-        // The database answers each conversation's new last instant.
-        let mut stamps = p.stamps_after(&[Some(9_000_002), Some(5_000_003)]).expect("stamps");
+        // The database answers each conversation's new last `seq` and instant.
+        let mut stamps = p.stamps_after(&[Some((12, 9_000_002)), Some((3, 5_000_003))]).expect("stamps");
         stamps.sort_by_key(|s| s.0);
-        let ats: Vec<i64> = stamps.iter().map(|s| s.1).collect();
+        let ats: Vec<i64> = stamps.iter().map(|s| s.1.at).collect();
         assert_eq!(ats, [5_000_001, 9_000_001, 5_000_002, 5_000_003, 9_000_002]);
-        let id = stamps[0].2;
+        let seqs: Vec<u64> = stamps.iter().map(|s| s.1.seq).collect();
+        assert_eq!(seqs, [1, 11, 2, 3, 12]);
+        let id = stamps[0].1.id;
         assert_eq!(id.get_version_num(), 7);
         assert_eq!(id.as_u64_pair().0 >> 16, 5_000, "milliseconds");
         assert_eq!(id.as_u64_pair().0 & 0xfff, 1, "microseconds within the millisecond");
         assert_eq!(id.as_u64_pair().1 >> 62, 0b10, "RFC 4122 variant");
-        assert!(p.stamps_after(&[Some(1), None]).is_err(), "a conversation without an answer");
+        assert!(p.stamps_after(&[Some((1, 1)), None]).is_err(), "a conversation without an answer");
     }
 }

@@ -194,7 +194,8 @@ fn run(mut store: Box<dyn Store>, sink: &BatchSink, rx: Receiver<Request>, stats
 
 fn stamped(stamper: &mut Stamper, req: InsertRequest) -> Committed {
     let (id, inserted_at_us) = stamper.stamp();
-    let message = Message { id, conversation: req.conversation, sender: req.sender, body: req.body, inserted_at_us };
+    let message =
+        Message { id, conversation: req.conversation, sender: req.sender, body: req.body, inserted_at_us, seq: 0 };
     Committed { message, origin: Some(req.origin) }
 }
 
