@@ -31,13 +31,26 @@ pub enum Offered {
     Overflow,
 }
 
+/// The missing messages to read from the database: those after `after` and before `before`
+/// (each a `(seq, inserted_at)`), which in one conversation is a range of its primary key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fill {
+    /// The last delivered message (`seq`, `inserted_at`).
+    pub after: (u64, i64),
+    /// The first held message.
+    pub before: (u64, i64),
+}
+
 /// The next `seq` owed to this core's members of one conversation, and what arrived ahead of it.
 #[derive(Debug)]
 pub struct Cursor<T> {
     /// `None` until the conversation's current head is known (after the subscription is
     /// confirmed): until then everything is held.
     next_seq: Option<u64>,
-    held: BTreeMap<u64, T>,
+    /// `inserted_at` of the last delivered message (or of the head delivery started after).
+    last_at: i64,
+    /// Messages ahead of `next_seq`, by `seq`, with their `inserted_at`.
+    held: BTreeMap<u64, (i64, T)>,
     hold_max: usize,
     /// Since when a gap has been open (something held while `next_seq` is missing).
     gap_since: Option<Instant>,
@@ -46,7 +59,7 @@ pub struct Cursor<T> {
 impl<T> Cursor<T> {
     /// A cursor whose starting point is not known yet; it holds at most `hold_max` messages.
     pub fn pending(hold_max: usize) -> Cursor<T> {
-        Cursor { next_seq: None, held: BTreeMap::new(), hold_max: hold_max.max(1), gap_since: None }
+        Cursor { next_seq: None, last_at: 0, held: BTreeMap::new(), hold_max: hold_max.max(1), gap_since: None }
     }
 
     /// The next `seq` owed, once started.
@@ -59,12 +72,14 @@ impl<T> Cursor<T> {
         self.held.len()
     }
 
-    /// Starts delivery after `head`, the conversation's last committed `seq` when the
-    /// subscription became live (0: none yet). Held messages at or below it are dropped (the
-    /// member joined after them); those above are delivered into `out` as far as they are
-    /// contiguous. Returns how many were delivered.
-    pub fn start(&mut self, head: u64, now: Instant, out: &mut Vec<T>) -> usize {
+    /// Starts delivery after `head`, the conversation's last committed `(seq, inserted_at)`
+    /// when the subscription became live (`(0, 0)`: none yet). Held messages at or below it
+    /// are dropped (the member joined after them); those above are delivered into `out` as far
+    /// as they are contiguous. Returns how many were delivered.
+    pub fn start(&mut self, head: (u64, i64), now: Instant, out: &mut Vec<T>) -> usize {
+        let (head, at) = head;
         self.next_seq = Some(head + 1);
+        self.last_at = at;
         self.held = self.held.split_off(&(head + 1));
         self.gap_since = None;
         let n = self.drain(out);
@@ -72,32 +87,35 @@ impl<T> Cursor<T> {
         n
     }
 
-    /// Offers message `seq`; what becomes deliverable, in order, is appended to `out`.
-    pub fn offer(&mut self, seq: u64, message: T, now: Instant, out: &mut Vec<T>) -> Offered {
+    /// Offers message `seq` stored at `at`; what becomes deliverable, in order, is appended
+    /// to `out`.
+    pub fn offer(&mut self, seq: u64, at: i64, message: T, now: Instant, out: &mut Vec<T>) -> Offered {
         let Some(next) = self.next_seq else {
-            return self.hold(seq, message, now);
+            return self.hold(seq, at, message, now);
         };
         if seq < next || self.held.contains_key(&seq) {
             return Offered::Repeat;
         }
         if seq > next {
-            return self.hold(seq, message, now);
+            return self.hold(seq, at, message, now);
         }
         out.push(message);
         self.next_seq = Some(next + 1);
+        self.last_at = at;
         let unblocked = self.drain(out);
         self.gap_since = None;
         self.mark_gap(now);
         Offered::Delivered { unblocked }
     }
 
-    /// The missing range to fetch, `[from, to)` in `seq`, when a gap has been open for at least
-    /// `wait` (a late publication usually arrives well within it).
-    pub fn gap_due(&self, now: Instant, wait: Duration) -> Option<(u64, u64)> {
+    /// What to read from the database, when a gap has been open for at least `wait` (a late
+    /// publication usually arrives well within it).
+    pub fn gap_due(&self, now: Instant, wait: Duration) -> Option<Fill> {
         let since = self.gap_since?;
-        let from = self.next_seq?;
-        let to = self.held.keys().next().copied()?;
-        (now.saturating_duration_since(since) >= wait).then_some((from, to))
+        let next = self.next_seq?;
+        let (&first, &(at, _)) = self.held.iter().next()?;
+        let fill = Fill { after: (next - 1, self.last_at), before: (first, at) };
+        (now.saturating_duration_since(since) >= wait).then_some(fill)
     }
 
     /// Restarts the gap's clock (after a fill was asked for, so it is not asked again at once).
@@ -107,7 +125,7 @@ impl<T> Cursor<T> {
         }
     }
 
-    fn hold(&mut self, seq: u64, message: T, now: Instant) -> Offered {
+    fn hold(&mut self, seq: u64, at: i64, message: T, now: Instant) -> Offered {
         if self.held.contains_key(&seq) {
             return Offered::Repeat;
         }
@@ -116,7 +134,7 @@ impl<T> Cursor<T> {
             self.mark_gap(now);
             return Offered::Overflow;
         }
-        self.held.insert(seq, message);
+        self.held.insert(seq, (at, message));
         self.mark_gap(now);
         Offered::Held
     }
@@ -124,9 +142,10 @@ impl<T> Cursor<T> {
     fn drain(&mut self, out: &mut Vec<T>) -> usize {
         let mut n = 0;
         while let Some(next) = self.next_seq {
-            let Some(message) = self.held.remove(&next) else { break };
+            let Some((at, message)) = self.held.remove(&next) else { break };
             out.push(message);
             self.next_seq = Some(next + 1);
+            self.last_at = at;
             n += 1;
         }
         n
@@ -148,6 +167,11 @@ impl<T> Cursor<T> {
 mod tests {
     use super::*;
 
+    /// Test messages are stored 10 µs apart.
+    fn at(seq: u64) -> i64 {
+        seq as i64 * 10
+    }
+
     fn started(head: u64) -> (Cursor<u64>, Instant) {
         started_holding(head, 8)
     }
@@ -155,7 +179,7 @@ mod tests {
     fn started_holding(head: u64, hold_max: usize) -> (Cursor<u64>, Instant) {
         let now = Instant::now();
         let mut c = Cursor::pending(hold_max);
-        assert_eq!(c.start(head, now, &mut Vec::new()), 0);
+        assert_eq!(c.start((head, at(head)), now, &mut Vec::new()), 0);
         (c, now)
     }
 
@@ -163,9 +187,9 @@ mod tests {
     fn in_order_delivers_and_repeats_drop() {
         let (mut c, now) = started(0);
         let mut out = Vec::new();
-        assert_eq!(c.offer(1, 1, now, &mut out), Offered::Delivered { unblocked: 0 });
-        assert_eq!(c.offer(2, 2, now, &mut out), Offered::Delivered { unblocked: 0 });
-        assert_eq!(c.offer(1, 1, now, &mut out), Offered::Repeat);
+        assert_eq!(c.offer(1, 10, 1, now, &mut out), Offered::Delivered { unblocked: 0 });
+        assert_eq!(c.offer(2, 20, 2, now, &mut out), Offered::Delivered { unblocked: 0 });
+        assert_eq!(c.offer(1, 10, 1, now, &mut out), Offered::Repeat);
         assert_eq!(out, [1, 2]);
         assert_eq!(c.next_seq(), Some(3));
     }
@@ -174,18 +198,30 @@ mod tests {
     fn a_gap_holds_until_filled_then_drains_in_order() {
         let (mut c, now) = started(0);
         let mut out = Vec::new();
-        assert_eq!(c.offer(3, 3, now, &mut out), Offered::Held);
-        assert_eq!(c.offer(3, 3, now, &mut out), Offered::Repeat, "a held repeat is dropped too");
-        assert_eq!(c.offer(2, 2, now, &mut out), Offered::Held);
+        assert_eq!(c.offer(3, 30, 3, now, &mut out), Offered::Held);
+        assert_eq!(c.offer(3, 30, 3, now, &mut out), Offered::Repeat, "a held repeat is dropped too");
+        assert_eq!(c.offer(2, 20, 2, now, &mut out), Offered::Held);
         assert!(out.is_empty());
         assert_eq!(c.gap_due(now, Duration::from_millis(25)), None, "not yet due");
         let later = now + Duration::from_millis(25);
-        assert_eq!(c.gap_due(later, Duration::from_millis(25)), Some((1, 2)));
+        let fill = Fill { after: (0, 0), before: (2, 20) };
+        assert_eq!(c.gap_due(later, Duration::from_millis(25)), Some(fill), "between the head and the first held");
         c.gap_asked(later);
         assert_eq!(c.gap_due(later, Duration::from_millis(25)), None, "asked: the clock restarts");
-        assert_eq!(c.offer(1, 1, later, &mut out), Offered::Delivered { unblocked: 2 });
+        assert_eq!(c.offer(1, 10, 1, later, &mut out), Offered::Delivered { unblocked: 2 });
         assert_eq!(out, [1, 2, 3]);
         assert_eq!(c.gap_due(later + Duration::from_secs(1), Duration::ZERO), None, "closed");
+    }
+
+    #[test]
+    fn a_fill_spans_from_the_last_delivered_to_the_first_held() {
+        let (mut c, now) = started(10);
+        let mut out = Vec::new();
+        for seq in [11, 14, 13] {
+            c.offer(seq, at(seq), seq, now, &mut out);
+        }
+        assert_eq!(out, [11]);
+        assert_eq!(c.gap_due(now, Duration::ZERO), Some(Fill { after: (11, 110), before: (13, 130) }));
     }
 
     #[test]
@@ -194,13 +230,13 @@ mod tests {
         let mut c = Cursor::pending(8);
         let mut out = Vec::new();
         for seq in [5, 7, 6, 4] {
-            assert_eq!(c.offer(seq, seq, now, &mut out), Offered::Held);
+            assert_eq!(c.offer(seq, at(seq), seq, now, &mut out), Offered::Held);
         }
         assert_eq!(c.gap_due(now, Duration::ZERO), None, "no gap before the head is known");
-        assert_eq!(c.start(5, now, &mut out), 2);
+        assert_eq!(c.start((5, 50), now, &mut out), 2);
         assert_eq!(out, [6, 7]);
         assert_eq!(c.held(), 0);
-        assert_eq!(c.offer(5, 5, now, &mut out), Offered::Repeat);
+        assert_eq!(c.offer(5, 50, 5, now, &mut out), Offered::Repeat);
     }
 
     #[test]
@@ -208,13 +244,13 @@ mod tests {
         let (mut c, now) = started(10);
         let mut out = Vec::new();
         for seq in 13..21 {
-            assert_eq!(c.offer(seq, seq, now, &mut out), Offered::Held);
+            assert_eq!(c.offer(seq, at(seq), seq, now, &mut out), Offered::Held);
         }
-        assert_eq!(c.offer(21, 21, now, &mut out), Offered::Overflow);
+        assert_eq!(c.offer(21, 210, 21, now, &mut out), Offered::Overflow);
         assert_eq!(c.held(), 0);
         assert_eq!(c.next_seq(), Some(11), "the fill starts where delivery stopped");
         for seq in 11..22 {
-            assert_eq!(c.offer(seq, seq, now, &mut out), Offered::Delivered { unblocked: 0 });
+            assert_eq!(c.offer(seq, at(seq), seq, now, &mut out), Offered::Delivered { unblocked: 0 });
         }
         assert_eq!(out, (11..22).collect::<Vec<_>>());
     }
@@ -232,7 +268,7 @@ mod tests {
             for seq in 1..=total {
                 // The writer and Redis each carry a random share, possibly both or neither.
                 for source in sources.iter_mut().take(2) {
-                    if crate::ids::splitmix64(&mut rng) % 3 != 0 {
+                    if !crate::ids::splitmix64(&mut rng).is_multiple_of(3) {
                         source.push(seq);
                     }
                 }
@@ -242,7 +278,7 @@ mod tests {
                 let live: Vec<usize> = (0..3).filter(|&i| !sources[i].is_empty()).collect();
                 let i = live[(crate::ids::splitmix64(&mut rng) % live.len() as u64) as usize];
                 let seq = sources[i].remove(0);
-                c.offer(seq, seq, now, &mut out);
+                c.offer(seq, at(seq), seq, now, &mut out);
             }
             assert_eq!(out, (1..=total).collect::<Vec<_>>(), "round {round}");
         }
