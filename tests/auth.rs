@@ -46,7 +46,7 @@ fn token_needing_padding(sub: &str) -> String {
     for k in 0..3 {
         let claims = format!(r#"{{"sub":"{sub}","exp":{},"pad":"{}"}}"#, now_secs() + 3600, "x".repeat(k));
         let t = token_with_claims(&claims);
-        if t.len() % 3 != 0 {
+        if !t.len().is_multiple_of(3) {
             return t;
         }
     }

@@ -26,10 +26,12 @@ need() {
 
 # The PostgreSQL tests start their own server (initdb + postgres on a temp dir); the
 # unreachable-database test drops packets to it with an nftables rule (root only, as in CI);
-# the browser test drives the demo page in Chromium.
+# the browser test drives the demo page in Chromium; the cluster tests start their own
+# redis-server on a unix socket.
 need postgresql "the PostgreSQL tests" compgen -G '/usr/lib/postgresql/*/bin/initdb'
 need nftables "the unreachable-database test" command -v nft
 need chromium "the browser test" test -x /usr/bin/chromium
+need redis-server "the cluster tests" command -v redis-server
 
 echo "== cargo test (unit + integration, real sockets; SQLite and PostgreSQL)"
 cargo test --locked --workspace --all-targets

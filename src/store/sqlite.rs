@@ -302,7 +302,7 @@ impl SqliteStore {
             }
             Err(e) => {
                 self.rows_since_step = self.rows_since_step.saturating_sub(limits::MERGE_STEP_EVERY_ROWS);
-                if self.merge_failures % 1000 == 0 {
+                if self.merge_failures.is_multiple_of(1000) {
                     tracing::warn!(error = %e, failures = self.merge_failures + 1, "moving recent rows into history failed; will retry");
                 }
                 self.merge_failures += 1;

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod pg;
+pub mod redis;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
