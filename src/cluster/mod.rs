@@ -2,10 +2,11 @@
 //! carries what is live between the nodes. The only home of the `redis` crate.
 //!
 //! Built so far: the delivery order a core keeps per conversation ([`order`]), the wire form
-//! of a node's message publications ([`publication`]) and the thread that publishes committed
-//! batches ([`publisher`]). The server does not start them yet: cluster mode is not switchable
-//! on.
+//! of a node's message publications ([`publication`]), the thread that publishes committed
+//! batches ([`publisher`]) and the one that receives the other nodes' ([`subscriber`]). The
+//! server does not start them yet: cluster mode cannot be switched on.
 
 pub mod order;
 pub mod publication;
 pub mod publisher;
+pub mod subscriber;
