@@ -1,8 +1,9 @@
 //! PostgreSQL storage (`NEXUS_DATABASE_URL`), what only it has: the per-conversation `seq`,
 //! start-up refusals, and real faults — the database stopped (`pg_ctl stop -m immediate`)
 //! while idle and while commits are in flight, then started again; its host unreachable
-//! (packets dropped by an nftables rule); its answers lost by a proxy. The behaviours both
-//! stores share (persistence, crash, history) run against both in their own test files.
+//! (packets dropped by an nftables rule); its answers lost by a proxy; the reads cluster
+//! nodes fill gaps with. The behaviours both stores share (persistence, crash, history) run
+//! against both in their own test files.
 
 mod common;
 
@@ -93,6 +94,46 @@ fn every_conversation_gets_a_dense_seq_in_broadcast_order() {
         let at: Vec<String> = mine.iter().map(|r| format_micros(r.inserted_at_us)).collect();
         assert_eq!(at, live.iter().map(|m| m.inserted_at.clone()).collect::<Vec<_>>());
     }
+}
+
+/// What a cluster node reads when it sees a gap: the writer hands each message its `seq`; a
+/// conversation's head is its last `seq` and instant; a range between two instants comes back
+/// in `seq` order, with the ids, times and `seq`s the writer handed out.
+#[test]
+fn the_writer_hands_out_seqs_and_fills_read_heads_and_ranges_back() {
+    use nexus::store::{Committed, Head, Message, PgFillReader, PgStore, PgTarget, Store};
+    let pg = common::pg::shared();
+    let target = PgTarget::parse(&pg.create_db(), WAIT).expect("url");
+    let mut lanes = PgStore::open(&target, "test-node", WAIT, 1).expect("open");
+    let store = &mut lanes[0];
+    let (a, b, silent) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let mut rng = 7u64;
+    let mut message = |conversation| {
+        let at = nexus::ids::now_micros();
+        let id = nexus::ids::v7(at, nexus::ids::splitmix64(&mut rng));
+        let message =
+            Message { id, conversation, sender: uuid::Uuid::new_v4(), body: "x".into(), inserted_at_us: at, seq: 0 };
+        Committed { message, origin: None }
+    };
+    let mut stored = Vec::new();
+    for conversations in [[a, b, a, a], [a, b, a, a]] {
+        let mut batch: Vec<Committed> = conversations.iter().map(|&c| message(c)).collect();
+        store.commit(&mut batch).expect("commit");
+        stored.extend(batch.into_iter().map(|c| c.message));
+    }
+    let of = |c| stored.iter().filter(|m| m.conversation == c).cloned().collect::<Vec<Message>>();
+    let (in_a, in_b) = (of(a), of(b));
+    assert_eq!(in_a.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6], "dense, in commit order");
+    assert_eq!(in_b.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2]);
+    let mut reader = PgFillReader::new(&target, WAIT);
+    let mut heads = reader.heads(&[a, b, silent]).expect("heads");
+    heads.sort_by_key(|h| h.seq);
+    let head = |m: &Message| Head { conversation: m.conversation, seq: m.seq, at: m.inserted_at_us };
+    assert_eq!(heads, [head(&in_b[1]), head(&in_a[5])], "a conversation without messages has no head");
+    let between = reader.range(a, in_a[1].inserted_at_us, Some(in_a[5].inserted_at_us), 100).expect("range");
+    assert_eq!(between, in_a[2..5], "after the 2nd, before the 6th: the 3rd to the 5th, as the writer stamped them");
+    assert_eq!(reader.range(a, 0, None, 2).expect("range"), in_a[..2], "oldest first, at most the limit");
+    assert_eq!(reader.range(silent, 0, None, 10).expect("range"), []);
 }
 
 #[test]

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 pub use history::{read_history, spawn_reader, HistoryError, HistoryJob, HistoryPage, HistoryQuery, ReaderHandle};
-pub use postgres::{spawn_readers as spawn_pg_readers, PgStore, PgTarget};
+pub use postgres::{spawn_readers as spawn_pg_readers, Head, PgFillReader, PgStore, PgTarget};
 pub use sqlite::SqliteStore;
 pub use writer::{spawn_writer, StoreHandle, SubmitError, WriterStopper};
 

@@ -590,6 +590,108 @@ impl Store for PgStore {
     }
 }
 
+/// Each listed conversation's last `seq` and `inserted_at` (conversations without messages
+/// are absent).
+const HEADS: &str = "SELECT id, seq, last_at FROM conversations WHERE id = ANY($1)";
+
+/// A conversation's messages stored after one instant and before another, in order: one
+/// range of the primary key.
+const RANGE: &str = "
+SELECT id, sender_id, body, inserted_at, seq FROM messages
+WHERE conversation_id = $1 AND inserted_at > $2 AND inserted_at < $3
+ORDER BY inserted_at LIMIT $4";
+
+/// A conversation's newest stored message: its `seq` and `inserted_at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// The conversation.
+    pub conversation: Uuid,
+    /// Its last `seq`.
+    pub seq: u64,
+    /// Its last `inserted_at`, µs.
+    pub at: i64,
+}
+
+/// Reads for cluster mode's gap fills and catch-up, on a connection of its own that is made
+/// on first use and remade after a failure (at most every [`limits::DB_RECONNECT_BACKOFF_MIN`]).
+pub struct PgFillReader {
+    target: PgTarget,
+    timeout: Duration,
+    client: Option<Client>,
+    retry_at: Instant,
+}
+
+impl PgFillReader {
+    /// A reader of `target`; `timeout` bounds connecting and each statement.
+    pub fn new(target: &PgTarget, timeout: Duration) -> PgFillReader {
+        PgFillReader { target: target.clone(), timeout, client: None, retry_at: Instant::now() }
+    }
+
+    /// The heads of `conversations` (in no particular order; absent: no message yet).
+    pub fn heads(&mut self, conversations: &[Uuid]) -> Result<Vec<Head>, StoreError> {
+        let rows = self.query(HEADS, &[&conversations])?;
+        rows.iter()
+            .map(|r| {
+                Ok(Head {
+                    conversation: r.try_get(0).map_err(StoreError::Postgres)?,
+                    seq: sequence(r.try_get(1).map_err(StoreError::Postgres)?),
+                    at: r.try_get(2).map_err(StoreError::Postgres)?,
+                })
+            })
+            .collect()
+    }
+
+    /// At most `limit` messages of `conversation` stored after `after` and before `before`
+    /// (µs; `None`: up to the newest), oldest first.
+    pub fn range(
+        &mut self,
+        conversation: Uuid,
+        after: i64,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let (before, limit) = (before.unwrap_or(i64::MAX), i64::try_from(limit).unwrap_or(i64::MAX));
+        let rows = self.query(RANGE, &[&conversation, &after, &before, &limit])?;
+        rows.iter()
+            .map(|r| {
+                Ok(Message {
+                    id: r.try_get(0).map_err(StoreError::Postgres)?,
+                    conversation,
+                    sender: r.try_get(1).map_err(StoreError::Postgres)?,
+                    body: r.try_get(2).map_err(StoreError::Postgres)?,
+                    inserted_at_us: r.try_get(3).map_err(StoreError::Postgres)?,
+                    seq: sequence(r.try_get(4).map_err(StoreError::Postgres)?),
+                })
+            })
+            .collect()
+    }
+
+    fn query(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<postgres::Row>, StoreError> {
+        if self.client.as_ref().is_some_and(Client::is_closed) {
+            self.client = None;
+        }
+        if self.client.is_none() {
+            if Instant::now() < self.retry_at {
+                return Err(StoreError::Unavailable);
+            }
+            match self.target.connect(limits::DB_RECONNECT_TIMEOUT.min(self.timeout)) {
+                Ok(c) => self.client = Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "gap-fill reader: PostgreSQL unreachable");
+                    self.retry_at = Instant::now() + limits::DB_RECONNECT_BACKOFF_MIN;
+                    return Err(StoreError::Unavailable);
+                }
+            }
+        }
+        let client = self.client.as_mut().ok_or(StoreError::Unavailable)?;
+        client.query(sql, params).map_err(StoreError::Postgres)
+    }
+}
+
 /// Starts `readers` history threads, each with its own connection (made on first use and
 /// remade after a failure); a request that finds the database down is answered 503 at once.
 pub fn spawn_readers(target: &PgTarget, readers: usize, timeout: Duration) -> Result<ReaderHandle, OpenError> {
