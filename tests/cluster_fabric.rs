@@ -180,6 +180,8 @@ fn a_watched_conversation_gets_other_nodes_messages_in_order_and_never_its_own()
     assert_eq!(next_event(&events), FabricEvent::Live(a));
     sub.watch(b).expect("watch");
     assert_eq!(next_event(&events), FabricEvent::Live(b));
+    sub.watch(b).expect("watch");
+    assert_eq!(next_event(&events), FabricEvent::Live(b), "a repeated watch is answered too");
     let (node_a, own) = (publisher(&redis), publisher_of(&redis, "node-b/1"));
     publish(&own, &[committed(a, 1)]);
     let from_a = [committed(a, 2), committed(a, 3)];

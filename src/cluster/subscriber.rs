@@ -175,10 +175,14 @@ impl Thread {
         Ok(conn)
     }
 
-    /// Records a control; returns the conversation newly watched, if any.
+    /// Records a control; returns the conversation it watches, if any (a repeated watch is
+    /// answered too, so no join ever waits on a watch that changed nothing).
     fn apply(&mut self, control: Control) -> Option<Uuid> {
         match control {
-            Control::Watch(c) => self.watched.insert(c).then_some(c),
+            Control::Watch(c) => {
+                self.watched.insert(c);
+                Some(c)
+            }
             Control::Unwatch(c) => {
                 self.watched.remove(&c);
                 None
@@ -214,27 +218,20 @@ impl Thread {
                 };
                 let result = match control {
                     Control::Watch(c) if !self.watched.contains(&c) => {
-                        confirmed(&mut ps, |ps| ps.subscribe(channel(&self.prefix, c))).map(|()| Some(c))
+                        confirmed(&mut ps, |ps| ps.subscribe(channel(&self.prefix, c)))
                     }
                     Control::Unwatch(c) if self.watched.contains(&c) => {
-                        confirmed(&mut ps, |ps| ps.unsubscribe(channel(&self.prefix, c))).map(|()| None)
+                        confirmed(&mut ps, |ps| ps.unsubscribe(channel(&self.prefix, c)))
                     }
-                    Control::Watch(_) | Control::Unwatch(_) => Ok(None),
+                    Control::Watch(_) | Control::Unwatch(_) => Ok(()),
                 };
-                match result {
-                    Ok(live) => {
-                        self.apply(control);
-                        if let Some(c) = live {
-                            (self.sink)(FabricEvent::Live(c));
-                        }
-                    }
-                    Err(e) => {
-                        // Recorded anyway: the reconnect subscribes to it (or drops it).
-                        if let Some(c) = self.apply(control) {
-                            (self.sink)(FabricEvent::Live(c));
-                        }
-                        return Ended::Lost(e);
-                    }
+                // Recorded even when Redis failed: the reconnect subscribes to what is watched,
+                // and until then the database covers it.
+                if let Some(c) = self.apply(control) {
+                    (self.sink)(FabricEvent::Live(c));
+                }
+                if let Err(e) = result {
+                    return Ended::Lost(e);
                 }
             }
             match ps.get_message() {
