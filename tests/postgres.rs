@@ -136,6 +136,45 @@ fn the_writer_hands_out_seqs_and_fills_read_heads_and_ranges_back() {
     assert_eq!(reader.range(silent, 0, None, 10).expect("range"), []);
 }
 
+/// The gap-fill thread answers every read, at once while the database is down, and reconnects
+/// by itself when it is back.
+#[test]
+fn the_gap_fill_thread_answers_at_once_while_the_database_is_down_and_reconnects() {
+    use nexus::cluster::filler::{spawn_filler, FillRequest};
+    use nexus::store::{PgFillReader, PgStore, PgTarget, StoreError};
+    let mut pg = Postgres::start();
+    let target = PgTarget::parse(&pg.create_db(), WAIT).expect("url");
+    drop(PgStore::open(&target, "test-node", WAIT, 1).expect("migrated"));
+    let filler = spawn_filler(PgFillReader::new(&target, WAIT), 4).expect("filler starts");
+    let conversation = uuid::Uuid::new_v4();
+    let heads = || {
+        let (tx, rx) = mpsc::channel();
+        let reply = Box::new(move |r: Result<Vec<_>, StoreError>| tx.send(r.map(|h| h.len())).expect("listening"));
+        filler.try_request(FillRequest::Heads { conversations: vec![conversation], reply }).expect("queued");
+        let started = Instant::now();
+        let answer = rx.recv_timeout(WAIT).expect("answered");
+        (answer, started.elapsed())
+    };
+    assert_eq!(heads().0.ok(), Some(0), "no message yet: no head");
+    pg.stop_immediate();
+    for _ in 0..3 {
+        let (answer, took) = heads();
+        assert!(answer.is_err(), "a read while the database is down fails");
+        assert!(took < Duration::from_secs(1), "and fails fast: {took:?}");
+    }
+    pg.run();
+    let deadline = Instant::now() + WAIT;
+    while heads().0.is_err() {
+        assert!(Instant::now() < deadline, "the filler did not reconnect");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let (tx, rx) = mpsc::channel();
+    let reply = Box::new(move |r: Result<Vec<_>, StoreError>| tx.send(r.map(|m| m.len())).expect("listening"));
+    let range = FillRequest::Range { conversation, after: 0, before: None, limit: 10, reply };
+    filler.try_request(range).expect("queued");
+    assert_eq!(rx.recv_timeout(WAIT).expect("answered").ok(), Some(0));
+}
+
 #[test]
 fn an_unreachable_database_exits_2_with_one_line_and_no_secret() {
     let dir = unique_temp_dir();

@@ -3,9 +3,11 @@
 //!
 //! Built so far: the delivery order a core keeps per conversation ([`order`]), the wire form
 //! of a node's message publications ([`publication`]), the thread that publishes committed
-//! batches ([`publisher`]) and the one that receives the other nodes' ([`subscriber`]). The
-//! server does not start them yet: cluster mode cannot be switched on.
+//! batches ([`publisher`]), the one that receives the other nodes' ([`subscriber`]) and the
+//! one that reads from PostgreSQL what Redis did not bring ([`filler`]). The server does not
+//! start them yet: cluster mode cannot be switched on.
 
+pub mod filler;
 pub mod order;
 pub mod publication;
 pub mod publisher;
