@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod backoff;
 pub mod bus;
 pub mod channel;
 pub mod chat;

@@ -260,11 +260,16 @@ pub const DB_COMMIT_GAP_MS_MAX: u64 = 100;
 /// second even when the database host does not answer at all.
 pub const DB_RECONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// First and longest pause between reconnect attempts (doubling in between): quick recovery
-/// after a restart, at most one attempt a second during an outage.
-pub const DB_RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// See [`DB_RECONNECT_BACKOFF_MIN`].
-pub const DB_RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// First and longest pause between reconnect attempts to PostgreSQL or Redis (doubling in
+/// between, [`crate::backoff::Backoff`]): quick recovery after a restart, at most one attempt a
+/// second during an outage.
+pub const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// See [`RECONNECT_BACKOFF_MIN`].
+pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Bound on connecting to Redis and on each command (a pipeline of publications, a
+/// subscription's confirmation): a slower Redis counts as down, and the database covers for it.
+pub const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A batch whose connection is lost is answered within this of being sent: the writer tries to
 /// learn whether it committed until then, and otherwise answers it `storage unavailable` (and
@@ -300,4 +305,4 @@ pub const DB_TOKEN_PRUNE_ROWS: usize = 2_000;
 
 const _: () = assert!(DB_UNACKED_MAX.as_millis() < DB_OUTCOME_WAIT.as_millis() && DB_OUTCOME_WAIT.as_millis() < 1_000);
 const _: () = assert!(DB_RECONNECT_TIMEOUT.as_millis() <= DB_OUTCOME_WAIT.as_millis());
-const _: () = assert!(DB_RECONNECT_BACKOFF_MIN.as_millis() <= DB_RECONNECT_BACKOFF_MAX.as_millis());
+const _: () = assert!(RECONNECT_BACKOFF_MIN.as_millis() <= RECONNECT_BACKOFF_MAX.as_millis());

@@ -35,10 +35,9 @@ fn batch(messages: Vec<Committed>) -> Arc<CommitBatch> {
     Arc::new(CommitBatch { messages, failure: None })
 }
 
-/// A connection for subscribing, reading with a deadline.
-fn subscriber(redis: &Redis) -> redis::Connection {
-    let client = redis::Client::open(redis.url()).expect("redis url");
-    let conn = client.get_connection_with_timeout(WAIT).expect("subscriber connects");
+/// A plain connection (to subscribe, or to send a command), reading with a deadline.
+fn connection(redis: &Redis) -> redis::Connection {
+    let conn = redis.client().get_connection_with_timeout(WAIT).expect("connects");
     conn.set_read_timeout(Some(WAIT)).expect("read timeout");
     conn
 }
@@ -54,17 +53,15 @@ fn publisher(redis: &Redis) -> Publisher {
 }
 
 fn publisher_of(redis: &Redis, incarnation: &str) -> Publisher {
-    let client = redis::Client::open(redis.url()).expect("redis url");
-    spawn_publisher(client, "nx-test:".into(), incarnation.into(), 16).expect("publisher starts")
+    spawn_publisher(redis.client(), "nx-test:".into(), incarnation.into(), 16).expect("publisher starts")
 }
 
 /// A subscriber for node `node-b/1`, and the events it hands on.
 fn subscriber_b(redis: &Redis) -> (Subscriber, mpsc::Receiver<FabricEvent>) {
-    let client = redis::Client::open(redis.url()).expect("redis url");
     let (tx, rx) = mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
     let sink = Arc::new(move |e| tx.lock().expect("lock").send(e).expect("test still listening"));
-    (spawn_subscriber(client, "nx-test:".into(), "node-b/1".into(), 64, sink).expect("subscriber starts"), rx)
+    (spawn_subscriber(redis.client(), "nx-test:".into(), "node-b/1".into(), 64, sink).expect("subscriber starts"), rx)
 }
 
 fn next_event(rx: &mpsc::Receiver<FabricEvent>) -> FabricEvent {
@@ -106,7 +103,7 @@ fn wait_until(what: &str, f: impl Fn() -> bool) {
 fn a_committed_batch_is_published_once_per_conversation_in_commit_order() {
     let redis = Redis::start();
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    let mut conn = subscriber(&redis);
+    let mut conn = connection(&redis);
     let mut sub = conn.as_pubsub();
     sub.subscribe(&[channel("nx-test:", a), channel("nx-test:", b)]).expect("subscribe");
     let publisher = publisher(&redis);
@@ -154,7 +151,7 @@ fn without_redis_batches_are_dropped_at_once_and_publishing_resumes_when_it_retu
     wait_until("every batch dropped", || publisher.stats().dropped.load(Ordering::Relaxed) == 99);
     assert!(!publisher.stats().up.load(Ordering::Relaxed));
     redis.run();
-    let mut conn = subscriber(&redis);
+    let mut conn = connection(&redis);
     let mut sub = conn.as_pubsub();
     sub.subscribe(channel("nx-test:", a)).expect("subscribe");
     // Reconnects are spaced out (at most a second apart): offer until one gets through.
@@ -196,8 +193,7 @@ fn a_watched_conversation_gets_other_nodes_messages_in_order_and_never_its_own()
     publish(&node_a, &for_b);
     assert_eq!(next_event(&events), remote(b, &for_b), "nothing for the unwatched conversation");
     // Bytes that are not a publication are dropped, and the subscription goes on.
-    let client = redis::Client::open(redis.url()).expect("redis url");
-    let mut conn = client.get_connection_with_timeout(WAIT).expect("connects");
+    let mut conn = connection(&redis);
     redis::cmd("PUBLISH").arg(channel("nx-test:", c)).arg(&b"M\xff"[..]).exec(&mut conn).expect("publish junk");
     let for_c = [committed(c, 1)];
     publish(&node_a, &for_c);
@@ -212,8 +208,7 @@ fn a_cut_or_restarted_redis_is_reported_and_every_watch_is_restored() {
     sub.watch(a).expect("watch");
     assert_eq!(next_event(&events), FabricEvent::Live(a));
     // Redis cuts the subscriber (as it does to a client over its output buffer limit).
-    let client = redis::Client::open(redis.url()).expect("redis url");
-    let mut conn = client.get_connection_with_timeout(WAIT).expect("connects");
+    let mut conn = connection(&redis);
     redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").exec(&mut conn).expect("client kill");
     assert_eq!(next_event(&events), FabricEvent::Down);
     assert_eq!(next_event(&events), FabricEvent::Up, "resubscribed after the cut");

@@ -6,7 +6,7 @@
 //! lost publication) and ranges of a conversation's messages (a gap's fill). A full queue
 //! refuses at once; the core asks again at its next gap check.
 
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::Sender;
 use uuid::Uuid;
 
 use crate::store::{Head, Message, PgFillReader, StoreError};
@@ -56,9 +56,7 @@ pub struct Busy;
 impl Filler {
     /// Queues a read without blocking.
     pub fn try_request(&self, request: FillRequest) -> Result<(), Busy> {
-        self.tx.try_send(request).map_err(|e| match e {
-            TrySendError::Full(_) | TrySendError::Disconnected(_) => Busy,
-        })
+        self.tx.try_send(request).map_err(|_| Busy)
     }
 
     /// Reads waiting for the thread.

@@ -12,3 +12,14 @@ pub mod order;
 pub mod publication;
 pub mod publisher;
 pub mod subscriber;
+
+use crate::limits;
+
+/// A connection to Redis for one of the cluster threads, bounded by [`limits::REDIS_TIMEOUT`]
+/// to connect, write and read (the subscriber shortens its reads to poll its queue).
+fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
+    let conn = client.get_connection_with_timeout(limits::REDIS_TIMEOUT)?;
+    conn.set_read_timeout(Some(limits::REDIS_TIMEOUT))?;
+    conn.set_write_timeout(Some(limits::REDIS_TIMEOUT))?;
+    Ok(conn)
+}

@@ -12,21 +12,16 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use uuid::Uuid;
 
+use super::connect;
 use super::publication::{encode, Entry};
+use crate::backoff::Backoff;
 use crate::chat::new_msg_payload;
-use crate::store::CommitBatch;
-
-/// Bound on connecting to Redis and on each pipeline: a slower Redis counts as down.
-const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Least and most time between reconnect attempts while Redis is down.
-const RECONNECT_MIN: Duration = Duration::from_millis(100);
-const RECONNECT_MAX: Duration = Duration::from_secs(1);
+use crate::limits;
+use crate::store::{CommitBatch, Message};
 
 /// The channel a conversation's messages are published on. The conversation is a hash tag, so
 /// a Redis Cluster keeps each conversation's channel and keys on one shard.
@@ -59,7 +54,7 @@ impl Publisher {
         if batch.failure.is_some() || batch.messages.is_empty() {
             return;
         }
-        // Full, or the thread is gone: either way this batch is read from the database instead.
+        // Full, or the thread is gone: either way other nodes read this batch from the database.
         if self.tx.try_send(Arc::clone(batch)).is_err() {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -90,20 +85,24 @@ pub fn spawn_publisher(
 
 fn run(client: &redis::Client, prefix: &str, incarnation: &str, rx: &Receiver<Arc<CommitBatch>>, stats: &PublishStats) {
     let mut conn: Option<redis::Connection> = None;
-    let (mut retry_at, mut backoff) = (Instant::now(), RECONNECT_MIN);
+    let mut reconnect = Backoff::new(limits::RECONNECT_BACKOFF_MIN, limits::RECONNECT_BACKOFF_MAX);
+    // Said once per outage.
+    let mut warned = false;
     for batch in rx.iter() {
-        if conn.is_none() && Instant::now() >= retry_at {
+        if conn.is_none() && reconnect.ready() {
             match connect(client) {
                 Ok(c) => {
                     tracing::info!("publishing to Redis");
-                    (conn, backoff) = (Some(c), RECONNECT_MIN);
+                    conn = Some(c);
+                    reconnect.succeeded();
+                    warned = false;
                 }
                 Err(e) => {
-                    if stats.up.swap(false, Ordering::Relaxed) || backoff == RECONNECT_MIN {
+                    stats.up.store(false, Ordering::Relaxed);
+                    if !std::mem::replace(&mut warned, true) {
                         tracing::warn!(error = %e, "Redis unreachable: other nodes read this node's messages from the database");
                     }
-                    retry_at = Instant::now() + backoff;
-                    backoff = (backoff * 2).min(RECONNECT_MAX);
+                    reconnect.failed();
                 }
             }
         }
@@ -131,41 +130,29 @@ fn run(client: &redis::Client, prefix: &str, incarnation: &str, rx: &Receiver<Ar
     }
 }
 
-fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
-    let conn = client.get_connection_with_timeout(REDIS_TIMEOUT)?;
-    conn.set_read_timeout(Some(REDIS_TIMEOUT))?;
-    conn.set_write_timeout(Some(REDIS_TIMEOUT))?;
-    Ok(conn)
-}
-
 /// One publication per conversation of `batch`, on its channel, its messages in commit order.
 pub fn publications(prefix: &str, incarnation: &str, batch: &CommitBatch) -> Vec<(String, Vec<u8>)> {
-    let mut order: Vec<usize> = (0..batch.messages.len()).collect();
-    order.sort_by_key(|&i| batch.messages[i].message.conversation); // stable: commit order within one
-    let payloads: Vec<Vec<u8>> = order.iter().map(|&i| new_msg_payload(&batch.messages[i].message)).collect();
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < order.len() {
-        let conversation = batch.messages[order[start]].message.conversation;
-        let end = start
-            + order[start..].iter().take_while(|&&i| batch.messages[i].message.conversation == conversation).count();
-        let entries: Vec<Entry<'_>> = (start..end)
-            .map(|k| {
-                let m = &batch.messages[order[k]].message;
-                Entry { seq: m.seq, inserted_at_us: m.inserted_at_us, payload: &payloads[k] }
-            })
-            .collect();
-        out.push((channel(prefix, conversation), encode(incarnation, &entries)));
-        start = end;
-    }
-    out
+    let mut messages: Vec<&Message> = batch.messages.iter().map(|c| &c.message).collect();
+    messages.sort_by_key(|m| m.conversation); // stable: commit order within one
+    messages
+        .chunk_by(|a, b| a.conversation == b.conversation)
+        .map(|run| {
+            let payloads: Vec<Vec<u8>> = run.iter().map(|m| new_msg_payload(m)).collect();
+            let entries: Vec<Entry<'_>> = run
+                .iter()
+                .zip(&payloads)
+                .map(|(m, payload)| Entry { seq: m.seq, inserted_at_us: m.inserted_at_us, payload })
+                .collect();
+            (channel(prefix, run[0].conversation), encode(incarnation, &entries))
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::publication::decode;
     use super::*;
-    use crate::store::{Committed, Message};
+    use crate::store::Committed;
 
     fn committed(conversation: Uuid, seq: u64) -> Committed {
         let message = Message {

@@ -15,19 +15,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use uuid::Uuid;
 
+use super::connect;
 use super::publication::decode;
 use super::publisher::channel;
+use crate::backoff::Backoff;
+use crate::limits;
 
 /// How long a read waits before the thread looks at its control queue again.
 const POLL: Duration = Duration::from_millis(10);
-/// Bound on connecting and on a subscription's confirmation: a slower Redis counts as down.
-const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
-/// Least and most time between reconnect attempts while Redis is down.
-const RECONNECT_MIN: Duration = Duration::from_millis(100);
-const RECONNECT_MAX: Duration = Duration::from_secs(1);
 
 /// A message from another node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,9 +91,7 @@ impl Subscriber {
     }
 
     fn send(&self, control: Control) -> Result<(), Unavailable> {
-        self.tx.try_send(control).map_err(|e| match e {
-            TrySendError::Full(_) | TrySendError::Disconnected(_) => Unavailable,
-        })
+        self.tx.try_send(control).map_err(|_| Unavailable)
     }
 }
 
@@ -133,11 +129,12 @@ enum Ended {
 
 impl Thread {
     fn run(&mut self) {
-        let (mut backoff, mut down) = (RECONNECT_MIN, false);
+        let mut reconnect = Backoff::new(limits::RECONNECT_BACKOFF_MIN, limits::RECONNECT_BACKOFF_MAX);
+        let mut down = false;
         loop {
-            match self.connect() {
+            match connect(&self.client) {
                 Ok(mut conn) => {
-                    backoff = RECONNECT_MIN;
+                    reconnect.succeeded();
                     match self.session(&mut conn, &mut down) {
                         Ended::Closed => return,
                         Ended::Lost(e) => tracing::warn!(error = %e, "Redis subscription lost: reconnecting"),
@@ -153,26 +150,19 @@ impl Thread {
                 down = true;
             }
             // Down: watches are answered at once (the database covers them) until the next try.
-            let retry_at = Instant::now() + backoff;
-            backoff = (backoff * 2).min(RECONNECT_MAX);
-            while let Some(wait) = retry_at.checked_duration_since(Instant::now()) {
+            reconnect.failed();
+            while let Some(wait) = reconnect.retry_at().checked_duration_since(Instant::now()) {
                 match self.rx.recv_timeout(wait) {
                     Ok(control) => {
                         if let Some(c) = self.apply(control) {
                             (self.sink)(FabricEvent::Live(c));
                         }
                     }
-                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => break,
-                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
         }
-    }
-
-    fn connect(&self) -> redis::RedisResult<redis::Connection> {
-        let conn = self.client.get_connection_with_timeout(REDIS_TIMEOUT)?;
-        conn.set_write_timeout(Some(REDIS_TIMEOUT))?;
-        Ok(conn)
     }
 
     /// Records a control; returns the conversation it watches, if any (a repeated watch is
@@ -276,7 +266,7 @@ fn confirmed(
     ps: &mut redis::PubSub<'_>,
     f: impl FnOnce(&mut redis::PubSub<'_>) -> redis::RedisResult<()>,
 ) -> redis::RedisResult<()> {
-    ps.set_read_timeout(Some(REDIS_TIMEOUT))?;
+    ps.set_read_timeout(Some(limits::REDIS_TIMEOUT))?;
     f(ps)?;
     ps.set_read_timeout(Some(POLL))
 }

@@ -22,6 +22,7 @@ use uuid::Uuid;
 use super::history::{HistoryError, HistoryJob, HistoryPage, HistoryQuery, ReaderHandle};
 use super::schema::OpenError;
 use super::{Committed, Message, Store, StoreError};
+use crate::backoff::Backoff;
 use crate::limits;
 
 /// Schema version this build writes; a newer database is refused.
@@ -242,8 +243,7 @@ pub struct PgStore {
     timeout: Duration,
     live: Option<Live>,
     /// No reconnect attempt before this (fail fast while the database is down).
-    retry_at: Instant,
-    backoff: Duration,
+    reconnect: Backoff,
     /// When the connection was lost (logged once, then on reconnect).
     down_since: Option<Instant>,
     unresolved: Vec<Unresolved>,
@@ -266,8 +266,7 @@ impl PgStore {
                     node: node.to_string(),
                     timeout,
                     live: Some(live),
-                    retry_at: Instant::now(),
-                    backoff: limits::DB_RECONNECT_BACKOFF_MIN,
+                    reconnect: Backoff::new(limits::RECONNECT_BACKOFF_MIN, limits::RECONNECT_BACKOFF_MAX),
                     down_since: None,
                     unresolved: Vec::new(),
                     late: Vec::new(),
@@ -289,25 +288,24 @@ impl PgStore {
         if self.live.as_ref().is_some_and(|l| l.client.is_closed()) {
             self.live = None;
         }
-        if self.live.is_none() && Instant::now() >= self.retry_at {
+        if self.live.is_none() && self.reconnect.ready() {
             match connect_live(&self.target, cap.min(limits::DB_RECONNECT_TIMEOUT).min(self.timeout)) {
                 Ok(live) => {
                     let down_for = self.down_since.take().map(|t| t.elapsed());
                     tracing::info!(database = %self.target.shown, ?down_for, "reconnected to PostgreSQL");
                     self.live = Some(live);
-                    self.backoff = limits::DB_RECONNECT_BACKOFF_MIN;
+                    self.reconnect.succeeded();
                     self.resolve_unresolved();
                 }
                 Err(e) => {
+                    let retry_in = self.reconnect.failed();
                     if self.down_since.is_none() {
                         self.down_since = Some(Instant::now());
                         tracing::error!(database = %self.target.shown, error = %e, "PostgreSQL unreachable: new messages \
                             are answered 'storage unavailable' until it is back (retrying, at most every second)");
                     } else {
-                        tracing::debug!(error = %e, retry_in = ?self.backoff, "PostgreSQL still unreachable");
+                        tracing::debug!(error = %e, ?retry_in, "PostgreSQL still unreachable");
                     }
-                    self.retry_at = Instant::now() + self.backoff;
-                    self.backoff = (self.backoff * 2).min(limits::DB_RECONNECT_BACKOFF_MAX);
                 }
             }
         }
@@ -324,7 +322,7 @@ impl PgStore {
         deadline: Instant,
     ) -> Result<(), StoreError> {
         loop {
-            self.retry_at = Instant::now();
+            self.reconnect.retry_now();
             // Each attempt ends by the deadline, so the batch is answered in time either way.
             let remaining = deadline.saturating_duration_since(Instant::now()).max(limits::DB_OUTCOME_POLL);
             if let Some(live) = self.live_within(remaining) {
@@ -612,33 +610,25 @@ pub struct Head {
     pub at: i64,
 }
 
-/// Reads for cluster mode's gap fills and catch-up, on a connection of its own that is made
-/// on first use and remade after a failure (at most every [`limits::DB_RECONNECT_BACKOFF_MIN`]).
+/// Reads for cluster mode's gap fills and catch-up, on a connection of its own.
 pub struct PgFillReader {
-    target: PgTarget,
-    timeout: Duration,
-    client: Option<Client>,
-    retry_at: Instant,
+    conn: ReaderConn,
 }
 
 impl PgFillReader {
     /// A reader of `target`; `timeout` bounds connecting and each statement.
     pub fn new(target: &PgTarget, timeout: Duration) -> PgFillReader {
-        PgFillReader { target: target.clone(), timeout, client: None, retry_at: Instant::now() }
+        PgFillReader { conn: ReaderConn::new(target, timeout, "gap-fill reader") }
     }
 
     /// The heads of `conversations` (in no particular order; absent: no message yet).
     pub fn heads(&mut self, conversations: &[Uuid]) -> Result<Vec<Head>, StoreError> {
-        let rows = self.query(HEADS, &[&conversations])?;
-        rows.iter()
-            .map(|r| {
-                Ok(Head {
-                    conversation: r.try_get(0).map_err(StoreError::Postgres)?,
-                    seq: sequence(r.try_get(1).map_err(StoreError::Postgres)?),
-                    at: r.try_get(2).map_err(StoreError::Postgres)?,
-                })
-            })
-            .collect()
+        let client = self.conn.client().ok_or(StoreError::Unavailable)?;
+        let head = |r: &postgres::Row| -> Result<Head, postgres::Error> {
+            Ok(Head { conversation: r.try_get(0)?, seq: sequence(r.try_get(1)?), at: r.try_get(2)? })
+        };
+        let rows = client.query(HEADS, &[&conversations]).map_err(StoreError::Postgres)?;
+        rows.iter().map(head).collect::<Result<_, _>>().map_err(StoreError::Postgres)
     }
 
     /// At most `limit` messages of `conversation` stored after `after` and before `before`
@@ -651,45 +641,57 @@ impl PgFillReader {
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
         let (before, limit) = (before.unwrap_or(i64::MAX), i64::try_from(limit).unwrap_or(i64::MAX));
-        let rows = self.query(RANGE, &[&conversation, &after, &before, &limit])?;
-        rows.iter()
-            .map(|r| {
-                Ok(Message {
-                    id: r.try_get(0).map_err(StoreError::Postgres)?,
-                    conversation,
-                    sender: r.try_get(1).map_err(StoreError::Postgres)?,
-                    body: r.try_get(2).map_err(StoreError::Postgres)?,
-                    inserted_at_us: r.try_get(3).map_err(StoreError::Postgres)?,
-                    seq: sequence(r.try_get(4).map_err(StoreError::Postgres)?),
-                })
-            })
-            .collect()
+        let client = self.conn.client().ok_or(StoreError::Unavailable)?;
+        let rows = client.query(RANGE, &[&conversation, &after, &before, &limit]).map_err(StoreError::Postgres)?;
+        rows.iter().map(|r| message_of(r, conversation)).collect::<Result<_, _>>().map_err(StoreError::Postgres)
+    }
+}
+
+/// A reader thread's connection: made on first use and remade after a failure, at most every
+/// [`limits::RECONNECT_BACKOFF_MIN`]; while the database is down a read fails at once.
+struct ReaderConn {
+    target: PgTarget,
+    timeout: Duration,
+    client: Option<Client>,
+    reconnect: Backoff,
+    /// Who reads, for the log.
+    reader: &'static str,
+}
+
+impl ReaderConn {
+    fn new(target: &PgTarget, timeout: Duration, reader: &'static str) -> ReaderConn {
+        let reconnect = Backoff::new(limits::RECONNECT_BACKOFF_MIN, limits::RECONNECT_BACKOFF_MIN);
+        ReaderConn { target: target.clone(), timeout, client: None, reconnect, reader }
     }
 
-    fn query(
-        &mut self,
-        sql: &str,
-        params: &[&(dyn postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<postgres::Row>, StoreError> {
+    /// The connection, if the database can be reached.
+    fn client(&mut self) -> Option<&mut Client> {
         if self.client.as_ref().is_some_and(Client::is_closed) {
             self.client = None;
         }
-        if self.client.is_none() {
-            if Instant::now() < self.retry_at {
-                return Err(StoreError::Unavailable);
-            }
+        if self.client.is_none() && self.reconnect.ready() {
             match self.target.connect(limits::DB_RECONNECT_TIMEOUT.min(self.timeout)) {
                 Ok(c) => self.client = Some(c),
                 Err(e) => {
-                    tracing::warn!(error = %e, "gap-fill reader: PostgreSQL unreachable");
-                    self.retry_at = Instant::now() + limits::DB_RECONNECT_BACKOFF_MIN;
-                    return Err(StoreError::Unavailable);
+                    tracing::warn!(error = %e, reader = self.reader, "PostgreSQL unreachable");
+                    self.reconnect.failed();
                 }
             }
         }
-        let client = self.client.as_mut().ok_or(StoreError::Unavailable)?;
-        client.query(sql, params).map_err(StoreError::Postgres)
+        self.client.as_mut()
     }
+}
+
+/// A stored message from a row of `id, sender_id, body, inserted_at, seq`.
+fn message_of(r: &postgres::Row, conversation: Uuid) -> Result<Message, postgres::Error> {
+    Ok(Message {
+        id: r.try_get(0)?,
+        conversation,
+        sender: r.try_get(1)?,
+        body: r.try_get(2)?,
+        inserted_at_us: r.try_get(3)?,
+        seq: sequence(r.try_get(4)?),
+    })
 }
 
 /// Starts `readers` history threads, each with its own connection (made on first use and
@@ -707,22 +709,9 @@ pub fn spawn_readers(target: &PgTarget, readers: usize, timeout: Duration) -> Re
 }
 
 fn serve_history(target: &PgTarget, rx: &Receiver<HistoryJob>, timeout: Duration) {
-    let mut client: Option<Client> = None;
-    let mut retry_at = Instant::now();
+    let mut conn = ReaderConn::new(target, timeout, "history reader");
     for job in rx {
-        if client.as_ref().is_some_and(Client::is_closed) {
-            client = None;
-        }
-        if client.is_none() && Instant::now() >= retry_at {
-            match target.connect(limits::DB_RECONNECT_TIMEOUT.min(timeout)) {
-                Ok(c) => client = Some(c),
-                Err(e) => {
-                    tracing::warn!(error = %e, "history reader: PostgreSQL unreachable");
-                    retry_at = Instant::now() + limits::DB_RECONNECT_BACKOFF_MIN;
-                }
-            }
-        }
-        let result = match client.as_mut() {
+        let result = match conn.client() {
             Some(c) => read_page(c, &job.query),
             None => Err(HistoryError::Unavailable),
         };
@@ -739,17 +728,11 @@ fn read_page(client: &mut Client, q: &HistoryQuery) -> Result<HistoryPage, Histo
     let bound = i64::try_from((ms + 1) * 1_000).unwrap_or(i64::MAX);
     let limit = i64::try_from(q.limit + 1).unwrap_or(i64::MAX);
     let rows = client.query(PAGE, &[&q.conversation, &bound, &before, &limit]).map_err(HistoryError::Postgres)?;
-    let mut messages: Vec<Message> = rows
+    let mut messages = rows
         .iter()
-        .map(|r| Message {
-            id: r.get(0),
-            conversation: q.conversation,
-            sender: r.get(1),
-            body: r.get(2),
-            inserted_at_us: r.get(3),
-            seq: r.get::<_, i64>(4).try_into().unwrap_or(0),
-        })
-        .collect();
+        .map(|r| message_of(r, q.conversation))
+        .collect::<Result<Vec<Message>, _>>()
+        .map_err(HistoryError::Postgres)?;
     let more = messages.len() > q.limit;
     messages.truncate(q.limit);
     messages.reverse();

@@ -4,11 +4,13 @@
 //! A missing binary fails the test with the package to install (Debian's `redis-server`;
 //! tests/run.sh installs it); these tests never skip.
 
+use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::mpsc;
+use std::time::Duration;
 
 /// How long Redis may take to start.
 const REDIS_START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,7 +44,12 @@ impl Redis {
         format!("unix://{}", self.socket().display())
     }
 
-    /// Starts the server on its socket; returns once it answers.
+    /// A client of this server.
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).expect("a unix socket URL")
+    }
+
+    /// Starts the server on its socket; returns once it says it accepts connections.
     pub fn run(&mut self) {
         assert!(self.child.is_none(), "already running");
         let _ = std::fs::remove_file(self.socket());
@@ -52,7 +59,7 @@ impl Redis {
             .args(["--save", "", "--appendonly", "no", "--dir"])
             .arg(&self.dir)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null());
         // SAFETY: only an async-signal-safe call between fork and exec.
         unsafe {
@@ -61,15 +68,26 @@ impl Redis {
                 Ok(())
             });
         }
-        let child = cmd.spawn().unwrap_or_else(|e| {
+        let mut child = cmd.spawn().unwrap_or_else(|e| {
             panic!("cannot run redis-server ({e}): install Debian's `redis-server` package (tests/run.sh does)")
         });
-        self.child = Some(child);
-        let deadline = Instant::now() + REDIS_START_TIMEOUT;
-        while !self.answers() {
-            assert!(Instant::now() < deadline, "redis-server did not answer within {REDIS_START_TIMEOUT:?}");
-            std::thread::sleep(Duration::from_millis(10));
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut ready = Some(tx);
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("ready to accept connections") {
+                    if let Some(tx) = ready.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        });
+        if rx.recv_timeout(REDIS_START_TIMEOUT).is_err() {
+            let _ = child.kill();
+            panic!("redis-server did not become ready within {REDIS_START_TIMEOUT:?}");
         }
+        self.child = Some(child);
     }
 
     /// Kills the server (SIGKILL: nothing is saved, clients see their connections end).
@@ -78,15 +96,6 @@ impl Redis {
             let _ = child.kill();
             let _ = child.wait();
         }
-    }
-
-    /// Whether the server answers `PING` on its socket.
-    fn answers(&self) -> bool {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::os::unix::net::UnixStream::connect(self.socket()) else { return false };
-        let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
-        let mut buf = [0u8; 7];
-        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }
 }
 
