@@ -53,6 +53,33 @@ pub enum CoreMsg {
     /// A reader's answer to an HTTP request parked on this core: the complete response for the
     /// wait `ticket` (the core's table of parked requests, not a connection key).
     HttpResponse { ticket: u32, bytes: Vec<u8> },
+    /// Cluster, from the Redis subscriber to every core: other nodes' messages of
+    /// `conversation` are being received (or Redis is down and the database covers it).
+    FabricLive(Uuid),
+    /// Cluster, from the Redis subscriber to every core: other nodes' messages, in `seq` order.
+    Remote { conversation: Uuid, messages: Arc<[Sequenced]> },
+    /// Cluster, from the Redis subscriber to every core: publications are being missed (`true`)
+    /// or received again after an outage (`false`).
+    FabricDown(bool),
+    /// Cluster, from the gap-fill reader to the core that asked: the heads (`seq`,
+    /// `inserted_at`) of the conversations `asked` (absent from `heads`: no message yet), or
+    /// `None` when the database could not be read.
+    Heads { asked: Vec<Uuid>, heads: Option<Vec<(Uuid, u64, i64)>> },
+    /// Cluster, from the gap-fill reader to the core that asked: `conversation`'s messages read
+    /// from the database (`None`: the read failed); `full`: the read hit its row limit.
+    Filled { conversation: Uuid, messages: Option<Vec<Sequenced>>, full: bool },
+}
+
+/// A message with its place in its conversation (cluster mode): what the other nodes publish
+/// and gap fills read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sequenced {
+    /// Its `seq`.
+    pub seq: u64,
+    /// Its `inserted_at`, µs since the epoch.
+    pub inserted_at_us: i64,
+    /// Its `new_msg` broadcast payload.
+    pub payload: bytes::Bytes,
 }
 
 /// The producer side of one core's mailbox (shared by every producer).
@@ -214,7 +241,7 @@ mod tests {
     use std::io::Read;
 
     fn batch() -> CoreMsg {
-        CoreMsg::Committed(Arc::new(CommitBatch { messages: Vec::new(), failure: None }))
+        CoreMsg::Committed(Arc::new(CommitBatch::committed(Vec::new())))
     }
 
     #[test]

@@ -121,6 +121,37 @@ pub struct ServerArgs {
     /// `storage unavailable`); unset = no limit.
     #[arg(long, env = "NEXUS_DB_MAX_BYTES")]
     pub db_max_bytes: Option<u64>,
+    /// Cluster mode: several nodes on one PostgreSQL act as one server, exchanging live
+    /// messages and presence through this Redis (`redis://host:6379/0` or
+    /// `unix:///path/redis.sock`). Requires --database-url. Never logged with its password.
+    #[arg(long, env = "NEXUS_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// This node's name in logs, metrics and presence; unique among the running nodes
+    /// [default: <hostname>:<port>].
+    #[arg(long, env = "NEXUS_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Prefix of every Redis key and channel of this cluster.
+    #[arg(long, env = "NEXUS_REDIS_PREFIX", default_value = limits::REDIS_PREFIX_DEFAULT)]
+    pub redis_prefix: String,
+    /// A node silent for this long is dead: its presence is removed everywhere. Seconds, or `3s`.
+    #[arg(long, env = "NEXUS_NODE_TIMEOUT", default_value_t = Secs(limits::NODE_TIMEOUT_DEFAULT))]
+    pub node_timeout: Secs,
+    /// Milliseconds a gap in a conversation's messages may stay open before it is read from
+    /// PostgreSQL.
+    #[arg(long, env = "NEXUS_GAP_WAIT_MS", default_value_t = limits::GAP_WAIT_MS_DEFAULT)]
+    pub gap_wait_ms: u64,
+    /// Milliseconds between catch-up reads of the watched conversations' heads (200 while
+    /// Redis is down): the longest a lost publication stays unnoticed.
+    #[arg(long, env = "NEXUS_CATCHUP_MS", default_value_t = limits::CATCHUP_MS_DEFAULT)]
+    pub catchup_ms: u64,
+    /// Committed batches that may wait to be published to Redis; when full, other nodes read
+    /// the batch from PostgreSQL instead.
+    #[arg(long, env = "NEXUS_PUBLISH_QUEUE", default_value_t = limits::PUBLISH_QUEUE_DEFAULT)]
+    pub publish_queue: usize,
+    /// Messages a core holds per conversation behind a gap before it drops them and reads them
+    /// from PostgreSQL.
+    #[arg(long, env = "NEXUS_HOLD_MAX", default_value_t = limits::HOLD_MAX_DEFAULT)]
+    pub hold_max: usize,
 }
 
 /// A configuration error, reported as one line before exit code 2.
@@ -175,6 +206,67 @@ pub struct Config {
     pub drain: Duration,
     pub msg_rate: u32,
     pub dev_tokens: bool,
+    /// `NEXUS_REDIS_URL` and the settings that go with it; `None`: a single node.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Cluster mode's settings (each the checked form of the [`ServerArgs`] flag of the same name).
+#[derive(Debug, Clone)]
+#[allow(missing_docs)]
+pub struct ClusterConfig {
+    /// `NEXUS_REDIS_URL`; its `Debug` hides it.
+    pub redis_url: DatabaseUrl,
+    /// `None`: `<hostname>:<port>`, known once the port is bound.
+    pub node_id: Option<String>,
+    pub redis_prefix: String,
+    pub node_timeout: Duration,
+    pub gap_wait: Duration,
+    pub catchup: Duration,
+    pub publish_queue: usize,
+    pub hold_max: usize,
+}
+
+impl ClusterConfig {
+    fn from_args(args: &ServerArgs) -> Result<Option<ClusterConfig>, ConfigError> {
+        let Some(url) = args.redis_url.as_ref().filter(|u| !u.trim().is_empty()) else { return Ok(None) };
+        if args.database_url.as_ref().is_none_or(|u| u.trim().is_empty()) {
+            let why = "cluster mode needs PostgreSQL: set NEXUS_DATABASE_URL too";
+            return Err(invalid("NEXUS_REDIS_URL", why));
+        }
+        if let Some(id) = &args.node_id {
+            let ok = !id.is_empty() && id.len() <= 100 && id.chars().all(|c| c.is_ascii_graphic() && c != '/');
+            if !ok {
+                return Err(invalid("NEXUS_NODE_ID", "must be 1 to 100 printable characters, no spaces or '/'"));
+            }
+        }
+        if args.node_timeout.0 < limits::NODE_TIMEOUT_MIN {
+            let why = format!("must be at least {}", Secs(limits::NODE_TIMEOUT_MIN));
+            return Err(invalid("NEXUS_NODE_TIMEOUT", &why));
+        }
+        if args.gap_wait_ms > limits::GAP_WAIT_MS_MAX {
+            return Err(invalid("NEXUS_GAP_WAIT_MS", &format!("must be at most {}", limits::GAP_WAIT_MS_MAX)));
+        }
+        if !(limits::CATCHUP_MS_MIN..=limits::CATCHUP_MS_MAX).contains(&args.catchup_ms) {
+            let why = format!("must be from {} to {}", limits::CATCHUP_MS_MIN, limits::CATCHUP_MS_MAX);
+            return Err(invalid("NEXUS_CATCHUP_MS", &why));
+        }
+        if args.publish_queue == 0 {
+            return Err(invalid("NEXUS_PUBLISH_QUEUE", "must be at least 1"));
+        }
+        if args.hold_max == 0 {
+            return Err(invalid("NEXUS_HOLD_MAX", "must be at least 1"));
+        }
+        Ok(Some(ClusterConfig {
+            redis_url: DatabaseUrl(url.clone()),
+            node_id: args.node_id.clone(),
+            redis_prefix: args.redis_prefix.clone(),
+            node_timeout: args.node_timeout.0,
+            gap_wait: Duration::from_millis(args.gap_wait_ms),
+            catchup: Duration::from_millis(args.catchup_ms),
+            publish_queue: args.publish_queue,
+            hold_max: args.hold_max,
+        }))
+    }
 }
 
 impl Config {
@@ -232,6 +324,7 @@ impl Config {
             .filter(|s| !s.is_empty())
             .map(|s| OriginEntry::parse(s).ok_or_else(|| invalid("NEXUS_ALLOWED_ORIGINS", s)))
             .collect::<Result<Vec<_>, _>>()?;
+        let cluster = ClusterConfig::from_args(args)?;
         Ok(Config {
             listen: SocketAddr::new(args.bind, args.port),
             jwt_secret: secret,
@@ -256,6 +349,7 @@ impl Config {
             drain: args.drain.0,
             msg_rate: args.msg_rate,
             dev_tokens: args.dev_tokens,
+            cluster,
         })
     }
 }
@@ -272,7 +366,7 @@ fn invalid(name: &'static str, why: &str) -> ConfigError {
     ConfigError::Invalid { name, why: why.to_string() }
 }
 
-/// A database URL; shown as `[redacted]` by `Debug` (it may carry a password).
+/// A database or Redis URL; shown as `[redacted]` by `Debug` (it may carry a password).
 #[derive(Clone)]
 pub struct DatabaseUrl(String);
 
@@ -363,12 +457,18 @@ mod tests {
             ("db_readers", "2"),
             ("db_writers", "2"),
             ("db_commit_gap_ms", "3"),
+            ("redis_prefix", "nx:"),
+            ("node_timeout", "15"),
+            ("gap_wait_ms", "25"),
+            ("catchup_ms", "1000"),
+            ("publish_queue", "4096"),
+            ("hold_max", "4096"),
         ];
         for (id, value) in expected {
             assert_eq!(default_of(id), value, "default of {id}");
         }
         // Unset means "derived": one worker per CPU, connections from the open-file limit.
-        for id in ["workers", "max_connections", "db_max_bytes", "jwt_secret", "database_url"] {
+        for id in ["workers", "max_connections", "db_max_bytes", "jwt_secret", "database_url", "redis_url", "node_id"] {
             assert_eq!(default_of(id), "", "{id} has no fixed default");
         }
     }
@@ -387,5 +487,22 @@ mod tests {
         let config = Config::from_args(&cli.expect("parses").server).expect("valid");
         assert_eq!(config.database_url.as_ref().map(DatabaseUrl::expose), Some("postgres://u:hunter2@db/x"));
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn redis_turns_cluster_mode_on_only_with_postgres() {
+        let parse = |extra: &[&str]| {
+            let argv = ["nexus", "--jwt-secret", "s"].iter().chain(extra).copied();
+            Config::from_args(&Cli::try_parse_from(argv).expect("parses").server)
+        };
+        let alone = parse(&["--redis-url", "redis://:hunter2@r/0"]);
+        assert!(matches!(alone, Err(ConfigError::Invalid { name: "NEXUS_REDIS_URL", .. })), "{alone:?}");
+        let both = parse(&["--redis-url", "redis://:hunter2@r/0", "--database-url", "postgres://db/x"]);
+        let cluster = both.expect("valid").cluster.expect("cluster mode");
+        assert_eq!(cluster.redis_url.expose(), "redis://:hunter2@r/0");
+        assert!(!format!("{cluster:?}").contains("hunter2"));
+        let bad_id = parse(&["--redis-url", "redis://r", "--database-url", "postgres://db/x", "--node-id", "a/b"]);
+        assert!(matches!(bad_id, Err(ConfigError::Invalid { name: "NEXUS_NODE_ID", .. })));
+        assert!(parse(&["--database-url", "postgres://db/x"]).expect("valid").cluster.is_none());
     }
 }

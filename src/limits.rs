@@ -303,6 +303,62 @@ pub const DB_TOKEN_PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// never holds the writer for more than a few milliseconds.
 pub const DB_TOKEN_PRUNE_ROWS: usize = 2_000;
 
+/// Default key prefix of a cluster's Redis keys and channels (`NEXUS_REDIS_PREFIX`): several
+/// clusters (or test runs) can share one Redis under different prefixes.
+pub const REDIS_PREFIX_DEFAULT: &str = "nx:";
+
+/// Default time after which a silent node is declared dead and its presence removed
+/// everywhere (`NEXUS_NODE_TIMEOUT`); nodes beat every fifth of it.
+pub const NODE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(15);
+
+/// Shortest `NEXUS_NODE_TIMEOUT`: below a second, a busy Redis or a GC-less pause of a few
+/// hundred milliseconds would already reap a live node.
+pub const NODE_TIMEOUT_MIN: Duration = Duration::from_secs(1);
+
+/// Default wait before a gap in a conversation's `seq`s is read from PostgreSQL
+/// (`NEXUS_GAP_WAIT_MS`): a publication overtaken by a later one usually arrives well
+/// within it, and a real loss is repaired this late.
+pub const GAP_WAIT_MS_DEFAULT: u64 = 25;
+
+/// Longest `NEXUS_GAP_WAIT_MS`.
+pub const GAP_WAIT_MS_MAX: u64 = 10_000;
+
+/// Default period of the catch-up read of every watched conversation's head
+/// (`NEXUS_CATCHUP_MS`): the bound on how late a message whose publication was lost without a
+/// later one to reveal the gap (a node that died between commit and publish) reaches members.
+pub const CATCHUP_MS_DEFAULT: u64 = 1_000;
+
+/// Catch-up period while Redis is down: then the database is the only way other nodes'
+/// messages arrive, so this is their delivery delay.
+pub const CATCHUP_DOWN: Duration = Duration::from_millis(200);
+
+/// Shortest and longest `NEXUS_CATCHUP_MS`.
+pub const CATCHUP_MS_MIN: u64 = 10;
+/// See [`CATCHUP_MS_MIN`].
+pub const CATCHUP_MS_MAX: u64 = 60_000;
+
+/// Default committed batches waiting to be published to Redis (`NEXUS_PUBLISH_QUEUE`); when
+/// full, a batch is not published (counted) and other nodes read it from PostgreSQL.
+pub const PUBLISH_QUEUE_DEFAULT: usize = 4_096;
+
+/// Default messages a core holds per conversation behind a gap (`NEXUS_HOLD_MAX`); beyond it
+/// they are dropped and read again from PostgreSQL.
+pub const HOLD_MAX_DEFAULT: usize = 4_096;
+
+/// Most rows one gap-fill or catch-up read returns; a longer gap is read in several.
+pub const FILL_ROWS_MAX: usize = 1_000;
+
+/// Most conversations whose heads one catch-up read asks for.
+pub const CATCHUP_HEADS_MAX: usize = 1_000;
+
+/// Reads the cores may have queued for the gap-fill thread; when full, a core asks again at
+/// its next check.
+pub const FILLER_QUEUE_MAX: usize = 4_096;
+
+/// Watch/unwatch requests the cores may have queued for the Redis subscriber; one per first
+/// join and last leave of a conversation on a core.
+pub const WATCH_QUEUE_MAX: usize = 65_536;
+
 const _: () = assert!(DB_UNACKED_MAX.as_millis() < DB_OUTCOME_WAIT.as_millis() && DB_OUTCOME_WAIT.as_millis() < 1_000);
 const _: () = assert!(DB_RECONNECT_TIMEOUT.as_millis() <= DB_OUTCOME_WAIT.as_millis());
 const _: () = assert!(RECONNECT_BACKOFF_MIN.as_millis() <= RECONNECT_BACKOFF_MAX.as_millis());

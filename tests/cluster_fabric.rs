@@ -9,10 +9,11 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use common::redis::Redis;
+use nexus::bus::Sequenced;
 use nexus::chat::new_msg_payload;
 use nexus::cluster::publication::decode;
 use nexus::cluster::publisher::{channel, spawn_publisher, Publisher};
-use nexus::cluster::subscriber::{spawn_subscriber, FabricEvent, RemoteMessage, Subscriber};
+use nexus::cluster::subscriber::{spawn_subscriber, FabricEvent, Subscriber};
 use nexus::store::{CommitBatch, Committed, Message};
 use uuid::Uuid;
 
@@ -32,7 +33,7 @@ fn committed(conversation: Uuid, seq: u64) -> Committed {
 }
 
 fn batch(messages: Vec<Committed>) -> Arc<CommitBatch> {
-    Arc::new(CommitBatch { messages, failure: None })
+    Arc::new(CommitBatch::committed(messages))
 }
 
 /// A plain connection (to subscribe, or to send a command), reading with a deadline.
@@ -72,7 +73,7 @@ fn next_event(rx: &mpsc::Receiver<FabricEvent>) -> FabricEvent {
 fn remote(conversation: Uuid, messages: &[Committed]) -> FabricEvent {
     let messages = messages
         .iter()
-        .map(|c| RemoteMessage {
+        .map(|c| Sequenced {
             seq: c.message.seq,
             inserted_at_us: c.message.inserted_at_us,
             payload: new_msg_payload(&c.message).into(),
@@ -124,7 +125,7 @@ fn a_committed_batch_is_published_once_per_conversation_in_commit_order() {
         assert_eq!(entry.inserted_at_us, m.message.inserted_at_us);
     }
     // A failed batch is never published.
-    publisher.offer(&Arc::new(CommitBatch { messages: vec![committed(a, 4)], failure: Some("storage unavailable") }));
+    publisher.offer(&Arc::new(CommitBatch::failed(vec![committed(a, 4)], "storage unavailable")));
     publisher.offer(&batch(vec![committed(b, 2)]));
     let (ch, bytes) = next_message(&mut sub);
     assert_eq!(ch, channel("nx-test:", b), "the failed batch was skipped");

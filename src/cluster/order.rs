@@ -67,6 +67,12 @@ impl<T> Cursor<T> {
         self.next_seq
     }
 
+    /// The last delivered `(seq, inserted_at)`, once started: where a read of what follows
+    /// begins.
+    pub fn delivered(&self) -> Option<(u64, i64)> {
+        self.next_seq.map(|next| (next - 1, self.last_at))
+    }
+
     /// Messages waiting behind a gap.
     pub fn held(&self) -> usize {
         self.held.len()

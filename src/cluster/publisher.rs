@@ -19,7 +19,6 @@ use uuid::Uuid;
 use super::connect;
 use super::publication::{encode, Entry};
 use crate::backoff::Backoff;
-use crate::chat::new_msg_payload;
 use crate::limits;
 use crate::store::{CommitBatch, Message};
 
@@ -58,6 +57,11 @@ impl Publisher {
         if self.tx.try_send(Arc::clone(batch)).is_err() {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Batches waiting to be published.
+    pub fn queued(&self) -> usize {
+        self.tx.len()
     }
 
     /// What it did so far.
@@ -132,18 +136,17 @@ fn run(client: &redis::Client, prefix: &str, incarnation: &str, rx: &Receiver<Ar
 
 /// One publication per conversation of `batch`, on its channel, its messages in commit order.
 pub fn publications(prefix: &str, incarnation: &str, batch: &CommitBatch) -> Vec<(String, Vec<u8>)> {
-    let mut messages: Vec<&Message> = batch.messages.iter().map(|c| &c.message).collect();
-    messages.sort_by_key(|m| m.conversation); // stable: commit order within one
+    let mut messages: Vec<(&Message, &[u8])> =
+        batch.messages.iter().zip(&batch.payloads).map(|(c, p)| (&c.message, &p[..])).collect();
+    messages.sort_by_key(|(m, _)| m.conversation); // stable: commit order within one
     messages
-        .chunk_by(|a, b| a.conversation == b.conversation)
+        .chunk_by(|(a, _), (b, _)| a.conversation == b.conversation)
         .map(|run| {
-            let payloads: Vec<Vec<u8>> = run.iter().map(|m| new_msg_payload(m)).collect();
             let entries: Vec<Entry<'_>> = run
                 .iter()
-                .zip(&payloads)
                 .map(|(m, payload)| Entry { seq: m.seq, inserted_at_us: m.inserted_at_us, payload })
                 .collect();
-            (channel(prefix, run[0].conversation), encode(incarnation, &entries))
+            (channel(prefix, run[0].0.conversation), encode(incarnation, &entries))
         })
         .collect()
 }
@@ -152,6 +155,7 @@ pub fn publications(prefix: &str, incarnation: &str, batch: &CommitBatch) -> Vec
 mod tests {
     use super::super::publication::decode;
     use super::*;
+    use crate::chat::new_msg_payload;
     use crate::store::Committed;
 
     fn committed(conversation: Uuid, seq: u64) -> Committed {
@@ -170,7 +174,7 @@ mod tests {
     fn one_publication_per_conversation_in_commit_order() {
         let (a, b) = (Uuid::from_u128(2), Uuid::from_u128(1));
         let messages = vec![committed(a, 4), committed(b, 9), committed(a, 5)];
-        let batch = CommitBatch { messages: messages.clone(), failure: None };
+        let batch = CommitBatch::committed(messages.clone());
         let out = publications("nx:", "n1/1", &batch);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].0, format!("nx:t:{{{b}}}"));

@@ -10,7 +10,7 @@
 //! is answered `Live` once its subscription is confirmed, or at once while Redis is down (the
 //! database covers that conversation until Redis returns).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,21 +22,11 @@ use super::connect;
 use super::publication::decode;
 use super::publisher::channel;
 use crate::backoff::Backoff;
+use crate::bus::Sequenced;
 use crate::limits;
 
 /// How long a read waits before the thread looks at its control queue again.
 const POLL: Duration = Duration::from_millis(10);
-
-/// A message from another node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RemoteMessage {
-    /// Its place in the conversation.
-    pub seq: u64,
-    /// Its `inserted_at`, µs since the epoch.
-    pub inserted_at_us: i64,
-    /// Its `new_msg` broadcast payload, as published.
-    pub payload: Bytes,
-}
 
 /// What the subscriber tells the node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +39,7 @@ pub enum FabricEvent {
         /// The conversation.
         conversation: Uuid,
         /// The messages.
-        messages: Vec<RemoteMessage>,
+        messages: Vec<Sequenced>,
     },
     /// The subscription connection is gone: publications are being missed.
     Down,
@@ -85,7 +75,8 @@ impl Subscriber {
         self.send(Control::Watch(conversation))
     }
 
-    /// Stops receiving `conversation`'s messages.
+    /// Gives back one watch of `conversation`; its messages stop once every watch is given back
+    /// (each core with members watches once).
     pub fn unwatch(&self, conversation: Uuid) -> Result<(), Unavailable> {
         self.send(Control::Unwatch(conversation))
     }
@@ -105,7 +96,7 @@ pub fn spawn_subscriber(
     sink: FabricSink,
 ) -> std::io::Result<Subscriber> {
     let (tx, rx) = crossbeam_channel::bounded(queue.max(1));
-    let mut thread = Thread { client, prefix, incarnation, rx, sink, watched: HashSet::new() };
+    let mut thread = Thread { client, prefix, incarnation, rx, sink, watched: HashMap::new() };
     std::thread::Builder::new().name("fabric-in".into()).spawn(move || thread.run())?;
     Ok(Subscriber { tx })
 }
@@ -116,7 +107,8 @@ struct Thread {
     incarnation: String,
     rx: Receiver<Control>,
     sink: FabricSink,
-    watched: HashSet<Uuid>,
+    /// Watched conversations, with how many watches each has (one per core with members).
+    watched: HashMap<Uuid, u32>,
 }
 
 /// Why a connected session ended.
@@ -170,11 +162,16 @@ impl Thread {
     fn apply(&mut self, control: Control) -> Option<Uuid> {
         match control {
             Control::Watch(c) => {
-                self.watched.insert(c);
+                *self.watched.entry(c).or_default() += 1;
                 Some(c)
             }
             Control::Unwatch(c) => {
-                self.watched.remove(&c);
+                if let Some(n) = self.watched.get_mut(&c) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.watched.remove(&c);
+                    }
+                }
                 None
             }
         }
@@ -186,7 +183,7 @@ impl Thread {
     fn session(&mut self, conn: &mut redis::Connection, down: &mut bool) -> Ended {
         let mut ps = conn.as_pubsub();
         if !self.watched.is_empty() {
-            let channels: Vec<String> = self.watched.iter().map(|&c| channel(&self.prefix, c)).collect();
+            let channels: Vec<String> = self.watched.keys().map(|&c| channel(&self.prefix, c)).collect();
             if let Err(e) = confirmed(&mut ps, |ps| ps.subscribe(&channels)) {
                 return Ended::Lost(e);
             }
@@ -207,10 +204,10 @@ impl Thread {
                     Err(TryRecvError::Disconnected) => return Ended::Closed,
                 };
                 let result = match control {
-                    Control::Watch(c) if !self.watched.contains(&c) => {
+                    Control::Watch(c) if !self.watched.contains_key(&c) => {
                         confirmed(&mut ps, |ps| ps.subscribe(channel(&self.prefix, c)))
                     }
-                    Control::Unwatch(c) if self.watched.contains(&c) => {
+                    Control::Unwatch(c) if self.watched.get(&c) == Some(&1) => {
                         confirmed(&mut ps, |ps| ps.unsubscribe(channel(&self.prefix, c)))
                     }
                     Control::Watch(_) | Control::Unwatch(_) => Ok(()),
@@ -249,7 +246,7 @@ impl Thread {
         let messages = publication
             .entries
             .iter()
-            .map(|e| RemoteMessage { seq: e.seq, inserted_at_us: e.inserted_at_us, payload: buf.slice_ref(e.payload) })
+            .map(|e| Sequenced { seq: e.seq, inserted_at_us: e.inserted_at_us, payload: buf.slice_ref(e.payload) })
             .collect();
         (self.sink)(FabricEvent::Remote { conversation, messages });
     }
@@ -257,7 +254,7 @@ impl Thread {
     /// The watched conversation a channel name belongs to.
     fn conversation_of(&self, channel_name: &str) -> Option<Uuid> {
         let tag = channel_name.strip_prefix(&self.prefix)?.strip_prefix("t:{")?.strip_suffix('}')?;
-        Uuid::parse_str(tag).ok().filter(|c| self.watched.contains(c))
+        Uuid::parse_str(tag).ok().filter(|c| self.watched.contains_key(c))
     }
 }
 

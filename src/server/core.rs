@@ -24,7 +24,8 @@ use slab::Slab;
 use uuid::Uuid;
 
 use super::conn::{Conn, Phase};
-use super::topics::LocalTopics;
+use super::fabric::{Fabric, WaitingJoin};
+use super::topics::{Left, LocalTopics};
 use super::{sys, task};
 use crate::auth::Verifier;
 use crate::bus::{ConnRef, CoreMsg, Mailbox, Overflow};
@@ -36,12 +37,16 @@ use crate::session::{Effect, Env, Limits, ReplyTo};
 use crate::store::{CommitBatch, InsertRequest, Origin, ReaderHandle, StoreHandle};
 use crate::{channel, chat, ids, limits, wire};
 
+mod cluster;
+
 /// Read-only state every core shares (plus atomics for the few process-wide facts).
 pub(crate) struct Shared {
     pub config: Config,
     pub reader: ReaderHandle,
     pub verifier: Verifier,
-    pub mailboxes: Vec<Mailbox>,
+    pub mailboxes: Arc<[Mailbox]>,
+    /// Cluster mode's threads; `None` on a single node.
+    pub fabric: Option<Fabric>,
     /// Open connections over all cores (checked at accept only).
     pub connections: AtomicUsize,
     /// Most connections the descriptor limit allows.
@@ -116,6 +121,8 @@ pub(crate) struct Core {
     retry_scheduled: Cell<bool>,
     /// This core's counters for `/metrics` (published on every sweep).
     counters: Counters,
+    /// Cluster mode's per-core bookkeeping (unused on a single node).
+    cluster: RefCell<cluster::ClusterState>,
 }
 
 impl Core {
@@ -143,6 +150,7 @@ impl Core {
             overflow: RefCell::new(Overflow::new(cores, limits::CROSS_CORE_OVERFLOW_MSGS_MAX)),
             retry_scheduled: Cell::new(false),
             counters: Counters::default(),
+            cluster: RefCell::new(cluster::ClusterState::default()),
         }
     }
 
@@ -215,6 +223,9 @@ impl Core {
     pub(crate) async fn run(self: Rc<Self>, listener: TcpListener, wake: UnixStream) {
         monoio::spawn(self.clone().sweep());
         monoio::spawn(self.clone().mailbox(wake));
+        if self.shared.fabric.is_some() {
+            monoio::spawn(self.clone().fabric_ticker());
+        }
         self.accept_loop(listener).await;
     }
 
@@ -320,8 +331,8 @@ impl Core {
                 self.count(Counter::Replies);
                 conn.send(frame, self.config().max_outbox_bytes);
             }
-            Effect::Join { conversation, topic, join_ref, phx_ref } => {
-                self.join_channel(conn, conversation, topic, &join_ref, phx_ref)
+            Effect::Join { conversation, topic, join_ref, phx_ref, reply } => {
+                self.join_channel(conn, conversation, topic, &join_ref, phx_ref, reply)
             }
             Effect::Leave { conversation, phx_ref } => self.leave_channel(conn, conversation, phx_ref),
             Effect::Submit { conversation, body, reply } => self.submit(conn, conversation, body, reply),
@@ -329,8 +340,10 @@ impl Core {
         }
     }
 
-    /// Makes `conn` a local member of `conversation` and asks the owner to track its presence
-    /// (the owner answers with the `presence_state`, pushed with `join_ref`).
+    /// Makes `conn` a local member of `conversation`, then answers the join with `reply` and
+    /// asks the owner to track its presence (the owner answers with the `presence_state`,
+    /// pushed with `join_ref`). In cluster mode the answer waits until the conversation is
+    /// live on this core ([`Core::join_ordered`]).
     pub(crate) fn join_channel(
         &self,
         conn: &Rc<Conn>,
@@ -338,9 +351,24 @@ impl Core {
         topic: Rc<str>,
         join_ref: &str,
         phx_ref: PhxRef,
+        reply: Bytes,
     ) {
-        let shared_spelling = self.topics.borrow_mut().add_member(conversation, conn, topic);
+        let (shared_spelling, new_topic) = self.topics.borrow_mut().add_member(conversation, conn, topic);
         conn.session_mut().adopt_spelling(conversation, shared_spelling);
+        if let Some(fabric) = &self.shared.fabric {
+            let join = WaitingJoin { conn: conn.clone(), join_ref: join_ref.into(), phx_ref, reply };
+            if let Some(join) = self.join_ordered(fabric, conversation, new_topic, join) {
+                self.answer_join(&join, conversation);
+            }
+            return;
+        }
+        self.count(Counter::Replies);
+        conn.send(reply, self.config().max_outbox_bytes);
+        self.track(conn, conversation, join_ref, phx_ref);
+    }
+
+    /// Asks the owner of `conversation` to track `conn`'s new meta.
+    fn track(&self, conn: &Conn, conversation: Uuid, join_ref: &str, phx_ref: PhxRef) {
         let conn_ref = ConnRef { key: u32::try_from(conn.key).expect("connections fit in u32"), id: conn.id };
         let msg = CoreMsg::Track {
             conversation,
@@ -355,7 +383,10 @@ impl Core {
 
     /// Drops `conn`'s membership of `conversation` and asks the owner to untrack `phx_ref`.
     pub(crate) fn leave_channel(&self, conn: &Conn, conversation: Uuid, phx_ref: PhxRef) {
-        self.topics.borrow_mut().remove_member(conversation, conn.key);
+        let left = self.topics.borrow_mut().remove_member(conversation, conn.key);
+        if self.shared.fabric.is_some() {
+            self.left_ordered(conn, conversation, left);
+        }
         self.send_to(self.owner(conversation), CoreMsg::Untrack { conversation, user: conn.user(), phx_ref });
     }
 
@@ -378,22 +409,37 @@ impl Core {
     }
 
     /// Broadcasts a committed batch to local members and answers this core's senders
-    /// (broadcast first, then the reply: Phoenix's order).
+    /// (broadcast first, then the reply: Phoenix's order). In cluster mode the broadcast goes
+    /// through each conversation's order ([`Core::on_committed_ordered`]).
     fn on_committed(&self, batch: &CommitBatch) {
-        let max = self.config().max_outbox_bytes;
-        for m in &batch.messages {
-            if batch.failure.is_none() && self.topics.borrow().has_members(m.message.conversation) {
-                let payload = chat::new_msg_payload(&m.message);
-                self.fan_out(m.message.conversation, chat::NEW_MSG, &payload, false);
-            }
-            let Some(origin) = m.origin.filter(|o| usize::from(o.core) == self.id) else { continue };
-            let Some(ack) = self.acks.borrow_mut().try_remove(origin.ticket as usize) else { continue };
-            if batch.failure.is_none() {
-                self.count(Counter::NewMsgAcked);
-            }
-            self.count(Counter::Replies);
-            ack.conn.send(ack.reply.frame(ack.conn.vsn(), batch.failure), max);
+        if self.shared.fabric.is_some() {
+            return self.on_committed_ordered(batch);
         }
+        for (i, m) in batch.messages.iter().enumerate() {
+            if let Some(payload) = batch.payloads.get(i) {
+                if self.topics.borrow().has_members(m.message.conversation) {
+                    self.fan_out(m.message.conversation, chat::NEW_MSG, payload, false);
+                }
+            }
+            if let Some(ticket) = self.ticket_of(m) {
+                self.ack(ticket, batch.failure);
+            }
+        }
+    }
+
+    /// The pending-ack key of a committed message sent from this core.
+    fn ticket_of(&self, m: &crate::store::Committed) -> Option<usize> {
+        m.origin.filter(|o| usize::from(o.core) == self.id).map(|o| o.ticket as usize)
+    }
+
+    /// Answers a pending `new_msg`: ok, or `Failed to save` with `failure`.
+    fn ack(&self, ticket: usize, failure: Option<&str>) {
+        let Some(ack) = self.acks.borrow_mut().try_remove(ticket) else { return };
+        if failure.is_none() {
+            self.count(Counter::NewMsgAcked);
+        }
+        self.count(Counter::Replies);
+        ack.conn.send(ack.reply.frame(ack.conn.vsn(), failure), self.config().max_outbox_bytes);
     }
 
     fn fan_out(&self, conversation: Uuid, event: &str, payload: &[u8], presence: bool) {
@@ -581,6 +627,11 @@ impl Core {
                     CoreMsg::PresenceDiff { conversation, diff } => {
                         self.fan_out(conversation, "presence_diff", &diff, true)
                     }
+                    CoreMsg::FabricLive(conversation) => self.on_live(conversation),
+                    CoreMsg::Remote { conversation, messages } => self.on_remote(conversation, &messages),
+                    CoreMsg::FabricDown(down) => self.on_fabric_down(down),
+                    CoreMsg::Heads { asked, heads } => self.on_heads(&asked, heads),
+                    CoreMsg::Filled { conversation, messages, full } => self.on_filled(conversation, messages, full),
                 }
                 // Let the woken connections flush before the next batch: a backlog of batches
                 // broadcast in one go could push a member that reads fine over its queue limit.

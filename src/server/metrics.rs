@@ -3,8 +3,11 @@
 //! (connections, queue depths) and the writer's histograms, read directly.
 
 use std::fmt::Write as _;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 
 use super::core::Shared;
+use super::fabric::Fabric;
 use crate::store::stats::Histogram;
 use crate::store::StoreHandle;
 
@@ -66,7 +69,58 @@ pub(crate) fn render(shared: &Shared, store: &StoreHandle) -> String {
         "",
         stats.failed_batches.load(std::sync::atomic::Ordering::Relaxed),
     );
+    if let Some(fabric) = &shared.fabric {
+        cluster(&mut out, fabric);
+    }
     out
+}
+
+/// Cluster mode's series (absent on a single node).
+fn cluster(out: &mut String, fabric: &Fabric) {
+    let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+        header(out, name, help, "counter");
+        sample(out, name, "", v.load(Relaxed));
+    };
+    let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
+        header(out, name, help, "gauge");
+        sample(out, name, "", v);
+    };
+    header(out, "nexus_cluster_node", "This node's NEXUS_NODE_ID (value 1).", "gauge");
+    sample(out, "nexus_cluster_node", &format!("node=\"{}\"", fabric.node_id), 1);
+    gauge(
+        out,
+        "nexus_redis_up",
+        "1 while Redis carries live traffic; 0: degraded, other nodes' messages come from PostgreSQL.",
+        u64::from(fabric.redis_up()),
+    );
+    let published = fabric.publisher.stats();
+    counter(out, "nexus_publications_total", "Conversations' publications sent to Redis.", &published.published);
+    counter(
+        out,
+        "nexus_publish_dropped_total",
+        "Committed batches not published (queue full or Redis down); other nodes read them from PostgreSQL.",
+        &published.dropped,
+    );
+    gauge(
+        out,
+        "nexus_publish_queue_depth",
+        "Committed batches waiting to be published.",
+        fabric.publisher.queued() as u64,
+    );
+    let stats = &fabric.stats;
+    counter(
+        out,
+        "nexus_gap_fills_total",
+        "Reads of missing messages from PostgreSQL (gaps, catch-up).",
+        &stats.gap_fills,
+    );
+    counter(
+        out,
+        "nexus_catchup_rows_total",
+        "Messages delivered from PostgreSQL reads rather than Redis.",
+        &stats.catchup_rows,
+    );
+    gauge(out, "nexus_filler_queue_depth", "Reads waiting for the gap-fill reader.", fabric.filler.queued() as u64);
 }
 
 fn header(out: &mut String, name: &str, help: &str, kind: &str) {

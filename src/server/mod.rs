@@ -3,6 +3,7 @@
 
 mod conn;
 mod core;
+mod fabric;
 mod metrics;
 mod sys;
 mod task;
@@ -18,6 +19,7 @@ use monoio::{FusionDriver, RuntimeBuilder};
 use socket2::{Domain, Socket, Type};
 
 use self::core::{Core, Shared};
+use self::fabric::{Fabric, FabricError};
 use crate::auth::Verifier;
 use crate::bus::{CoreMsg, Mailbox, WakeReceiver};
 use crate::config::Config;
@@ -44,6 +46,9 @@ pub enum ServerError {
     /// The database could not be opened or migrated.
     #[error("{0}")]
     Database(#[from] schema::OpenError),
+    /// Cluster mode could not start.
+    #[error("{0}")]
+    Fabric(#[from] FabricError),
 }
 
 /// Runs the server until SIGINT/SIGTERM.
@@ -51,7 +56,13 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     // Before any thread starts: a thread that does not block SIGTERM would take the signal
     // and die by it, ending the whole process without a drain.
     block_signals();
-    let Storage { lanes: store, commit_gap, reader, shown: database } = open_storage(&config)?;
+    let listeners = bind_listeners(config.listen, config.workers)?;
+    let local = listeners[0].local_addr().map_err(ServerError::Start)?;
+    let node_id = match config.cluster.as_ref().and_then(|c| c.node_id.clone()) {
+        Some(id) => id,
+        None => format!("{}:{}", sys::hostname(), local.port()),
+    };
+    let Storage { lanes: store, commit_gap, reader, target, shown: database } = open_storage(&config, &node_id)?;
     let nofile = sys::raise_nofile_limit();
     let workers = config.workers;
     let reserved = limits::FDS_RESERVED + limits::FDS_PER_CORE * workers as u64;
@@ -65,18 +76,28 @@ pub fn run(config: Config) -> Result<(), ServerError> {
              are refused when descriptors run out"
         );
     }
-    let listeners = bind_listeners(config.listen, workers)?;
-    let local = listeners[0].local_addr().map_err(ServerError::Start)?;
     let (mailboxes, wakes): (Vec<Mailbox>, Vec<WakeReceiver>) = (0..workers)
         .map(|_| Mailbox::new(limits::MAILBOX_MSGS_MAX))
         .collect::<Result<Vec<_>, _>>()?
         .into_iter()
         .unzip();
+    let mailboxes: Arc<[Mailbox]> = Arc::from(mailboxes);
+    let fabric = match (&config.cluster, &target) {
+        (Some(cluster), Some(target)) => {
+            let fabric = Fabric::start(cluster, node_id.clone(), target, config.db_timeout, Arc::clone(&mailboxes))?;
+            Some(fabric)
+        }
+        _ => None,
+    };
+    let cluster = config.cluster.as_ref().map_or(String::new(), |c| {
+        format!(" cluster node={node_id} redis_prefix={} node_timeout={:?}", c.redis_prefix, c.node_timeout)
+    });
     let shared = Arc::new(Shared {
         reader,
         verifier: Verifier::new(&config.jwt_secret, config.jwt_leeway_secs),
         config,
         mailboxes,
+        fabric,
         connections: AtomicUsize::new(0),
         connections_max,
         draining: AtomicBool::new(false),
@@ -84,8 +105,11 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         published: crate::metrics::Published::new(workers),
     });
     let fanout = shared.clone();
-    let sink = Arc::new(move |batch| {
-        for mailbox in &fanout.mailboxes {
+    let sink = Arc::new(move |batch: Arc<crate::store::CommitBatch>| {
+        if let Some(fabric) = &fanout.fabric {
+            fabric.publish(&batch); // first: the other nodes' members wait longest
+        }
+        for mailbox in fanout.mailboxes.iter() {
             mailbox.push_blocking(CoreMsg::Committed(Arc::clone(&batch)));
         }
     });
@@ -105,7 +129,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         );
     }
     tracing::info!(
-        "listening on {local} workers={workers} driver={driver} open_files={nofile} max_connections={connections_max} {database}"
+        "listening on {local} workers={workers} driver={driver} open_files={nofile} max_connections={connections_max} {database}{cluster}"
     );
     let signal = wait_for_signal(None).unwrap_or("signal");
     drain(&shared, signal);
@@ -127,7 +151,7 @@ fn drain(shared: &Shared, signal: &str) {
         "draining: closing sockets (1001), send the signal again to stop now"
     );
     shared.draining.store(true, Ordering::Relaxed);
-    for mailbox in &shared.mailboxes {
+    for mailbox in shared.mailboxes.iter() {
         mailbox.push_blocking(CoreMsg::Drain);
     }
     let deadline = Instant::now() + over + limits::CLOSE_LINGER;
@@ -147,15 +171,17 @@ struct Storage {
     /// Least time between a lane's commit starts under a steady load (PostgreSQL only).
     commit_gap: Duration,
     reader: ReaderHandle,
+    /// The PostgreSQL database, if that is the store (cluster mode reads it too).
+    target: Option<PgTarget>,
     shown: String,
 }
 
-/// Opens the configured store (migrating it) and starts its history readers.
-fn open_storage(config: &Config) -> Result<Storage, ServerError> {
+/// Opens the configured store (migrating it) and starts its history readers; `node` names
+/// this node in PostgreSQL's batch records.
+fn open_storage(config: &Config, node: &str) -> Result<Storage, ServerError> {
     if let Some(url) = &config.database_url {
         let target = PgTarget::parse(url.expose(), config.db_timeout)?;
-        let node = format!("{}:{}", sys::hostname(), config.listen.port());
-        let lanes = PgStore::open(&target, &node, config.db_timeout, config.db_writers)?;
+        let lanes = PgStore::open(&target, node, config.db_timeout, config.db_writers)?;
         let reader = spawn_pg_readers(&target, config.db_readers, config.db_timeout)?;
         let shown = format!(
             "database={} writers={} readers={} commit_gap={:?}",
@@ -165,7 +191,7 @@ fn open_storage(config: &Config) -> Result<Storage, ServerError> {
             config.db_commit_gap
         );
         let lanes = lanes.into_iter().map(|s| Box::new(s) as Box<dyn Store>).collect();
-        return Ok(Storage { lanes, commit_gap: config.db_commit_gap, reader, shown });
+        return Ok(Storage { lanes, commit_gap: config.db_commit_gap, reader, target: Some(target), shown });
     }
     let sync = if config.sync_full { schema::Sync::Full } else { schema::Sync::Normal };
     let db = schema::open_writer(&config.database_path, sync, config.db_max_bytes)?;
@@ -175,7 +201,7 @@ fn open_storage(config: &Config) -> Result<Storage, ServerError> {
     schema::spawn_checkpointer(&config.database_path)?;
     let sync = if config.sync_full { "full" } else { "normal" };
     let shown = format!("database={} sync={sync}", config.database_path.display());
-    Ok(Storage { lanes: vec![Box::new(store)], commit_gap: Duration::ZERO, reader, shown })
+    Ok(Storage { lanes: vec![Box::new(store)], commit_gap: Duration::ZERO, reader, target: None, shown })
 }
 
 /// One `SO_REUSEPORT` listener per core, all on the same port (port 0 resolves once).

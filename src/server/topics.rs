@@ -7,6 +7,7 @@ use bytes::Bytes;
 use uuid::Uuid;
 
 use super::conn::Conn;
+use super::fabric::TopicOrder;
 use crate::phoenix::{Outbound, Vsn};
 use crate::wire;
 
@@ -28,6 +29,8 @@ struct Topic {
     members: HashMap<usize, Member>,
     spelling: Rc<str>,
     other_spellings: HashMap<usize, Rc<str>>,
+    /// Cluster mode: the delivery order of the conversation's messages on this core.
+    order: Option<Box<TopicOrder>>,
 }
 
 impl Topic {
@@ -40,6 +43,14 @@ impl Topic {
     }
 }
 
+/// What a member's leave did to its topic.
+pub(crate) enum Left {
+    /// Other members remain (or it was no member).
+    Stays,
+    /// It was the last member: the topic is gone, with its order state (cluster mode).
+    Freed(Option<Box<TopicOrder>>),
+}
+
 /// Conversation → local members, for the conversations this core's sockets joined.
 #[derive(Default)]
 pub(crate) struct LocalTopics {
@@ -48,13 +59,14 @@ pub(crate) struct LocalTopics {
 
 impl LocalTopics {
     /// Adds `conn` (slab key `key`) as a member spelling the topic `spelling`; returns the
-    /// shared spelling the member should keep (`spelling` itself for a new topic).
-    pub(crate) fn add_member(&mut self, conversation: Uuid, conn: &Rc<Conn>, spelling: Rc<str>) -> Rc<str> {
+    /// shared spelling the member should keep (`spelling` itself for a new topic), and whether
+    /// the topic is new.
+    pub(crate) fn add_member(&mut self, conversation: Uuid, conn: &Rc<Conn>, spelling: Rc<str>) -> (Rc<str>, bool) {
         let key = conn.key;
-        let topic = self.topics.entry(conversation).or_insert_with(|| Topic {
-            members: HashMap::new(),
-            spelling: spelling.clone(),
-            other_spellings: HashMap::new(),
+        let mut new = false;
+        let topic = self.topics.entry(conversation).or_insert_with(|| {
+            new = true;
+            Topic { members: HashMap::new(), spelling: spelling.clone(), other_spellings: HashMap::new(), order: None }
         });
         let interned = if *topic.spelling == *spelling {
             topic.spelling.clone()
@@ -66,18 +78,38 @@ impl LocalTopics {
         };
         let previous = topic.members.insert(key, Member { conn: conn.clone(), presence_ready: false });
         debug_assert!(previous.is_none(), "a socket is a member of a conversation once");
-        interned
+        (interned, new)
     }
 
     /// Removes a member; frees the topic with its last member.
-    pub(crate) fn remove_member(&mut self, conversation: Uuid, key: usize) {
-        if let Some(topic) = self.topics.get_mut(&conversation) {
-            topic.members.remove(&key);
-            topic.other_spellings.remove(&key);
-            if topic.members.is_empty() {
-                self.topics.remove(&conversation);
-            }
+    pub(crate) fn remove_member(&mut self, conversation: Uuid, key: usize) -> Left {
+        let Some(topic) = self.topics.get_mut(&conversation) else { return Left::Stays };
+        topic.members.remove(&key);
+        topic.other_spellings.remove(&key);
+        if !topic.members.is_empty() {
+            return Left::Stays;
         }
+        Left::Freed(self.topics.remove(&conversation).and_then(|t| t.order))
+    }
+
+    /// Gives a topic its order state (cluster mode, when it is created).
+    pub(crate) fn set_order(&mut self, conversation: Uuid, order: TopicOrder) {
+        if let Some(topic) = self.topics.get_mut(&conversation) {
+            topic.order = Some(Box::new(order));
+        }
+    }
+
+    /// The order state of a topic (cluster mode).
+    pub(crate) fn order_mut(&mut self, conversation: Uuid) -> Option<&mut TopicOrder> {
+        self.topics.get_mut(&conversation)?.order.as_deref_mut()
+    }
+
+    /// The conversations whose delivery has started (cluster mode), for the catch-up.
+    pub(crate) fn ordered(&self) -> impl Iterator<Item = Uuid> + '_ {
+        self.topics
+            .iter()
+            .filter(|(_, t)| t.order.as_ref().is_some_and(|o| o.cursor.next_seq().is_some()))
+            .map(|(c, _)| *c)
     }
 
     /// Marks a member's `presence_state` as pushed: diffs may go to it from now on.

@@ -107,6 +107,9 @@ pub enum Effect {
         join_ref: JoinRef,
         /// The new presence meta's reference.
         phx_ref: PhxRef,
+        /// The ok reply to the join, queued when the core is ready to serve the channel (at
+        /// once, except on a cluster node's first join of a conversation).
+        reply: Bytes,
     },
     /// The socket left `conversation`: drop the membership and untrack `phx_ref`.
     Leave {
@@ -320,8 +323,8 @@ impl Session {
         // reserve four, 256 B per idle connection).
         self.channels.reserve_exact(1);
         self.channels.push(Joined { conversation, topic: topic.clone(), join_ref: join_ref.clone(), phx_ref });
-        out.push(Effect::Join { conversation, topic, join_ref: join_ref.clone(), phx_ref });
-        self.reply(out, Some(&join_ref), r, &m.topic, true, phoenix::EMPTY);
+        let reply = wire::reply(self.vsn, Some(&join_ref), r, &m.topic, true, phoenix::EMPTY);
+        out.push(Effect::Join { conversation, topic, join_ref: join_ref.clone(), phx_ref, reply });
         env.counters.bump(Counter::Joins);
         if let Some(old) = old {
             // Duplicate join: the new reply first, then the close of the old membership.

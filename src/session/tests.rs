@@ -44,7 +44,7 @@ impl Harness {
         };
         let mut out = Vec::new();
         self.session.on_message(msg, &mut env, &mut out);
-        out.iter().map(|e| render(e, self.session.vsn())).collect()
+        out.iter().flat_map(|e| render(e, self.session.vsn())).collect()
     }
 
     fn text(&mut self, text: &str) -> Vec<String> {
@@ -52,23 +52,31 @@ impl Harness {
     }
 }
 
-/// An effect as one line: frames as their JSON text (control frames by opcode), the rest by
-/// what they say.
-fn render(e: &Effect, vsn: Vsn) -> String {
-    match e {
-        Effect::Send(frame) => match frame[0] {
-            0x81 => String::from_utf8(wire::frame_payload(frame).to_vec()).expect("UTF-8 text frame"),
-            0x8a => format!("pong {:?}", String::from_utf8_lossy(wire::frame_payload(frame))),
-            other => format!("frame {other:#x}"),
-        },
-        Effect::Join { conversation, topic, join_ref, .. } => format!("join {conversation} {topic} {}", &**join_ref),
+/// A frame as one line: its JSON text (control frames by opcode).
+fn render_frame(frame: &[u8]) -> String {
+    match frame[0] {
+        0x81 => String::from_utf8(wire::frame_payload(frame).to_vec()).expect("UTF-8 text frame"),
+        0x8a => format!("pong {:?}", String::from_utf8_lossy(wire::frame_payload(frame))),
+        other => format!("frame {other:#x}"),
+    }
+}
+
+/// An effect as lines: frames as their JSON text, the rest by what they say (a join, then the
+/// reply it carries).
+fn render(e: &Effect, vsn: Vsn) -> Vec<String> {
+    let line = match e {
+        Effect::Send(frame) => render_frame(frame),
+        Effect::Join { conversation, topic, join_ref, reply, .. } => {
+            return vec![format!("join {conversation} {topic} {}", &**join_ref), render_frame(reply)]
+        }
         Effect::Leave { conversation, .. } => format!("leave {conversation}"),
         Effect::Submit { conversation, body, reply } => {
             let ok = reply.frame(vsn, None);
             format!("submit {conversation} {body:?} then {}", String::from_utf8_lossy(wire::frame_payload(&ok)))
         }
         Effect::Close(why) => format!("close {}", why.code()),
-    }
+    };
+    vec![line]
 }
 
 fn v2(join_ref: &str, reference: &str, topic: &str, event: &str, payload: &str) -> String {
@@ -363,7 +371,7 @@ fn joined_channels_are_found_adopted_and_left() {
     assert!(Rc::ptr_eq(&h.session.joined_topic(conversation, "1").expect("joined"), &shared));
     let mut out = Vec::new();
     h.session.leave_all(&mut out);
-    let left: Vec<String> = out.iter().map(|e| render(e, Vsn::V2)).collect();
+    let left: Vec<String> = out.iter().flat_map(|e| render(e, Vsn::V2)).collect();
     assert_eq!(left, [format!("leave {C}"), "leave 0195f1b2-7c3a-7d4e-8f00-000000000002".to_string()]);
     assert_eq!(h.session.channels(), 0);
     assert_eq!(h.counters.get(Counter::Joins), 2);

@@ -15,6 +15,7 @@ mod writer;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use uuid::Uuid;
 
 pub use history::{read_history, spawn_reader, HistoryError, HistoryJob, HistoryPage, HistoryQuery, ReaderHandle};
@@ -79,9 +80,25 @@ pub struct Committed {
 pub struct CommitBatch {
     /// The batch, in commit order.
     pub messages: Vec<Committed>,
+    /// Each message's `new_msg` broadcast payload, in the same order (empty on failure):
+    /// encoded once, on the writer's thread, for every core and every other node.
+    pub payloads: Vec<Bytes>,
     /// `Some(detail)` when the commit failed: nothing may be broadcast and every request gets
     /// `Failed to save` with this detail.
     pub failure: Option<&'static str>,
+}
+
+impl CommitBatch {
+    /// A committed batch, its broadcast payloads encoded.
+    pub fn committed(messages: Vec<Committed>) -> CommitBatch {
+        let payloads = messages.iter().map(|c| Bytes::from(crate::chat::new_msg_payload(&c.message))).collect();
+        CommitBatch { messages, payloads, failure: None }
+    }
+
+    /// A batch whose commit failed with `detail`: answered, never broadcast.
+    pub fn failed(messages: Vec<Committed>, detail: &'static str) -> CommitBatch {
+        CommitBatch { messages, payloads: Vec::new(), failure: Some(detail) }
+    }
 }
 
 /// Persistence behind the writer thread. `commit` must be all-or-nothing for the batch.

@@ -178,16 +178,16 @@ fn run(mut store: Box<dyn Store>, sink: &BatchSink, rx: Receiver<Request>, stats
         last_start = started;
         let committed = store.commit(&mut batch);
         stats.record(batch.len(), started.elapsed(), committed.is_ok());
-        let failure = match committed {
-            Ok(()) => None,
+        let outcome = match committed {
+            Ok(()) => CommitBatch::committed(batch),
             Err(e) => {
                 tracing::error!(error = %e, rows = batch.len(), "commit failed");
-                Some("storage unavailable")
+                CommitBatch::failed(batch, "storage unavailable")
             }
         };
         // Late commits (found while reconnecting for this batch) are older: they go first.
         send_late(&mut *store, sink);
-        sink(Arc::new(CommitBatch { messages: batch, failure }));
+        sink(Arc::new(outcome));
         store.maintain(false);
     }
     tracing::info!("writer stopped; every message it accepted is committed");
@@ -205,7 +205,7 @@ fn stamped(stamper: &mut Stamper, req: InsertRequest) -> Committed {
 fn send_late(store: &mut dyn Store, sink: &BatchSink) {
     let late = store.take_late();
     if !late.is_empty() {
-        sink(Arc::new(CommitBatch { messages: late, failure: None }));
+        sink(Arc::new(CommitBatch::committed(late)));
     }
 }
 

@@ -6,6 +6,7 @@
 //! nothing waits by sleeping: a test waits for the frame it expects (or for EOF) with a timeout.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod pg;
 pub mod redis;
 
