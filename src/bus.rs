@@ -65,6 +65,17 @@ pub enum CoreMsg {
     /// `inserted_at`) of the conversations `asked` (absent from `heads`: no message yet), or
     /// `None` when the database could not be read.
     Heads { asked: Vec<Uuid>, heads: Option<Vec<(Uuid, u64, i64)>> },
+    /// Cluster, to a conversation's owner: versioned changes of its presence (a publication,
+    /// or the answer to this node's own changes).
+    PresenceChanges { conversation: Uuid, changes: crate::cluster::presence::Changes },
+    /// Cluster, to a conversation's owner: Redis could not take these local changes; they are
+    /// applied on this node only until Redis is back.
+    PresenceUnapplied { conversation: Uuid, changes: Vec<crate::cluster::presence::Change> },
+    /// Cluster, to a conversation's owner: the whole presence at a version (`None`: Redis could
+    /// not be read).
+    PresenceSnapshot { conversation: Uuid, snapshot: Option<crate::cluster::presence::Changes> },
+    /// Cluster, to every core: Redis may lack this node's presence; resync every replica.
+    PresenceResync,
     /// Cluster, from the gap-fill reader to the core that asked: `conversation`'s messages read
     /// from the database (`None`: the read failed); `full`: the read hit its row limit.
     Filled { conversation: Uuid, messages: Option<Vec<Sequenced>>, full: bool },

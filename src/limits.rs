@@ -355,6 +355,15 @@ pub const CATCHUP_HEADS_MAX: usize = 1_000;
 /// its next check.
 pub const FILLER_QUEUE_MAX: usize = 4_096;
 
+/// Presence requests the owner cores may have queued for the Redis presence thread (one per
+/// conversation per presence window at most); when full, the changes apply on this node only
+/// and are resynced once Redis keeps up.
+pub const PRESENCE_QUEUE_MAX: usize = 16_384;
+
+/// Presence publications a replica keeps while its snapshot is being read; beyond it they
+/// are dropped, and the version gap after the snapshot reads another.
+pub const PRESENCE_EARLY_MAX: usize = 1_024;
+
 /// Watch/unwatch requests the cores may have queued for the Redis subscriber; one per first
 /// join and last leave of a conversation on a core.
 pub const WATCH_QUEUE_MAX: usize = 65_536;

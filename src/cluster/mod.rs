@@ -9,6 +9,7 @@
 
 pub mod filler;
 pub mod order;
+pub mod presence;
 pub mod publication;
 pub mod publisher;
 pub mod subscriber;

@@ -19,6 +19,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use uuid::Uuid;
 
 use super::connect;
+use super::presence::{parse_publication, Changes};
 use super::publication::decode;
 use super::publisher::channel;
 use crate::backoff::Backoff;
@@ -40,6 +41,14 @@ pub enum FabricEvent {
         conversation: Uuid,
         /// The messages.
         messages: Vec<Sequenced>,
+    },
+    /// A change of `conversation`'s presence (this node's own included: replicas apply every
+    /// version in order).
+    Presence {
+        /// The conversation.
+        conversation: Uuid,
+        /// Its changes, with their version.
+        changes: Changes,
     },
     /// The subscription connection is gone: publications are being missed.
     Down,
@@ -229,8 +238,16 @@ impl Thread {
         }
     }
 
-    /// Decodes one publication and hands on another node's messages.
+    /// Decodes one publication and hands on another node's messages, or a presence change.
     fn deliver(&self, channel_name: &str, bytes: &[u8]) {
+        if bytes.first() == Some(&b'P') {
+            let Some(conversation) = self.conversation_of(channel_name) else { return };
+            match parse_publication(bytes) {
+                Ok(changes) => (self.sink)(FabricEvent::Presence { conversation, changes }),
+                Err(e) => tracing::warn!(error = e, channel = channel_name, "dropped a presence publication"),
+            }
+            return;
+        }
         let buf = Bytes::copy_from_slice(bytes);
         let publication = match decode(&buf) {
             Ok(p) => p,

@@ -41,7 +41,9 @@ impl Meta {
     }
 }
 
-/// Makes unique `phx_ref`s: 12 bytes (core, counter, time) as 16 URL-safe base64 characters.
+/// Makes unique `phx_ref`s: 12 bytes (time, salted core, counter) as 16 URL-safe base64
+/// characters. The salt and the counter's start are random per process, so refs stay unique
+/// across the nodes of a cluster (where core numbers repeat) and across restarts.
 #[derive(Debug)]
 pub struct RefMaker {
     core: u16,
@@ -51,7 +53,8 @@ pub struct RefMaker {
 impl RefMaker {
     /// A maker for one core (refs from different cores never collide).
     pub fn new(core: u16) -> RefMaker {
-        RefMaker { core, counter: 0 }
+        let random = Uuid::new_v4().as_u128();
+        RefMaker { core: core ^ process_salt(), counter: random as u32 }
     }
 
     /// The next reference.
@@ -66,6 +69,13 @@ impl RefMaker {
         let _ = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_slice(raw, &mut out);
         out
     }
+}
+
+/// One random value per process, mixed into every core's number: cores of one process stay
+/// distinct, cores of two processes almost surely differ.
+fn process_salt() -> u16 {
+    static SALT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *SALT.get_or_init(|| Uuid::new_v4().as_u128() as u16)
 }
 
 /// The presence table of one topic.

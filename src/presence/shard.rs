@@ -60,10 +60,25 @@ impl<J> PresenceShard<J> {
     /// A joiner's meta: added now, its state and the diff go out at the next flush (state
     /// first). Returns `true` when the caller must schedule that flush.
     pub fn track(&mut self, conversation: Uuid, user: Uuid, meta: Meta, joiner: J) -> bool {
+        self.add(conversation, user, meta, Some(joiner))
+    }
+
+    /// A meta joined: added now, the diff (and the state of its joiner, if it has one here)
+    /// go out at the next flush. Returns `true` when the caller must schedule that flush.
+    pub fn add(&mut self, conversation: Uuid, user: Uuid, meta: Meta, joiner: Option<J>) -> bool {
         self.topics.entry(conversation).or_default().track(user, meta);
-        self.waiting.entry(conversation).or_default().push(joiner);
+        if let Some(joiner) = joiner {
+            self.waiting.entry(conversation).or_default().push(joiner);
+        }
         self.pending.entry(conversation).or_default().join(user, meta);
         self.schedule()
+    }
+
+    /// Forgets a topic entirely, without a diff (no member here needs it any more).
+    pub fn forget(&mut self, conversation: Uuid) {
+        self.topics.remove(&conversation);
+        self.pending.remove(&conversation);
+        self.waiting.remove(&conversation);
     }
 
     /// A meta left (leave, rejoin, close); the table of a topic goes with its last meta.

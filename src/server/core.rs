@@ -38,6 +38,7 @@ use crate::store::{CommitBatch, InsertRequest, Origin, ReaderHandle, StoreHandle
 use crate::{channel, chat, ids, limits, wire};
 
 mod cluster;
+mod replica;
 
 /// Read-only state every core shares (plus atomics for the few process-wide facts).
 pub(crate) struct Shared {
@@ -123,6 +124,8 @@ pub(crate) struct Core {
     counters: Counters,
     /// Cluster mode's per-core bookkeeping (unused on a single node).
     cluster: RefCell<cluster::ClusterState>,
+    /// Cluster mode: replicas of the cluster-wide presence of the conversations this core owns.
+    replicas: RefCell<std::collections::HashMap<Uuid, replica::Replica>>,
 }
 
 impl Core {
@@ -151,6 +154,7 @@ impl Core {
             retry_scheduled: Cell::new(false),
             counters: Counters::default(),
             cluster: RefCell::new(cluster::ClusterState::default()),
+            replicas: RefCell::new(std::collections::HashMap::new()),
         }
     }
 
@@ -480,6 +484,9 @@ impl Core {
     /// Owner: a socket on core `from` joined.
     fn on_track(&self, conversation: Uuid, user: Uuid, meta: Meta, from: u16, conn: ConnRef, join_ref: Box<str>) {
         let joiner = Joiner { core: from, conn, join_ref };
+        if self.shared.fabric.is_some() {
+            return self.track_replicated(conversation, user, meta, joiner);
+        }
         if self.presence.borrow_mut().track(conversation, user, meta, joiner) {
             self.schedule_presence_flush();
         }
@@ -487,6 +494,9 @@ impl Core {
 
     /// Owner: a meta left.
     fn on_untrack(&self, conversation: Uuid, user: Uuid, phx_ref: PhxRef) {
+        if self.shared.fabric.is_some() {
+            return self.untrack_replicated(conversation, phx_ref);
+        }
         if self.presence.borrow_mut().untrack(conversation, user, &phx_ref) {
             self.schedule_presence_flush();
         }
@@ -513,6 +523,7 @@ impl Core {
     /// Sends the states the joiners wait for, then every pending diff to every core (each
     /// fans it out to its local members). Per core the state arrives before the diff.
     fn flush_presence(&self) {
+        self.send_presence_changes();
         let flush = self.presence.borrow_mut().flush();
         for (conversation, state, joiners) in flush.states {
             for j in joiners {
@@ -526,6 +537,7 @@ impl Core {
                 self.send_to(core, CoreMsg::PresenceDiff { conversation, diff: diff.clone() });
             }
         }
+        self.drop_idle_replicas();
     }
 
     /// Joiner's core: push `presence_state` if the connection is still in that join.
@@ -632,6 +644,16 @@ impl Core {
                     CoreMsg::FabricDown(down) => self.on_fabric_down(down),
                     CoreMsg::Heads { asked, heads } => self.on_heads(&asked, heads),
                     CoreMsg::Filled { conversation, messages, full } => self.on_filled(conversation, messages, full),
+                    CoreMsg::PresenceChanges { conversation, changes } => {
+                        self.on_presence_changes(conversation, changes)
+                    }
+                    CoreMsg::PresenceUnapplied { conversation, changes } => {
+                        self.on_presence_unapplied(conversation, &changes)
+                    }
+                    CoreMsg::PresenceSnapshot { conversation, snapshot } => {
+                        self.on_presence_snapshot(conversation, snapshot)
+                    }
+                    CoreMsg::PresenceResync => self.resync_replicas(),
                 }
                 // Let the woken connections flush before the next batch: a backlog of batches
                 // broadcast in one go could push a member that reads fine over its queue limit.

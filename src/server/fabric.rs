@@ -17,6 +17,7 @@ use super::conn::Conn;
 use crate::bus::{CoreMsg, Mailbox, Sequenced};
 use crate::cluster::filler::{spawn_filler, FillRequest, Filler};
 use crate::cluster::order::Cursor;
+use crate::cluster::presence::{spawn_presence, Presence, PresenceEvent, PresenceSettings};
 use crate::cluster::publisher::{spawn_publisher, Publisher};
 use crate::cluster::subscriber::{spawn_subscriber, FabricEvent, Subscriber};
 use crate::config::ClusterConfig;
@@ -41,6 +42,8 @@ pub enum FabricError {
 pub(crate) struct FabricStats {
     /// The subscription is live (publications are received).
     pub subscribed: AtomicBool,
+    /// Presence replicas read again because a version was missed.
+    pub presence_resyncs: AtomicU64,
     /// Gap fills read from the database.
     pub gap_fills: AtomicU64,
     /// Messages the catch-up found missing and read from the database.
@@ -53,6 +56,7 @@ pub(crate) struct Fabric {
     pub subscriber: Subscriber,
     pub filler: Filler,
     pub publisher: Publisher,
+    pub presence: Presence,
     pub stats: Arc<FabricStats>,
     pub gap_wait: Duration,
     pub catchup: Duration,
@@ -75,6 +79,17 @@ impl Fabric {
         let publisher = spawn_publisher(client.clone(), prefix.clone(), incarnation.clone(), config.publish_queue)?;
         let stats = Arc::new(FabricStats { subscribed: AtomicBool::new(true), ..FabricStats::default() });
         let recorder = Arc::clone(&stats);
+        let everyone = Arc::clone(&mailboxes);
+        let resync = Arc::new(move |event: PresenceEvent| match event {
+            PresenceEvent::Resync => everyone.iter().for_each(|m| m.push_blocking(CoreMsg::PresenceResync)),
+        });
+        let settings = PresenceSettings {
+            prefix: prefix.clone(),
+            node_id: node_id.clone(),
+            incarnation: incarnation.clone(),
+            node_timeout: config.node_timeout,
+        };
+        let presence = spawn_presence(client.clone(), settings, limits::PRESENCE_QUEUE_MAX, resync)?;
         let sink = Arc::new(move |event| route(&mailboxes, &recorder, event));
         let subscriber = spawn_subscriber(client, prefix, incarnation, limits::WATCH_QUEUE_MAX, sink)?;
         let filler = spawn_filler(PgFillReader::new(target, db_timeout), limits::FILLER_QUEUE_MAX)?;
@@ -83,6 +98,7 @@ impl Fabric {
             subscriber,
             filler,
             publisher,
+            presence,
             stats,
             gap_wait: config.gap_wait,
             catchup: config.catchup,
@@ -146,6 +162,10 @@ fn route(mailboxes: &[Mailbox], stats: &FabricStats, event: FabricEvent) {
         FabricEvent::Remote { conversation, messages } => {
             let messages: Arc<[Sequenced]> = Arc::from(messages);
             Box::new(move || CoreMsg::Remote { conversation, messages: Arc::clone(&messages) })
+        }
+        FabricEvent::Presence { conversation, changes } => {
+            let owner = crate::channel::owner_core(conversation, mailboxes.len());
+            return mailboxes[owner].push_blocking(CoreMsg::PresenceChanges { conversation, changes });
         }
         FabricEvent::Down | FabricEvent::Up => {
             let down = event == FabricEvent::Down;

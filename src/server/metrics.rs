@@ -121,6 +121,19 @@ fn cluster(out: &mut String, fabric: &Fabric) {
         &stats.catchup_rows,
     );
     gauge(out, "nexus_filler_queue_depth", "Reads waiting for the gap-fill reader.", fabric.filler.queued() as u64);
+    counter(
+        out,
+        "nexus_presence_resyncs_total",
+        "Presence replicas read again from Redis after a missed version.",
+        &stats.presence_resyncs,
+    );
+    counter(
+        out,
+        "nexus_reaped_nodes_total",
+        "Stopped nodes whose presence this node removed.",
+        &fabric.presence.stats().reaped_nodes,
+    );
+    gauge(out, "nexus_presence_queue_depth", "Presence changes waiting for Redis.", fabric.presence.queued() as u64);
 }
 
 fn header(out: &mut String, name: &str, help: &str, kind: &str) {

@@ -61,3 +61,80 @@ impl Cluster {
         pg::rows(&self.pg_url)
     }
 }
+
+/// What one member knows of a conversation's presence, built from its `presence_state` and
+/// `presence_diff` pushes exactly as Phoenix.Presence's client does: user → its metas' refs.
+#[derive(Debug, Default)]
+pub struct PresenceView {
+    pub users: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// How many times each ref was seen leaving.
+    pub leaves: std::collections::HashMap<String, usize>,
+    /// The first state arrived.
+    pub synced: bool,
+}
+
+impl PresenceView {
+    /// Applies one frame (ignoring everything but presence pushes).
+    pub fn apply(&mut self, text: &str) {
+        use sonic_rs::{JsonContainerTrait, JsonValueTrait};
+        let v = super::parse(text);
+        let (Some(event), Some(payload)) = (v.get(3).and_then(|e| e.as_str()), v.get(4)) else { return };
+        let metas = |users: &sonic_rs::Value| -> Vec<(String, String)> {
+            let mut out = Vec::new();
+            for (user, entry) in users.as_object().into_iter().flat_map(|o| o.iter()) {
+                for meta in entry.get("metas").and_then(|m| m.as_array()).into_iter().flat_map(|a| a.iter()) {
+                    let phx_ref = meta.get("phx_ref").and_then(|r| r.as_str()).unwrap_or("").to_string();
+                    out.push((user.to_string(), phx_ref));
+                }
+            }
+            out
+        };
+        match event {
+            "presence_state" => {
+                self.users.clear();
+                for (user, r) in metas(payload) {
+                    self.users.entry(user).or_default().insert(r);
+                }
+                self.synced = true;
+            }
+            "presence_diff" => {
+                for (user, r) in metas(payload.get("leaves").expect("leaves")) {
+                    *self.leaves.entry(r.clone()).or_default() += 1;
+                    if let Some(refs) = self.users.get_mut(&user) {
+                        refs.remove(&r);
+                        if refs.is_empty() {
+                            self.users.remove(&user);
+                        }
+                    }
+                }
+                for (user, r) in metas(payload.get("joins").expect("joins")) {
+                    self.users.entry(user).or_default().insert(r);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Users with how many metas each.
+    pub fn counts(&self) -> std::collections::BTreeMap<String, usize> {
+        self.users.iter().map(|(u, refs)| (u.clone(), refs.len())).collect()
+    }
+
+    /// Reads `client` until `done(self)` holds; fails after `timeout` with the view.
+    #[track_caller]
+    pub fn pump_until(
+        &mut self,
+        client: &mut super::Client,
+        timeout: std::time::Duration,
+        done: impl Fn(&Self) -> bool,
+    ) {
+        let deadline = std::time::Instant::now() + timeout;
+        while !done(self) {
+            let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+            match client.try_recv_text(remaining) {
+                Ok(text) => self.apply(&text),
+                Err(e) => panic!("presence did not converge ({e}): {self:?}"),
+            }
+        }
+    }
+}

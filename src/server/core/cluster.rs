@@ -153,11 +153,18 @@ impl Core {
         }
     }
 
-    /// Redis went down (`true`) or came back: catch up now, then at the rate that fits.
+    /// Redis went down (`true`) or came back: catch up now, then at the rate that fits; once
+    /// back, read every presence replica again.
     pub(super) fn on_fabric_down(&self, down: bool) {
-        let mut cluster = self.cluster.borrow_mut();
-        cluster.down = down;
-        cluster.next_catchup = Instant::now();
+        {
+            let mut cluster = self.cluster.borrow_mut();
+            cluster.down = down;
+            cluster.next_catchup = Instant::now();
+        }
+        if !down {
+            // Presence publications were missed too.
+            self.resync_replicas();
+        }
     }
 
     /// Heads read from the database: a waiting conversation starts delivering after its head
