@@ -17,7 +17,7 @@ use hdrhistogram::Histogram;
 use uuid::Uuid;
 
 use crate::reactor::{self, event_is, is_ok_reply, json_str, v2_ref, Frame, Poller, Sock};
-use crate::stats::{cpu_time, own_cpu_time};
+use crate::stats::{cpu_total, own_cpu_time};
 use crate::wire::token;
 
 /// Arguments of `nexus-load fanout`.
@@ -56,9 +56,10 @@ pub(crate) struct Args {
     /// Source addresses 127.0.0.2 .. 127.0.0.(1+N) to spread the client ports over.
     #[arg(long, default_value_t = 20)]
     sources: u8,
-    /// Server process id, for server CPU per delivery.
-    #[arg(long)]
-    server_pid: Option<u32>,
+    /// Server process ids (a comma list: the nodes of a cluster, its Redis and database), for
+    /// the server CPU per delivery, summed over them.
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
     /// Print one JSON object instead of the summary.
     #[arg(long)]
     json: bool,
@@ -163,7 +164,7 @@ impl Seen {
 }
 
 pub(crate) fn run(args: Args) -> Result<(), String> {
-    let addr = crate::loopback(&args.target.addr)?;
+    let addrs = args.target.addrs()?;
     if args.topics == 0 || args.senders == 0 || args.window == 0 || args.readers == 0 || args.sources == 0 {
         return Err("--topics, --senders, --window, --readers and --sources must be at least 1".into());
     }
@@ -173,6 +174,8 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     let topics: Vec<String> = (0..args.topics).map(|_| format!("chat:{}", Uuid::new_v4())).collect();
     let source = |i: usize| 2 + (i % args.sources as usize) as u8;
     let open = |i: usize| -> Result<Sock, String> {
+        // Socket i is in topic i mod T; (i / T) mod nodes spreads each topic over every node.
+        let addr = addrs[(i / args.topics) % addrs.len()];
         reactor::open(addr, source(i), &token(&args.target.secret, Uuid::new_v4())?)
     };
     let mut members = Vec::with_capacity(args.members);
@@ -210,9 +213,9 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
 
     std::thread::sleep(args.warmup);
     shared.measuring.store(true, Ordering::Relaxed);
-    let before = Snapshot::take(&shared, args.server_pid);
+    let before = Snapshot::take(&shared, &args.server_pid);
     std::thread::sleep(args.duration);
-    let after = Snapshot::take(&shared, args.server_pid);
+    let after = Snapshot::take(&shared, &args.server_pid);
     shared.measuring.store(false, Ordering::Relaxed);
     shared.stop_sending.store(true, Ordering::Release);
 
@@ -487,12 +490,12 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    fn take(shared: &Shared, pid: Option<u32>) -> Snapshot {
+    fn take(shared: &Shared, pids: &[u32]) -> Snapshot {
         Snapshot {
             at: Instant::now(),
             deliveries: shared.deliveries.load(Ordering::Relaxed),
             acked: shared.acked_total.load(Ordering::Relaxed),
-            server_cpu: pid.and_then(cpu_time),
+            server_cpu: cpu_total(pids),
             own_cpu: own_cpu_time(),
         }
     }

@@ -55,12 +55,20 @@ enum Scenario {
 /// The server every scenario talks to.
 #[derive(clap::Args)]
 pub(crate) struct Target {
-    /// Server address (loopback only).
+    /// Server address (loopback only); a comma list spreads the connections over several
+    /// nodes of a cluster, round-robin.
     #[arg(long, default_value = "127.0.0.1:4000")]
     pub addr: String,
     /// JWT secret of the server (tokens are minted here).
     #[arg(long, env = "JWT_SECRET")]
     pub secret: String,
+}
+
+impl Target {
+    /// Every address of `--addr`, each checked by [`loopback`].
+    pub(crate) fn addrs(&self) -> Result<Vec<SocketAddr>, String> {
+        self.addr.split(',').map(|a| loopback(a.trim())).collect()
+    }
 }
 
 /// Refuses anything but loopback: load runs here never leave the machine.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::stats::{cpu_time, percentiles};
+use crate::stats::{cpu_total, percentiles};
 use crate::wire::{token, Client};
 
 /// Arguments of `nexus-load persist`.
@@ -42,9 +42,10 @@ pub(crate) struct Args {
     /// Body size in bytes.
     #[arg(long, default_value_t = 100)]
     body_bytes: usize,
-    /// Server process id, for server CPU per message.
-    #[arg(long)]
-    server_pid: Option<u32>,
+    /// Server process ids (a comma list: the nodes of a cluster, its Redis and database), for
+    /// the server CPU per message, summed over them.
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
     /// Also read history in a loop on one topic and report its latency.
     #[arg(long)]
     history: bool,
@@ -63,7 +64,7 @@ struct SenderResult {
 }
 
 pub(crate) fn run(args: Args) -> Result<(), String> {
-    let addr = crate::loopback(&args.target.addr)?;
+    let addrs = args.target.addrs()?;
     if args.senders == 0 || args.senders > 10_000 || args.window == 0 || args.window > 10_000 {
         return Err("--senders and --window must be 1..=10000".into());
     }
@@ -77,7 +78,8 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
         .collect();
     let start = Arc::new(Barrier::new(args.senders + 1));
     let mut handles = Vec::new();
-    for share in deal(&topics, args.senders) {
+    for (i, share) in deal(&topics, args.senders).into_iter().enumerate() {
+        let addr = addrs[i % addrs.len()];
         let (secret, body, start) = (args.target.secret.clone(), body.clone(), start.clone());
         let (window, duration) = (args.window, args.duration);
         // Each sender's share of the rate, as the gap between its sends.
@@ -87,14 +89,15 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     }
     let history = args.history.then(|| {
         let (secret, topic, duration) = (args.target.secret.clone(), topics[0], args.duration);
+        let addr = addrs[0];
         std::thread::spawn(move || history_reader(addr, &secret, topic, duration))
     });
     start.wait();
-    let cpu_before = args.server_pid.and_then(cpu_time);
+    let cpu_before = cpu_total(&args.server_pid);
     let began = Instant::now();
     let results: Vec<SenderResult> = handles.into_iter().map(|h| h.join().unwrap_or_default()).collect();
     let elapsed = began.elapsed().as_secs_f64();
-    let cpu = match (args.server_pid.and_then(cpu_time), cpu_before) {
+    let cpu = match (cpu_total(&args.server_pid), cpu_before) {
         (Some(after), Some(before)) => Some(after.saturating_sub(before)),
         _ => None,
     };

@@ -24,6 +24,15 @@ pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_micros(ticks * 1_000_000 / hz))
 }
 
+/// utime + stime summed over the processes still running (`None` without any pid); a
+/// short-lived helper that exits mid-run (an autovacuum worker) drops out of the sum.
+pub(crate) fn cpu_total(pids: &[u32]) -> Option<Duration> {
+    if pids.is_empty() {
+        return None;
+    }
+    Some(pids.iter().filter_map(|&p| cpu_time(p)).sum())
+}
+
 /// CPU time (user + system) of this process so far.
 pub(crate) fn own_cpu_time() -> Option<Duration> {
     // SAFETY: getrusage writes into the struct we pass.
