@@ -7,11 +7,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, PresenceView};
 use common::*;
+use sonic_rs::JsonValueTrait;
 
 /// How long presence may take to settle after a change.
 const CONVERGE: Duration = Duration::from_secs(5);
@@ -137,4 +138,46 @@ fn presence_converges_after_redis_restarts() {
     let restarted = Instant::now();
     converge(&mut [&mut a, &mut b, &mut d], &counts(&[(&u0, 1), (&u1, 1), (&u3, 1)]), CONVERGE);
     assert!(restarted.elapsed() < CONVERGE);
+}
+
+#[test]
+fn a_killed_nodes_client_rejoins_elsewhere_with_the_full_presence_and_every_later_message() {
+    let mut cluster = Cluster::start(3, &[("NEXUS_NODE_TIMEOUT", "3s")]);
+    let ports = cluster.ports();
+    let topic = new_topic();
+    let (u0, u2) = (new_sub(), new_sub());
+    let mut a = join(ports[0], &topic, &u0);
+    let c = join(ports[2], &topic, &u2);
+    converge(&mut [&mut a], &counts(&[(&u0, 1), (&u2, 1)]), CONVERGE);
+    let ghost = a.view.users[&u2].clone();
+    drop(cluster.nodes.remove(2));
+    drop(c);
+    // The client comes back through another node (as phoenix.js does through a balancer) and
+    // rejoins: its state holds the other member and itself, and the ghost of its old
+    // connection goes once the dead node is reaped.
+    let mut back = join(ports[1], &topic, &u2);
+    assert!(back.view.users.contains_key(&u0), "the full presence: {:?}", back.view);
+    let mine: BTreeSet<String> = back.view.users[&u2].difference(&ghost).cloned().collect();
+    assert_eq!(mine.len(), 1, "its own new meta: {:?}", back.view);
+    let mut expected = a.view.users.clone();
+    expected.insert(u2.clone(), mine);
+    for m in [&mut a, &mut back] {
+        m.view.pump_until(&mut m.client, Duration::from_secs(10), |v| v.users == expected);
+    }
+    // Every message sent after the rejoin reaches it, once, in order.
+    for k in 0..20 {
+        a.client.send_text(&v2(
+            Some("1"),
+            Some(&format!("m{k}")),
+            &topic,
+            "new_msg",
+            &format!(r#"{{"body":"r-{k}"}}"#),
+        ));
+    }
+    let mut got = Vec::new();
+    while got.len() < 20 {
+        let text = back.client.recv_until(CONVERGE, |t| event_of(t).as_deref() == Some("new_msg"));
+        got.push(parse(&text)[4]["content"]["text"].as_str().unwrap_or("").to_string());
+    }
+    assert_eq!(got, (0..20).map(|k| format!("r-{k}")).collect::<Vec<_>>());
 }
