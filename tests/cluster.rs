@@ -283,6 +283,27 @@ fn redis_down_from_the_start_still_delivers_through_the_database() {
     assert_eq!(http_get(cluster.nodes[1].port, "/healthz", None).status, 200, "degraded, not dead");
     let metrics = http_get(cluster.nodes[1].port, "/metrics", None).body_text();
     assert!(metrics.contains("\nnexus_redis_up 0\n"), "{metrics}");
+    assert!(metrics.contains("nexus_cluster_node{node=\"node-1\"} 1"), "{metrics}");
+    for series in [
+        "nexus_publications_total",
+        "nexus_publish_dropped_total",
+        "nexus_publish_queue_depth",
+        "nexus_gap_fills_total",
+        "nexus_catchup_rows_total",
+        "nexus_filler_queue_depth",
+        "nexus_watch_queue_depth",
+        "nexus_presence_resyncs_total",
+        "nexus_reaped_nodes_total",
+        "nexus_presence_queue_depth",
+    ] {
+        assert!(metrics.contains(&format!("\n{series} ")), "{series} missing: {metrics}");
+    }
+    let rows: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nexus_catchup_rows_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("catch-up rows");
+    assert!(rows >= 10, "node 1 read node 0's messages from the database: {rows}");
 }
 
 #[test]

@@ -90,6 +90,11 @@ impl Subscriber {
         self.send(Control::Unwatch(conversation))
     }
 
+    /// Watch and unwatch requests waiting.
+    pub fn queued(&self) -> usize {
+        self.tx.len()
+    }
+
     fn send(&self, control: Control) -> Result<(), Unavailable> {
         self.tx.try_send(control).map_err(|_| Unavailable)
     }

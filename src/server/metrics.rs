@@ -121,6 +121,12 @@ fn cluster(out: &mut String, fabric: &Fabric) {
         &stats.catchup_rows,
     );
     gauge(out, "nexus_filler_queue_depth", "Reads waiting for the gap-fill reader.", fabric.filler.queued() as u64);
+    gauge(
+        out,
+        "nexus_watch_queue_depth",
+        "Subscribe and unsubscribe requests waiting for the Redis subscriber.",
+        fabric.subscriber.queued() as u64,
+    );
     counter(
         out,
         "nexus_presence_resyncs_total",
