@@ -355,6 +355,9 @@ pub const CATCHUP_HEADS_MAX: usize = 1_000;
 /// its next check.
 pub const FILLER_QUEUE_MAX: usize = 4_096;
 
+/// Longest a stopping cluster node waits to remove its presence from Redis before it exits.
+pub const RETIRE_WAIT: Duration = Duration::from_secs(2);
+
 /// Presence requests the owner cores may have queued for the Redis presence thread (one per
 /// conversation per presence window at most); when full, the changes apply on this node only
 /// and are resynced once Redis keeps up.

@@ -181,3 +181,17 @@ fn a_killed_nodes_client_rejoins_elsewhere_with_the_full_presence_and_every_late
     }
     assert_eq!(got, (0..20).map(|k| format!("r-{k}")).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_drained_node_leaves_no_ghosts() {
+    let mut cluster = Cluster::start(3, &[("NEXUS_NODE_TIMEOUT", "60s")]);
+    let ports = cluster.ports();
+    let topic = new_topic();
+    let (u0, u2) = (new_sub(), new_sub());
+    let mut a = join(ports[0], &topic, &u0);
+    let _c = join(ports[2], &topic, &u2);
+    converge(&mut [&mut a], &counts(&[(&u0, 1), (&u2, 1)]), CONVERGE);
+    cluster.nodes[2].signal(libc::SIGTERM);
+    // Far sooner than the 60 s timeout: the drained node's leaves are published as it stops.
+    converge(&mut [&mut a], &counts(&[(&u0, 1)]), CONVERGE);
+}

@@ -137,6 +137,12 @@ pub enum PresenceRequest {
         /// Where the snapshot goes.
         reply: Reply,
     },
+    /// The node is stopping: removes every meta of this incarnation everywhere (publishing the
+    /// leaves) and its heartbeat, then says so on `done`.
+    Retire {
+        /// Told when it is done (or Redis failed).
+        done: crossbeam_channel::Sender<()>,
+    },
 }
 
 /// What the presence thread tells every core.
@@ -181,6 +187,26 @@ impl Presence {
     /// What it did so far.
     pub fn stats(&self) -> &PresenceStats {
         &self.stats
+    }
+
+    /// Removes this node's presence from the cluster (its leaves are published) and its
+    /// heartbeat, waiting at most `wait`: a node stopping on purpose leaves no ghosts.
+    pub fn retire(&self, wait: Duration) -> bool {
+        let (done, finished) = crossbeam_channel::bounded(1);
+        let deadline = Instant::now() + wait;
+        let mut request = PresenceRequest::Retire { done };
+        // Behind a full queue: retry until the deadline (the thread drains it).
+        loop {
+            match self.tx.try_send(request) {
+                Ok(()) => break,
+                Err(e) if Instant::now() < deadline => {
+                    request = e.into_inner();
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => return false,
+            }
+        }
+        finished.recv_deadline(deadline).is_ok()
     }
 }
 
@@ -270,6 +296,16 @@ impl Thread {
                 let synced = self.script(Script::Sync(self.settings.incarnation.clone()), conversation, &ops);
                 reply(synced.and_then(|_| self.snapshot(conversation)));
             }
+            PresenceRequest::Retire { done } => {
+                let own = self.settings.incarnation.clone();
+                if self.remove_metas(&own) {
+                    let nodes = format!("{}nodes", self.settings.prefix);
+                    if let Some(conn) = self.link.conn() {
+                        let _: redis::RedisResult<()> = redis::cmd("ZREM").arg(nodes).arg(&own).query(conn);
+                    }
+                }
+                let _ = done.send(());
+            }
         }
     }
 
@@ -357,22 +393,33 @@ impl Thread {
 
     /// Removes a dead incarnation's metas from every conversation it touched.
     fn reap(&mut self, dead: &str) {
-        let touched = format!("{}nt:{dead}", self.settings.prefix);
-        let Some(conn) = self.link.conn() else { return };
+        if self.remove_metas(dead) {
+            self.stats.reaped_nodes.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(incarnation = dead, "reaped a stopped node's presence");
+        }
+    }
+
+    /// Removes an incarnation's metas from every conversation it touched, publishing the
+    /// leaves; `false` if Redis failed (the rest stays until a restart under that id claims it).
+    fn remove_metas(&mut self, incarnation: &str) -> bool {
+        let touched = format!("{}nt:{incarnation}", self.settings.prefix);
+        let Some(conn) = self.link.conn() else { return false };
         let conversations: Vec<String> = match redis::cmd("SMEMBERS").arg(&touched).query(conn) {
             Ok(c) => c,
-            Err(e) => return self.link.failed(&e),
+            Err(e) => {
+                self.link.failed(&e);
+                return false;
+            }
         };
         for conversation in conversations.iter().filter_map(|c| Uuid::parse_str(c).ok()) {
-            if self.script(Script::Sync(dead.to_string()), conversation, &[]).is_none() {
-                return; // Redis failed: this incarnation's entries stay until a restart claims them
+            if self.script(Script::Sync(incarnation.to_string()), conversation, &[]).is_none() {
+                return false;
             }
         }
         if let Some(conn) = self.link.conn() {
             let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&touched).query(conn);
         }
-        self.stats.reaped_nodes.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(incarnation = dead, conversations = conversations.len(), "reaped a stopped node's presence");
+        true
     }
 }
 

@@ -133,6 +133,13 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     );
     let signal = wait_for_signal(None).unwrap_or("signal");
     drain(&shared, signal);
+    if let Some(fabric) = &shared.fabric {
+        // The sockets are gone; whatever presence of this node is still in Redis goes now,
+        // rather than when the other nodes reap it.
+        if !fabric.presence.retire(limits::RETIRE_WAIT) {
+            tracing::warn!("could not remove this node's presence from Redis; the other nodes will reap it");
+        }
+    }
     tracing::info!("committing accepted messages");
     writer.stop();
     Ok(())
