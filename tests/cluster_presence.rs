@@ -29,7 +29,7 @@ fn join(port: u16, topic: &str, user: &str) -> Member {
     let mut client = connect_v2(port, user);
     client.join(topic, "1");
     client.skip_presence = false;
-    let mut view = PresenceView::default();
+    let mut view = PresenceView { me: user.to_string(), ..PresenceView::default() };
     view.pump_until(&mut client, CONVERGE, |v| v.synced);
     assert!(view.users.contains_key(user), "the joiner is in its own presence_state: {view:?}");
     Member { client, user: user.to_string(), view }
@@ -45,6 +45,7 @@ fn converge(members: &mut [&mut Member], counts: &BTreeMap<String, usize>, timeo
     let first = members[0].view.users.clone();
     for m in members.iter() {
         assert_eq!(m.view.users, first, "{}'s view differs", m.user);
+        assert_eq!(m.view.repeated_joins, 0, "{} got joins of metas it held: diffs carry only changes", m.user);
     }
 }
 

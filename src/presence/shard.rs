@@ -74,6 +74,12 @@ impl<J> PresenceShard<J> {
         self.schedule()
     }
 
+    /// A meta that was already there before anyone here watched the topic (a replica's first
+    /// snapshot): added without a diff, since no member here has a state it would change.
+    pub fn add_present(&mut self, conversation: Uuid, user: Uuid, meta: Meta) {
+        self.topics.entry(conversation).or_default().track(user, meta);
+    }
+
     /// Forgets a topic entirely, without a diff (no member here needs it any more).
     pub fn forget(&mut self, conversation: Uuid) {
         self.topics.remove(&conversation);

@@ -69,6 +69,11 @@ pub struct PresenceView {
     pub users: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
     /// How many times each ref was seen leaving.
     pub leaves: std::collections::HashMap<String, usize>,
+    /// Joins of another user's ref the view already held (Phoenix never sends one: diffs carry
+    /// only changes; only the joiner's own join follows the state that already holds it).
+    pub repeated_joins: usize,
+    /// The member's own user.
+    pub me: String,
     /// The first state arrived.
     pub synced: bool,
 }
@@ -108,7 +113,10 @@ impl PresenceView {
                     }
                 }
                 for (user, r) in metas(payload.get("joins").expect("joins")) {
-                    self.users.entry(user).or_default().insert(r);
+                    let mine = user == self.me;
+                    if !self.users.entry(user).or_default().insert(r) && !mine {
+                        self.repeated_joins += 1;
+                    }
                 }
             }
             _ => {}

@@ -54,13 +54,30 @@ impl Replica {
     /// Applies changes whose order is known (a version's, a snapshot's difference, or local
     /// ones while Redis is down): idempotent per meta.
     fn apply(&mut self, shard: &mut PresenceShard<Joiner>, conversation: Uuid, changes: &[Change]) -> bool {
+        self.apply_as(shard, conversation, changes, false)
+    }
+
+    /// [`Replica::apply`]; with `first`, the replica's first snapshot: metas nobody here is
+    /// waiting for were already present, so no member gets a diff for them (a joiner finds
+    /// them in its state), as on a single node where a joiner's diff holds only its own meta.
+    fn apply_as(
+        &mut self,
+        shard: &mut PresenceShard<Joiner>,
+        conversation: Uuid,
+        changes: &[Change],
+        first: bool,
+    ) -> bool {
         let mut flush = false;
         for change in changes {
             match *change {
                 Change::Join { user, meta } => {
                     if self.users.insert(meta.phx_ref, user).is_none() {
                         let joiner = self.joiners.remove(&meta.phx_ref);
-                        flush |= shard.add(conversation, user, meta, joiner);
+                        if first && joiner.is_none() {
+                            shard.add_present(conversation, user, meta);
+                        } else {
+                            flush |= shard.add(conversation, user, meta, joiner);
+                        }
                     }
                 }
                 Change::Leave(phx_ref) => {
@@ -265,7 +282,8 @@ impl Core {
             let mut changes: Vec<Change> =
                 replica.users.keys().filter(|r| !present.contains_key(*r)).map(|r| Change::Leave(*r)).collect();
             changes.extend(snapshot.changes.iter().filter(|c| !replica.users.contains_key(&c.phx_ref())).copied());
-            let mut flush = replica.apply(&mut shard, conversation, &changes);
+            let first = replica.version.is_none();
+            let mut flush = replica.apply_as(&mut shard, conversation, &changes, first);
             replica.version = Some(snapshot.version);
             let mut early = std::mem::take(&mut replica.early);
             early.sort_by_key(|c| c.version);
