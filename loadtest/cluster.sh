@@ -123,20 +123,34 @@ stop_nodes() {
 # the load generator's own CPU.
 measure() {
   local scenario=$1; shift
-  local pids out
+  local pids out before after
   if [ "$MODE" = cluster ]; then
     pids=$(echo "${NODE_PIDS[@]}" $REDIS_PID $(pg_pids) | tr -s ' ' ',')
   else
     pids=$(echo "${NODE_PIDS[@]}" | tr -s ' ' ',')
   fi
+  before=$(split_ticks)
   out=$(/usr/bin/time -f "%U %S" -o "$WORK/time" "$BIN/nexus-load" "$scenario" --addr "$ADDRS" --secret $SECRET \
     --duration "$DURATION" --server-pid "$pids" --json "$@")
-  python3 - "$out" "$(cat "$WORK/time")" <<'PY'
+  after=$(split_ticks)
+  python3 - "$out" "$(cat "$WORK/time")" "$before" "$after" <<'PY'
 import json, sys
 x = json.loads(sys.argv[1])
 x["load_cpu_s"] = sum(map(float, sys.argv[2].split()))
+# CPU seconds of the nodes, Redis and PostgreSQL over the whole nexus-load run.
+x["split_cpu_s"] = [(j - i) / 100 for i, j in zip(map(int, sys.argv[3].split()), map(int, sys.argv[4].split()))]
 print(json.dumps(x))
 PY
+}
+
+# CPU ticks (utime + stime) of the nodes, Redis and PostgreSQL, as three numbers.
+split_ticks() {
+  local group sum pid
+  for group in "${NODE_PIDS[*]}" "$REDIS_PID" "$(pg_pids)"; do
+    sum=0
+    for pid in $group; do sum=$((sum + $(awk '{print $14+$15}' "/proc/$pid/stat" 2>/dev/null || echo 0))); done
+    printf '%s ' $sum
+  done
 }
 
 RESULTS=$WORK/results.jsonl
@@ -176,6 +190,11 @@ for key in sorted({(r["mode"], r["nodes"]) for r in rows}, key=lambda k: (k[0] !
           f"{med(x['deliveries_per_s'] for x in f):.0f} | {sum(x['lost'] for x in f)} / "
           f"{sum(x['order_violations'] for x in f)} | {med(x['e2e_ms_p99'] for x in f):.1f} | "
           f"{med(x['server_cpu_us_per_delivery'] for x in f):.2f} + {med(x['client_cpu_us_per_delivery'] for x in f):.2f} |")
+print("\nPersisted path, CPU µs per message by process (nodes / Redis / PostgreSQL):")
+for key in sorted({(r["mode"], r["nodes"]) for r in rows if r["mode"] == "cluster"}, key=lambda k: k[1]):
+    p = [r["persist"] for r in rows if (r["mode"], r["nodes"]) == key]
+    split = [med(x["split_cpu_s"][i] * 1e6 / max(x["acked"], 1) for x in p) for i in range(3)]
+    print(f"- {key[1]} node{'s' if key[1] > 1 else ''}: " + " / ".join(f"{v:.1f}" for v in split))
 print(f"\n{RUNS} runs per setup; medians over runs; lost and order violations summed over runs. Servers: every "
       "node, Redis and every PostgreSQL process (the SQLite row: the node alone).")
 PY
