@@ -217,6 +217,10 @@ fn history_is_the_same_from_every_node() {
     assert_eq!(bodies[1], bodies[2]);
     let page: Value = sonic_rs::from_str(&bodies[0]).expect("JSON");
     assert_eq!(page.get("messages").and_then(|m| m.as_array()).map(|m| m.len()), Some(20));
+    for port in cluster.ports() {
+        let metrics = http_get(port, "/metrics", None).body_text();
+        assert!(metrics.contains("\nnexus_redis_up 1\n"), "a healthy node says Redis is up: {metrics}");
+    }
 }
 
 /// Members on every node, a paced sender on node 0; `fault` runs once `AT` messages are

@@ -36,7 +36,7 @@ pub struct PublishStats {
     /// Batches not published (queue full or Redis down); other nodes read them from the
     /// database.
     pub dropped: AtomicU64,
-    /// Whether the last attempt reached Redis.
+    /// Whether the last attempt reached Redis (true until one fails).
     pub up: AtomicBool,
 }
 
@@ -79,7 +79,7 @@ pub fn spawn_publisher(
     queue: usize,
 ) -> std::io::Result<Publisher> {
     let (tx, rx) = crossbeam_channel::bounded(queue.max(1));
-    let stats = Arc::new(PublishStats::default());
+    let stats = Arc::new(PublishStats { up: AtomicBool::new(true), ..PublishStats::default() });
     let recorder = Arc::clone(&stats);
     std::thread::Builder::new()
         .name("fabric-out".into())
