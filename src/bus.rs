@@ -53,6 +53,9 @@ pub enum CoreMsg {
     /// A reader's answer to an HTTP request parked on this core: the complete response for the
     /// wait `ticket` (the core's table of parked requests, not a connection key).
     HttpResponse { ticket: u32, bytes: Vec<u8> },
+    /// From a reader to the core whose join asked: the messages a rejoin missed, oldest first,
+    /// with their ids (`None`: the read failed), for the pending recovery `ticket`.
+    Recovered { ticket: usize, messages: Option<Vec<(Uuid, bytes::Bytes)>> },
     /// Cluster, from the Redis subscriber to every core: other nodes' messages of
     /// `conversation` are being received (or Redis is down and the database covers it).
     FabricLive(Uuid),

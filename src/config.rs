@@ -121,6 +121,10 @@ pub struct ServerArgs {
     /// `storage unavailable`); unset = no limit.
     #[arg(long, env = "NEXUS_DB_MAX_BYTES")]
     pub db_max_bytes: Option<u64>,
+    /// Most missed messages a join with `last_seen_id` recovers; beyond it the reply is
+    /// `recovered: false` and the client pages the history API.
+    #[arg(long, env = "NEXUS_RECOVERY_MAX", default_value_t = limits::RECOVERY_MAX_DEFAULT)]
+    pub recovery_max: usize,
     /// Cluster mode: several nodes on one PostgreSQL act as one server, exchanging live
     /// messages and presence through this Redis (`redis://host:6379/0` or
     /// `unix:///path/redis.sock`). Requires --database-url. Never logged with its password.
@@ -206,6 +210,7 @@ pub struct Config {
     pub drain: Duration,
     pub msg_rate: u32,
     pub dev_tokens: bool,
+    pub recovery_max: usize,
     /// `NEXUS_REDIS_URL` and the settings that go with it; `None`: a single node.
     pub cluster: Option<ClusterConfig>,
 }
@@ -324,6 +329,9 @@ impl Config {
             .filter(|s| !s.is_empty())
             .map(|s| OriginEntry::parse(s).ok_or_else(|| invalid("NEXUS_ALLOWED_ORIGINS", s)))
             .collect::<Result<Vec<_>, _>>()?;
+        if args.recovery_max > limits::RECOVERY_MAX_MAX {
+            return Err(invalid("NEXUS_RECOVERY_MAX", &format!("must be at most {}", limits::RECOVERY_MAX_MAX)));
+        }
         let cluster = ClusterConfig::from_args(args)?;
         Ok(Config {
             listen: SocketAddr::new(args.bind, args.port),
@@ -349,6 +357,7 @@ impl Config {
             drain: args.drain.0,
             msg_rate: args.msg_rate,
             dev_tokens: args.dev_tokens,
+            recovery_max: args.recovery_max,
             cluster,
         })
     }
@@ -463,6 +472,7 @@ mod tests {
             ("catchup_ms", "1000"),
             ("publish_queue", "4096"),
             ("hold_max", "4096"),
+            ("recovery_max", "1000"),
         ];
         for (id, value) in expected {
             assert_eq!(default_of(id), value, "default of {id}");

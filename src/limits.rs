@@ -355,6 +355,17 @@ pub const CATCHUP_HEADS_MAX: usize = 1_000;
 /// its next check.
 pub const FILLER_QUEUE_MAX: usize = 4_096;
 
+/// Default most missed messages a rejoin recovers (`NEXUS_RECOVERY_MAX`); beyond it the join
+/// answers `recovered: false` and the client pages the history API instead.
+pub const RECOVERY_MAX_DEFAULT: usize = 1_000;
+
+/// Largest `NEXUS_RECOVERY_MAX`: a recovery is one read and one burst of pushes to one socket.
+pub const RECOVERY_MAX_MAX: usize = 10_000;
+
+/// Live messages one recovering join may hold while its read is in flight; beyond it the
+/// join answers `recovered: false` (nothing old is pushed, live messages follow the reply).
+pub const RECOVERY_HOLD_MAX: usize = 1_024;
+
 /// Longest a stopping cluster node waits to remove its presence from Redis before it exits.
 pub const RETIRE_WAIT: Duration = Duration::from_secs(2);
 

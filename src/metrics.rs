@@ -41,6 +41,10 @@ pub enum Counter {
     NewMsgBusy,
     /// Client messages refused over the message rate.
     RateLimited,
+    /// Rejoins answered `recovered: false` (too many missed, reader busy, read failed).
+    RecoveriesRefused,
+    /// Missed messages pushed by recoveries.
+    RecoveredMessages,
     /// Sockets closed, by catalog entry.
     Closed(Close),
 }
@@ -61,6 +65,12 @@ const SERIES: [(&str, &str, &str); Counter::FIXED] = [
     ("nexus_new_msg_total", "result=\"acked\"", "new_msg outcomes answered by this server."),
     ("nexus_new_msg_total", "result=\"busy\"", ""),
     ("nexus_rate_limited_total", "", "Client messages refused over NEXUS_MSG_RATE."),
+    (
+        "nexus_recoveries_refused_total",
+        "",
+        "Rejoins answered recovered:false (too many missed, readers busy or failed).",
+    ),
+    ("nexus_recovered_messages_total", "", "Missed messages pushed to rejoining sockets."),
 ];
 
 /// The close counters' metric.
@@ -68,7 +78,7 @@ const CLOSES: (&str, &str) = ("nexus_closes_total", "Sockets closed, by reason."
 
 impl Counter {
     /// Counters before the per-close ones (checked below against the last of them).
-    const FIXED: usize = 13;
+    const FIXED: usize = 15;
     /// Every counter, closes included.
     pub const COUNT: usize = Counter::FIXED + Close::KINDS;
 
@@ -88,6 +98,8 @@ impl Counter {
             Counter::NewMsgAcked => 10,
             Counter::NewMsgBusy => 11,
             Counter::RateLimited => 12,
+            Counter::RecoveriesRefused => 13,
+            Counter::RecoveredMessages => 14,
             Counter::Closed(why) => Counter::FIXED + why.index(),
         }
     }
@@ -96,7 +108,7 @@ impl Counter {
 // The series table names exactly the counters before the closes, and they end where the
 // closes begin.
 const _: () = assert!(SERIES.len() == Counter::FIXED);
-const _: () = assert!(Counter::RateLimited.index() + 1 == Counter::FIXED);
+const _: () = assert!(Counter::RecoveredMessages.index() + 1 == Counter::FIXED);
 
 /// One core's counters (its thread only).
 #[derive(Debug, Default)]
@@ -217,6 +229,8 @@ mod tests {
             Counter::NewMsgAcked,
             Counter::NewMsgBusy,
             Counter::RateLimited,
+            Counter::RecoveriesRefused,
+            Counter::RecoveredMessages,
         ]
         .into_iter()
         .chain(Close::ALL.into_iter().map(Counter::Closed));

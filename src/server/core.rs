@@ -38,6 +38,7 @@ use crate::store::{CommitBatch, InsertRequest, Origin, ReaderHandle, StoreHandle
 use crate::{channel, chat, ids, limits, wire};
 
 mod cluster;
+mod recovery;
 mod replica;
 
 /// Read-only state every core shares (plus atomics for the few process-wide facts).
@@ -126,6 +127,8 @@ pub(crate) struct Core {
     cluster: RefCell<cluster::ClusterState>,
     /// Cluster mode: replicas of the cluster-wide presence of the conversations this core owns.
     replicas: RefCell<std::collections::HashMap<Uuid, replica::Replica>>,
+    /// Joins recovering missed messages, waiting for their read.
+    recoveries: RefCell<Slab<recovery::PendingRecovery>>,
 }
 
 impl Core {
@@ -155,6 +158,7 @@ impl Core {
             counters: Counters::default(),
             cluster: RefCell::new(cluster::ClusterState::default()),
             replicas: RefCell::new(std::collections::HashMap::new()),
+            recoveries: RefCell::new(Slab::new()),
         }
     }
 
@@ -335,8 +339,9 @@ impl Core {
                 self.count(Counter::Replies);
                 conn.send(frame, self.config().max_outbox_bytes);
             }
-            Effect::Join { conversation, topic, join_ref, phx_ref, reply } => {
-                self.join_channel(conn, conversation, topic, &join_ref, phx_ref, reply)
+            Effect::Join { conversation, topic, join_ref, phx_ref, reply, recovery } => {
+                let join = WaitingJoin { conn: conn.clone(), join_ref: join_ref[..].into(), phx_ref, reply, recovery };
+                self.join_channel(conversation, topic, join)
             }
             Effect::Leave { conversation, phx_ref } => self.leave_channel(conn, conversation, phx_ref),
             Effect::Submit { conversation, body, reply } => self.submit(conn, conversation, body, reply),
@@ -344,31 +349,37 @@ impl Core {
         }
     }
 
-    /// Makes `conn` a local member of `conversation`, then answers the join with `reply` and
-    /// asks the owner to track its presence (the owner answers with the `presence_state`,
-    /// pushed with `join_ref`). In cluster mode the answer waits until the conversation is
-    /// live on this core ([`Core::join_ordered`]).
-    pub(crate) fn join_channel(
-        &self,
-        conn: &Rc<Conn>,
-        conversation: Uuid,
-        topic: Rc<str>,
-        join_ref: &str,
-        phx_ref: PhxRef,
-        reply: Bytes,
-    ) {
+    /// Makes the joining socket a local member of `conversation`, then answers the join
+    /// ([`Core::answer_join`]). In cluster mode the answer waits until the conversation is live
+    /// on this core ([`Core::join_ordered`]); a recovering join's broadcasts are held from now.
+    pub(crate) fn join_channel(&self, conversation: Uuid, topic: Rc<str>, join: WaitingJoin) {
+        let conn = &join.conn;
         let (shared_spelling, new_topic) = self.topics.borrow_mut().add_member(conversation, conn, topic);
         conn.session_mut().adopt_spelling(conversation, shared_spelling);
-        if let Some(fabric) = &self.shared.fabric {
-            let join = WaitingJoin { conn: conn.clone(), join_ref: join_ref.into(), phx_ref, reply };
-            if let Some(join) = self.join_ordered(fabric, conversation, new_topic, join) {
-                self.answer_join(&join, conversation);
-            }
-            return;
+        if join.recovery.is_some() {
+            self.hold_for_recovery(conn, conversation);
+        }
+        let ready = match &self.shared.fabric {
+            Some(fabric) => self.join_ordered(fabric, conversation, new_topic, join),
+            None => Some(join),
+        };
+        if let Some(join) = ready {
+            self.answer_join(join, conversation);
+        }
+    }
+
+    /// Answers a join: the reply, then the presence tracking (whose state follows it); a
+    /// recovering join reads what it missed first.
+    fn answer_join(&self, join: WaitingJoin, conversation: Uuid) {
+        if join.conn.session().joined_topic(conversation, &join.join_ref).is_none() {
+            return; // left or rejoined meanwhile
+        }
+        if let Some(recovery) = join.recovery {
+            return self.begin_recovery(&join.conn, conversation, join.phx_ref, recovery);
         }
         self.count(Counter::Replies);
-        conn.send(reply, self.config().max_outbox_bytes);
-        self.track(conn, conversation, join_ref, phx_ref);
+        join.conn.send(join.reply, self.config().max_outbox_bytes);
+        self.track(&join.conn, conversation, &join.join_ref, join.phx_ref);
     }
 
     /// Asks the owner of `conversation` to track `conn`'s new meta.
@@ -448,7 +459,7 @@ impl Core {
 
     fn fan_out(&self, conversation: Uuid, event: &str, payload: &[u8], presence: bool) {
         let max = self.config().max_outbox_bytes;
-        let delivered = self.topics.borrow().fan_out(conversation, event, payload, presence, max);
+        let delivered = self.topics.borrow_mut().fan_out(conversation, event, payload, presence, max);
         self.counters.add(Counter::Deliveries, delivered);
     }
 
@@ -548,6 +559,7 @@ impl Core {
         let parts = wire::presence_state(target.vsn(), join_ref, &topic, state);
         target.send_parts(parts, self.config().max_outbox_bytes);
         self.topics.borrow_mut().presence_ready(conversation, target.key);
+        self.finish_recovery(&target, conversation, &topic);
     }
 
     // --- Cross-core traffic -----------------------------------------------------------------
@@ -654,6 +666,7 @@ impl Core {
                         self.on_presence_snapshot(conversation, snapshot)
                     }
                     CoreMsg::PresenceResync => self.resync_replicas(),
+                    CoreMsg::Recovered { ticket, messages } => self.on_recovered(ticket, messages),
                 }
                 // Let the woken connections flush before the next batch: a backlog of batches
                 // broadcast in one go could push a member that reads fine over its queue limit.

@@ -178,13 +178,15 @@ fn route(mailboxes: &[Mailbox], stats: &FabricStats, event: FabricEvent) {
     }
 }
 
-/// A join waiting for its conversation to go live on this core (its reply and presence wait
-/// with it).
+/// A join to answer: at once, or, on a cluster node's first join of a conversation, once the
+/// conversation is live on the core (its reply and presence wait with it).
 pub(crate) struct WaitingJoin {
     pub conn: Rc<Conn>,
     pub join_ref: Box<str>,
     pub phx_ref: PhxRef,
     pub reply: Bytes,
+    /// The join recovers missed messages: it is answered by the recovery instead.
+    pub recovery: Option<crate::session::Recovery>,
 }
 
 /// What a core keeps per conversation it has members of, in cluster mode.

@@ -325,7 +325,7 @@ fn history(core: &Core, conn: &Rc<Conn>, h: http::HistoryRequest) {
         };
         shared.mailboxes[core_id].push_blocking(CoreMsg::HttpResponse { ticket, bytes });
     });
-    let query = HistoryQuery { conversation: h.conversation, before: h.before, limit: h.limit };
+    let query = HistoryQuery { conversation: h.conversation, before: h.before, limit: h.limit, after: None };
     if core.shared().reader.try_submit(HistoryJob { query, reply }).is_err() {
         core.cancel_http(ticket);
         return answer_bytes(core, conn, response::json_error(response::Status::UNAVAILABLE, "server busy"));

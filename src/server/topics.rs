@@ -9,13 +9,27 @@ use uuid::Uuid;
 use super::conn::Conn;
 use super::fabric::TopicOrder;
 use crate::phoenix::{Outbound, Vsn};
-use crate::wire;
+use crate::{limits, wire};
 
 /// One local member of a topic.
 struct Member {
     conn: Rc<Conn>,
     /// Its `presence_state` was pushed: presence diffs may follow (never before the state).
     presence_ready: bool,
+    /// It is recovering missed messages: broadcasts are held for it (in [`LocalTopics`]'s
+    /// `held`) until the recovered ones are pushed.
+    recovering: bool,
+}
+
+/// What a recovering member's broadcasts wait in, and what its read found.
+#[derive(Debug, Default)]
+pub(crate) struct Held {
+    /// `new_msg` payloads broadcast since the join, in order.
+    pub live: Vec<Bytes>,
+    /// More than [`limits::RECOVERY_HOLD_MAX`] arrived: `live` was dropped.
+    pub overflowed: bool,
+    /// The recovered messages' payloads, once read (pushed after the `presence_state`).
+    pub missed: Option<Vec<Bytes>>,
 }
 
 /// This core's members of one conversation.
@@ -55,6 +69,8 @@ pub(crate) enum Left {
 #[derive(Default)]
 pub(crate) struct LocalTopics {
     topics: HashMap<Uuid, Topic>,
+    /// Recovering members' held broadcasts, by (slab key, conversation).
+    held: HashMap<(usize, Uuid), Held>,
 }
 
 impl LocalTopics {
@@ -76,7 +92,8 @@ impl LocalTopics {
             topic.other_spellings.insert(key, other.clone());
             other
         };
-        let previous = topic.members.insert(key, Member { conn: conn.clone(), presence_ready: false });
+        let member = Member { conn: conn.clone(), presence_ready: false, recovering: false };
+        let previous = topic.members.insert(key, member);
         debug_assert!(previous.is_none(), "a socket is a member of a conversation once");
         (interned, new)
     }
@@ -85,6 +102,7 @@ impl LocalTopics {
     pub(crate) fn remove_member(&mut self, conversation: Uuid, key: usize) -> Left {
         let Some(topic) = self.topics.get_mut(&conversation) else { return Left::Stays };
         topic.members.remove(&key);
+        self.held.remove(&(key, conversation));
         topic.other_spellings.remove(&key);
         if !topic.members.is_empty() {
             return Left::Stays;
@@ -112,6 +130,29 @@ impl LocalTopics {
             .map(|(c, _)| *c)
     }
 
+    /// Starts holding `conversation`'s broadcasts for member `key` (a join recovering missed
+    /// messages).
+    pub(crate) fn start_recovery(&mut self, conversation: Uuid, key: usize) {
+        if let Some(m) = self.topics.get_mut(&conversation).and_then(|t| t.members.get_mut(&key)) {
+            m.recovering = true;
+            self.held.insert((key, conversation), Held::default());
+        }
+    }
+
+    /// A recovering member's held broadcasts and read, while it still recovers.
+    pub(crate) fn held_mut(&mut self, conversation: Uuid, key: usize) -> Option<&mut Held> {
+        self.held.get_mut(&(key, conversation))
+    }
+
+    /// Ends a member's recovery: its broadcasts go to it directly again; returns what was held.
+    pub(crate) fn finish_recovery(&mut self, conversation: Uuid, key: usize) -> Option<Held> {
+        let held = self.held.remove(&(key, conversation))?;
+        if let Some(m) = self.topics.get_mut(&conversation).and_then(|t| t.members.get_mut(&key)) {
+            m.recovering = false;
+        }
+        Some(held)
+    }
+
     /// Marks a member's `presence_state` as pushed: diffs may go to it from now on.
     pub(crate) fn presence_ready(&mut self, conversation: Uuid, key: usize) {
         if let Some(m) = self.topics.get_mut(&conversation).and_then(|t| t.members.get_mut(&key)) {
@@ -128,7 +169,7 @@ impl LocalTopics {
     /// (with `presence`, only to those whose state was pushed): encoded once per (serializer,
     /// spelling) present, the bytes shared. Returns the number of members it was queued to.
     pub(crate) fn fan_out(
-        &self,
+        &mut self,
         conversation: Uuid,
         event: &str,
         payload: &[u8],
@@ -140,6 +181,17 @@ impl LocalTopics {
         let mut delivered = 0;
         for (key, member) in &topic.members {
             if presence && !member.presence_ready {
+                continue;
+            }
+            if member.recovering && !presence {
+                if let Some(held) = self.held.get_mut(&(*key, conversation)) {
+                    if held.live.len() >= limits::RECOVERY_HOLD_MAX {
+                        held.live = Vec::new();
+                        held.overflowed = true;
+                    } else if !held.overflowed {
+                        held.live.push(Bytes::copy_from_slice(payload));
+                    }
+                }
                 continue;
             }
             let vsn = member.conn.vsn();

@@ -34,6 +34,8 @@ const UNKNOWN_EVENT: &[u8] = br#"{"reason":"unknown event"}"#;
 const BINARY_UNSUPPORTED: &[u8] = br#"{"reason":"binary payload not supported"}"#;
 const RATE_LIMITED: &[u8] = br#"{"reason":"rate limited"}"#;
 const SERVER_BUSY: &[u8] = br#"{"reason":"server busy"}"#;
+/// Join error for a `last_seen_id` that is not a UUID (or not a string).
+const INVALID_LAST_SEEN_ID: &[u8] = br#"{"reason":"invalid last_seen_id"}"#;
 
 /// A join reference, inline up to 16 bytes (phoenix.js counts "1", "2", …): every joined
 /// channel holds one, and a heap string would cost an allocation per idle connection.
@@ -80,6 +82,11 @@ pub struct ReplyTo {
 }
 
 impl ReplyTo {
+    /// An ok reply with `response`.
+    pub fn ok(&self, vsn: Vsn, response: &[u8]) -> Bytes {
+        wire::reply(vsn, Some(&*self.join_ref), self.reference.as_deref(), &self.topic, true, response)
+    }
+
     /// The reply frame: ok `{}`, or `Failed to save` with `detail`.
     pub fn frame(&self, vsn: Vsn, failure: Option<&str>) -> Bytes {
         let (jr, r) = (Some(&*self.join_ref), self.reference.as_deref());
@@ -110,6 +117,9 @@ pub enum Effect {
         /// The ok reply to the join, queued when the core is ready to serve the channel (at
         /// once, except on a cluster node's first join of a conversation).
         reply: Bytes,
+        /// The join asked to recover what was missed (`last_seen_id`): the core answers it
+        /// itself, once it knows how many messages it will push.
+        recovery: Option<Recovery>,
     },
     /// The socket left `conversation`: drop the membership and untrack `phx_ref`.
     Leave {
@@ -130,6 +140,28 @@ pub enum Effect {
     },
     /// Close the socket.
     Close(Close),
+}
+
+/// A join's request to recover the messages committed after `after` (docs/protocol.md,
+/// "Recovery on rejoin").
+#[derive(Debug)]
+pub struct Recovery {
+    /// The client's last seen message id (any UUID works as a bound).
+    pub after: Uuid,
+    /// Where the join's reply goes.
+    pub reply: ReplyTo,
+}
+
+/// A join payload's `last_seen_id`: absent or `null` means no recovery; anything but a UUID
+/// string is refused.
+fn last_seen_id(payload: &str) -> Result<Option<Uuid>, ()> {
+    use sonic_rs::JsonValueTrait;
+    let Ok(value) = sonic_rs::from_str::<sonic_rs::Value>(payload) else { return Ok(None) };
+    match value.get("last_seen_id") {
+        None => Ok(None),
+        Some(v) if v.is_null() => Ok(None),
+        Some(v) => v.as_str().and_then(|s| Uuid::try_parse(s).ok()).map(Some).ok_or(()),
+    }
 }
 
 /// Per-socket limits from the configuration.
@@ -303,6 +335,9 @@ impl Session {
             tracing::warn!(core = env.core, conn = env.conn, topic = %m.topic, "join: unmatched topic");
             return self.reply(out, None, r, &m.topic, false, UNMATCHED_TOPIC);
         };
+        let Ok(recover_after) = last_seen_id(m.payload()) else {
+            return self.reply(out, m.join_ref.as_deref(), r, &m.topic, false, INVALID_LAST_SEEN_ID);
+        };
         // phoenix.js always sends join_ref == ref; fall back to ref for hand-written clients.
         let join_ref = JoinRef::from(m.join_ref.as_deref().or(r).unwrap_or(""));
         let previous = self.position(&m.topic);
@@ -324,7 +359,11 @@ impl Session {
         self.channels.reserve_exact(1);
         self.channels.push(Joined { conversation, topic: topic.clone(), join_ref: join_ref.clone(), phx_ref });
         let reply = wire::reply(self.vsn, Some(&join_ref), r, &m.topic, true, phoenix::EMPTY);
-        out.push(Effect::Join { conversation, topic, join_ref: join_ref.clone(), phx_ref, reply });
+        let recovery = recover_after.map(|after| Recovery {
+            after,
+            reply: ReplyTo { join_ref: join_ref.clone(), reference: m.reference.clone(), topic: topic.clone() },
+        });
+        out.push(Effect::Join { conversation, topic, join_ref: join_ref.clone(), phx_ref, reply, recovery });
         env.counters.bump(Counter::Joins);
         if let Some(old) = old {
             // Duplicate join: the new reply first, then the close of the old membership.

@@ -19,8 +19,11 @@ pub struct HistoryQuery {
     /// Only messages older than this message id (a cursor from an earlier page; any UUID works
     /// as an upper bound, since ids are UUIDv7 in commit order).
     pub before: Option<Uuid>,
-    /// Page size (1..=[`limits::HISTORY_LIMIT_MAX`]).
+    /// Page size (1..=[`limits::HISTORY_LIMIT_MAX`] from the API; a recovery read asks more).
     pub limit: usize,
+    /// Instead of the newest page: the oldest `limit` messages newer than this id (a client's
+    /// last seen message, on rejoin), oldest first; `before` and `next_before` are unused.
+    pub after: Option<Uuid>,
 }
 
 /// A page of history.
@@ -58,32 +61,47 @@ const PAGE: &str = "SELECT * FROM (SELECT id, sender_id, body, inserted_at FROM 
            AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = r.conversation_id AND m.id = r.id)
          ORDER BY id DESC LIMIT ?3)";
 
+/// The oldest rows newer than a message from each table (a recovery read), as [`PAGE`].
+const AFTER: &str = "SELECT * FROM (SELECT id, sender_id, body, inserted_at FROM messages
+         WHERE conversation_id = ?1 AND id > ?2 ORDER BY id ASC LIMIT ?3)
+     UNION ALL
+     SELECT * FROM (SELECT id, sender_id, body, inserted_at FROM recent r
+         WHERE conversation_id = ?1 AND id > ?2
+           AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = r.conversation_id AND m.id = r.id)
+         ORDER BY id ASC LIMIT ?3)";
+
 /// Reads one page in one read transaction (a consistent snapshot of both tables).
 pub fn read_history(conn: &mut Connection, q: &HistoryQuery) -> Result<HistoryPage, HistoryError> {
     let tx = conn.transaction()?;
-    let before = q.before.unwrap_or(Uuid::max());
+    let (sql, bound) = match q.after {
+        Some(after) => (AFTER, after),
+        None => (PAGE, q.before.unwrap_or(Uuid::max())),
+    };
     let mut messages: Vec<Message> = {
-        let mut stmt = tx.prepare_cached(PAGE)?;
-        let mapped =
-            stmt.query_map(params![q.conversation.as_bytes(), before.as_bytes(), q.limit as i64 + 1], |r| {
-                let blob = |i: usize| -> rusqlite::Result<Uuid> {
-                    let b: Vec<u8> = r.get(i)?;
-                    Uuid::from_slice(&b).map_err(|e| {
-                        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Blob, e.into())
-                    })
-                };
-                Ok(Message {
-                    id: blob(0)?,
-                    conversation: q.conversation,
-                    sender: blob(1)?,
-                    body: r.get(2)?,
-                    inserted_at_us: r.get(3)?,
-                    seq: 0,
-                })
-            })?;
+        let mut stmt = tx.prepare_cached(sql)?;
+        let mapped = stmt.query_map(params![q.conversation.as_bytes(), bound.as_bytes(), q.limit as i64 + 1], |r| {
+            let blob = |i: usize| -> rusqlite::Result<Uuid> {
+                let b: Vec<u8> = r.get(i)?;
+                Uuid::from_slice(&b)
+                    .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Blob, e.into()))
+            };
+            Ok(Message {
+                id: blob(0)?,
+                conversation: q.conversation,
+                sender: blob(1)?,
+                body: r.get(2)?,
+                inserted_at_us: r.get(3)?,
+                seq: 0,
+            })
+        })?;
         mapped.collect::<Result<_, _>>()?
     };
     tx.commit()?;
+    if q.after.is_some() {
+        messages.sort_unstable_by_key(|m| m.id);
+        messages.truncate(q.limit);
+        return Ok(HistoryPage { messages, next_before: None });
+    }
     messages.sort_unstable_by_key(|m| std::cmp::Reverse(m.id));
     let more = messages.len() > q.limit;
     messages.truncate(q.limit);
@@ -177,7 +195,7 @@ mod tests {
         store.maintain(true); // rows 0..6 move to `messages`
         store.commit(&mut batch[6..]).expect("commit"); // rows 6..10 stay in `recent`
         let mut reader = schema::open_reader(&path).expect("reader");
-        let q = HistoryQuery { conversation: a, before: None, limit: 3 };
+        let q = HistoryQuery { conversation: a, before: None, limit: 3, after: None };
         let page = read_history(&mut reader, &q).expect("page");
         let bodies: Vec<&str> = page.messages.iter().map(|m| m.body.as_str()).collect();
         assert_eq!(bodies, ["m4", "m6", "m8"]);
@@ -186,11 +204,11 @@ mod tests {
         let bodies: Vec<&str> = page2.messages.iter().map(|m| m.body.as_str()).collect();
         assert_eq!((bodies, page2.next_before), (vec!["m0", "m2"], None));
         // Any id is a bound: b's messages older than a's cursor.
-        let other = HistoryQuery { conversation: b, before: page.next_before, limit: 3 };
+        let other = HistoryQuery { conversation: b, before: page.next_before, limit: 3, after: None };
         let bodies: Vec<String> =
             read_history(&mut reader, &other).expect("page").messages.into_iter().map(|m| m.body).collect();
         assert_eq!(bodies, ["m1", "m3"]);
-        let empty = HistoryQuery { conversation: Uuid::new_v4(), before: None, limit: 3 };
+        let empty = HistoryQuery { conversation: Uuid::new_v4(), before: None, limit: 3, after: None };
         assert_eq!(read_history(&mut reader, &empty).expect("empty"), HistoryPage::default());
     }
 
@@ -207,7 +225,7 @@ mod tests {
             let mut bodies = Vec::new();
             let mut before = None;
             loop {
-                let q = HistoryQuery { conversation: conv, before, limit: 200 };
+                let q = HistoryQuery { conversation: conv, before, limit: 200, after: None };
                 let page = read_history(reader, &q).expect("page");
                 let mut chunk: Vec<String> = page.messages.into_iter().map(|m| m.body).collect();
                 chunk.extend(bodies);

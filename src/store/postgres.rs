@@ -115,6 +115,13 @@ SELECT id, sender_id, body, inserted_at, seq FROM messages
 WHERE conversation_id = $1 AND inserted_at < $2 AND id < $3
 ORDER BY inserted_at DESC LIMIT $4";
 
+/// A recovery read: the oldest messages of a conversation with an id above `$3` (`$2` bounds
+/// `inserted_at` from below by that id's millisecond, so the primary key serves the scan).
+const AFTER: &str = "
+SELECT id, sender_id, body, inserted_at, seq FROM messages
+WHERE conversation_id = $1 AND inserted_at >= $2 AND id > $3
+ORDER BY inserted_at ASC LIMIT $4";
+
 /// Where the database is: the parsed URL and a form safe to log (no password).
 #[derive(Clone)]
 pub struct PgTarget {
@@ -719,8 +726,21 @@ fn serve_history(target: &PgTarget, rx: &Receiver<HistoryJob>, timeout: Duration
     }
 }
 
-/// One page: messages with an id below `before` (any UUID), oldest first.
+/// One page: messages with an id below `before` (any UUID), oldest first; or, for a recovery
+/// read, the oldest ones with an id above `after`.
 fn read_page(client: &mut Client, q: &HistoryQuery) -> Result<HistoryPage, HistoryError> {
+    if let Some(after) = q.after {
+        let ms = after.as_u64_pair().0 >> 16;
+        let bound = i64::try_from(ms * 1_000).unwrap_or(i64::MAX);
+        let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
+        let rows = client.query(AFTER, &[&q.conversation, &bound, &after, &limit]).map_err(HistoryError::Postgres)?;
+        let messages = rows
+            .iter()
+            .map(|r| message_of(r, q.conversation))
+            .collect::<Result<Vec<Message>, _>>()
+            .map_err(HistoryError::Postgres)?;
+        return Ok(HistoryPage { messages, next_before: None });
+    }
     let before = q.before.unwrap_or(Uuid::max());
     // A v7 id's first 48 bits are its millisecond: every id below `before` has an instant
     // before the end of that millisecond (the exact test is `id < before`).

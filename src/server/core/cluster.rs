@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::{Conn, Core, Counter, Fabric, Left, WaitingJoin};
+use super::{Conn, Core, Fabric, Left, WaitingJoin};
 use crate::bus::Sequenced;
 use crate::cluster::order::Offered;
 use crate::server::fabric::TopicOrder;
@@ -73,16 +73,6 @@ impl Core {
         }
         order.joins.push(join);
         None
-    }
-
-    /// Answers a join: the reply, then the presence tracking (whose state follows it).
-    pub(super) fn answer_join(&self, join: &WaitingJoin, conversation: Uuid) {
-        if join.conn.session().joined_topic(conversation, &join.join_ref).is_none() {
-            return; // left or rejoined meanwhile
-        }
-        self.count(Counter::Replies);
-        join.conn.send(join.reply.clone(), self.config().max_outbox_bytes);
-        self.track(&join.conn, conversation, &join.join_ref, join.phx_ref);
     }
 
     /// A member left: a waiting join of it is dropped; with the last member the conversation
@@ -206,7 +196,7 @@ impl Core {
             order.settled(&mut done);
             (std::mem::take(&mut order.joins), order.cursor.held() > 0)
         };
-        for join in &joins {
+        for join in joins {
             self.answer_join(join, conversation);
         }
         self.delivered(conversation, &out, done, held);

@@ -1,0 +1,144 @@
+//! Recovery on rejoin: a join with `last_seen_id` gets, after its `presence_state`, every
+//! message of the conversation committed after that id, then the live ones, with no gap and
+//! no duplicate (docs/protocol.md, "Recovery on rejoin").
+//!
+//! The member's broadcasts are held from the moment it is a member; the store is read on a
+//! reader thread (never on the core), the reply says how many messages were missed, and once
+//! the `presence_state` is pushed the recovered messages follow, then the held ones newer than
+//! the last recovered (ids are in commit order within a conversation). A read that fails, a
+//! reader queue that is full, more than `NEXUS_RECOVERY_MAX` missed messages or more than
+//! `RECOVERY_HOLD_MAX` (src/limits.rs) held broadcasts all answer `{"recovered":false}`: nothing old
+//! is pushed, the held broadcasts are dropped and live ones follow the reply, so the client
+//! pages the history API back from its first live message without a gap.
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use super::{Conn, Core, CoreMsg, Counter};
+use crate::phoenix::Outbound;
+use crate::presence::PhxRef;
+use crate::session::Recovery;
+use crate::store::{HistoryJob, HistoryQuery};
+use crate::{chat, wire};
+
+/// A recovering join waiting for its read.
+pub(crate) struct PendingRecovery {
+    conn: Rc<Conn>,
+    conversation: Uuid,
+    phx_ref: PhxRef,
+    recovery: Recovery,
+}
+
+impl Core {
+    /// Starts holding the member's broadcasts (at once, when it becomes a member).
+    pub(super) fn hold_for_recovery(&self, conn: &Conn, conversation: Uuid) {
+        self.topics.borrow_mut().start_recovery(conversation, conn.key);
+    }
+
+    /// Reads what the member missed; the join is answered when the read is back
+    /// ([`CoreMsg::Recovered`]).
+    pub(super) fn begin_recovery(&self, conn: &Rc<Conn>, conversation: Uuid, phx_ref: PhxRef, recovery: Recovery) {
+        let after = recovery.after;
+        let pending = PendingRecovery { conn: conn.clone(), conversation, phx_ref, recovery };
+        let ticket = self.recoveries.borrow_mut().insert(pending);
+        let (mailboxes, core) = (self.shared.mailboxes.clone(), self.id);
+        let reply = Box::new(move |result: Result<crate::store::HistoryPage, _>| {
+            let messages = result
+                .ok()
+                .map(|page| page.messages.iter().map(|m| (m.id, Bytes::from(chat::new_msg_payload(m)))).collect());
+            mailboxes[core].push_blocking(CoreMsg::Recovered { ticket, messages });
+        });
+        // One more than the limit: finding it means too many were missed.
+        let limit = self.config().recovery_max + 1;
+        let query = HistoryQuery { conversation, before: None, limit, after: Some(after) };
+        if self.shared.reader.try_submit(HistoryJob { query, reply }).is_err() {
+            // The readers are saturated: answer now, without recovering.
+            self.on_recovered(ticket, None);
+        }
+    }
+
+    /// The read is back: answer the join (recovered or not) and track its presence; recovered
+    /// messages wait for the `presence_state`.
+    pub(super) fn on_recovered(&self, ticket: usize, messages: Option<Vec<(Uuid, Bytes)>>) {
+        let Some(pending) = self.recoveries.borrow_mut().try_remove(ticket) else { return };
+        let PendingRecovery { conn, conversation, phx_ref, recovery } = pending;
+        let join_ref = recovery.reply.join_ref.clone();
+        if conn.session().joined_topic(conversation, &join_ref).is_none() {
+            return; // left or rejoined meanwhile (its hold went with the membership)
+        }
+        let max = self.config().recovery_max;
+        let recovered = {
+            let mut topics = self.topics.borrow_mut();
+            match (topics.held_mut(conversation, conn.key), messages) {
+                (Some(held), Some(messages)) if !held.overflowed && messages.len() <= max => {
+                    let n = messages.len();
+                    held.missed = Some(messages.into_iter().map(|(_, payload)| payload).collect());
+                    Some(n)
+                }
+                _ => {
+                    topics.finish_recovery(conversation, conn.key);
+                    None
+                }
+            }
+        };
+        let response = match recovered {
+            Some(n) => format!(r#"{{"recovered":true,"missed":{n}}}"#),
+            None => {
+                self.count(Counter::RecoveriesRefused);
+                r#"{"recovered":false}"#.to_string()
+            }
+        };
+        self.count(Counter::Replies);
+        conn.send(recovery.reply.ok(conn.vsn(), response.as_bytes()), self.config().max_outbox_bytes);
+        self.track(&conn, conversation, &join_ref, phx_ref);
+    }
+
+    /// After a recovering member's `presence_state`: pushes what it missed, then what was
+    /// held meanwhile (newer than the last recovered message), and lets broadcasts through.
+    pub(super) fn finish_recovery(&self, conn: &Conn, conversation: Uuid, topic: &str) {
+        let Some(held) = self.topics.borrow_mut().finish_recovery(conversation, conn.key) else { return };
+        let Some(missed) = held.missed else { return };
+        if held.overflowed {
+            // More broadcasts than a join may hold arrived after the reply promised a seamless
+            // recovery: rather than a silent gap, the socket is closed as too slow (1013) and
+            // the client rejoins from the last message it got.
+            return conn.request_close(crate::close::Close::SlowConsumer);
+        }
+        let last = missed.last().and_then(|p| id_of(p));
+        let newer = held.live.into_iter().filter(|p| match (last, id_of(p)) {
+            (Some(last), Some(id)) => id > last,
+            _ => true,
+        });
+        let max = self.config().max_outbox_bytes;
+        let mut pushed = 0;
+        for payload in missed.iter().chain(newer.collect::<Vec<_>>().iter()) {
+            let msg = Outbound { join_ref: None, reference: None, topic, event: chat::NEW_MSG, payload };
+            conn.send(wire::encode_frame(conn.vsn(), &msg), max);
+            pushed += 1;
+        }
+        self.counters.add(Counter::Deliveries, pushed);
+        self.counters.add(Counter::RecoveredMessages, missed.len() as u64);
+    }
+}
+
+/// The message id a `new_msg` payload starts with (`{"id":"<uuid>",…`).
+fn id_of(payload: &[u8]) -> Option<Uuid> {
+    let text = payload.strip_prefix(br#"{"id":""#)?.get(..36)?;
+    Uuid::try_parse_ascii(text).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_come_from_the_payloads_head() {
+        let id = Uuid::now_v7();
+        let payload = format!(r#"{{"id":"{id}","content":{{"text":"x"}}}}"#);
+        assert_eq!(id_of(payload.as_bytes()), Some(id));
+        assert_eq!(id_of(b"{\"id\":\"nope\"}"), None);
+        assert_eq!(id_of(b"[]"), None);
+    }
+}
