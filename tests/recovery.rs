@@ -163,3 +163,40 @@ fn in_a_cluster_a_rejoin_on_another_node_recovers_from_the_database() {
     // And during a burst on node 1, rejoining on node 2.
     rejoin_during_a_burst(cluster.nodes[2].port, || cluster.rows(), cluster.nodes[1].port);
 }
+
+#[test]
+fn a_recovery_that_cannot_read_answers_not_recovered_and_live_messages_follow() {
+    use common::pg::Postgres;
+    let mut pg = Postgres::start();
+    let server = start_server(&[("NEXUS_DATABASE_URL", &pg.create_db())]);
+    let topic = new_topic();
+    let sent = send_messages(server.port, &topic, "a", 3);
+    let mut member = joined(server.port, &new_sub(), &topic);
+    pg.stop_immediate();
+    let mut c = connect_v2(server.port, &new_sub());
+    c.send_text(&join_frame(&topic, "1", &format!(r#"{{"last_seen_id":"{}"}}"#, sent[0].id)));
+    c.expect(&v2_reply(Some("1"), Some("1"), &topic, "ok", r#"{"recovered":false}"#));
+    pg.run();
+    // Once the database is back, live messages reach it as any member (retry until stored).
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        member.send_text(&new_msg_push("1", "after", &topic, "after"));
+        let reply = member.recv_until(WAIT, |t| t.contains(r#""after""#) && t.contains("phx_reply"));
+        if reply.contains(r#""ok""#) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the writer did not recover");
+        thread::sleep(Duration::from_millis(50)); // pace retries until the writer reconnects
+    }
+    assert_eq!(texts(&next_messages(&mut c, &topic, 1)), ["after"], "no old message, then live ones");
+    // Other cores publish their counters every sweep (250 ms): poll until this one shows.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let metrics = http_get(server.port, "/metrics", None).body_text();
+        if metrics.contains("nexus_recoveries_refused_total 1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{metrics}");
+        thread::sleep(Duration::from_millis(50)); // polling a gauge; no event to wait for
+    }
+}

@@ -213,3 +213,35 @@ impl LocalTopics {
         delivered
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A recovering member's broadcasts are held up to the bound, then dropped and the
+    /// overflow remembered (the join then answers `recovered: false`); other members get
+    /// every frame meanwhile.
+    #[test]
+    fn a_recovering_members_hold_is_bounded() {
+        let conversation = Uuid::from_u128(7);
+        let (a, b) = (Rc::new(Conn::new(0, 0, -1, 0)), Rc::new(Conn::new(1, 1, -1, 0)));
+        let mut topics = LocalTopics::default();
+        topics.add_member(conversation, &a, Rc::from("chat:x"));
+        topics.add_member(conversation, &b, Rc::from("chat:x"));
+        topics.start_recovery(conversation, a.key);
+        for _ in 0..limits::RECOVERY_HOLD_MAX {
+            assert_eq!(topics.fan_out(conversation, "new_msg", b"{}", false, usize::MAX), 1, "b only");
+        }
+        let held = topics.held_mut(conversation, a.key).expect("held");
+        assert_eq!((held.live.len(), held.overflowed), (limits::RECOVERY_HOLD_MAX, false));
+        topics.fan_out(conversation, "new_msg", b"{}", false, usize::MAX);
+        let held = topics.held_mut(conversation, a.key).expect("held");
+        assert!(held.live.is_empty() && held.overflowed, "over the bound: dropped, remembered");
+        assert!(!a.has_output() && b.has_output(), "nothing reached the recovering member");
+        assert!(topics.finish_recovery(conversation, a.key).is_some_and(|h| h.overflowed));
+        assert_eq!(topics.fan_out(conversation, "new_msg", b"{}", false, usize::MAX), 2, "both again");
+        topics.start_recovery(conversation, a.key);
+        topics.remove_member(conversation, a.key);
+        assert!(topics.held_mut(conversation, a.key).is_none(), "the hold goes with the membership");
+    }
+}
