@@ -366,6 +366,10 @@ pub const RECOVERY_MAX_MAX: usize = 10_000;
 /// join answers `recovered: false` (nothing old is pushed, live messages follow the reply).
 pub const RECOVERY_HOLD_MAX: usize = 1_024;
 
+/// Recovery reads one core keeps waiting while the readers' queue is full (a reconnect storm);
+/// beyond it a rejoin is answered `recovered: false` at once.
+pub const RECOVERY_BACKLOG_MAX: usize = 65_536;
+
 /// Longest a stopping cluster node waits to remove its presence from Redis before it exits.
 pub const RETIRE_WAIT: Duration = Duration::from_secs(2);
 

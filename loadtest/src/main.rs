@@ -16,12 +16,16 @@
 //!
 //! Scenario `fanout`: members over topics, senders closed loop; deliveries/s, loss, order,
 //! latency percentiles and server CPU per delivery.
+//!
+//! Scenario `rejoin`: joins recovering missed messages, one at a time or as a storm; latency to
+//! the last recovered message and server CPU per rejoin.
 
 mod churn;
 mod connect;
 mod fanout;
 mod persist;
 mod reactor;
+mod rejoin;
 mod stats;
 mod storm;
 mod wire;
@@ -50,6 +54,8 @@ enum Scenario {
     Connect(connect::Args),
     /// Joins, leaves, drops and reconnects at a rate; presence views must converge.
     Churn(churn::Args),
+    /// Rejoins with last_seen_id: latency to the last recovered message, CPU per rejoin.
+    Rejoin(rejoin::Args),
 }
 
 /// The server every scenario talks to.
@@ -105,6 +111,7 @@ fn main() {
         Scenario::Fanout(args) => fanout::run(args),
         Scenario::Connect(args) => connect::run(args),
         Scenario::Churn(args) => churn::run(args),
+        Scenario::Rejoin(args) => rejoin::run(args),
     };
     if let Err(e) = result {
         eprintln!("nexus-load: {e}");

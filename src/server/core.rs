@@ -129,6 +129,9 @@ pub(crate) struct Core {
     replicas: RefCell<std::collections::HashMap<Uuid, replica::Replica>>,
     /// Joins recovering missed messages, waiting for their read.
     recoveries: RefCell<Slab<recovery::PendingRecovery>>,
+    /// Recovery reads waiting for room in the readers' queue, in order.
+    recovery_backlog: RefCell<std::collections::VecDeque<crate::store::HistoryJob>>,
+    recovery_retry: Cell<bool>,
 }
 
 impl Core {
@@ -159,6 +162,8 @@ impl Core {
             cluster: RefCell::new(cluster::ClusterState::default()),
             replicas: RefCell::new(std::collections::HashMap::new()),
             recoveries: RefCell::new(Slab::new()),
+            recovery_backlog: RefCell::new(std::collections::VecDeque::new()),
+            recovery_retry: Cell::new(false),
         }
     }
 

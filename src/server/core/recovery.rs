@@ -5,8 +5,9 @@
 //! The member's broadcasts are held from the moment it is a member; the store is read on a
 //! reader thread (never on the core), the reply says how many messages were missed, and once
 //! the `presence_state` is pushed the recovered messages follow, then the held ones newer than
-//! the last recovered (ids are in commit order within a conversation). A read that fails, a
-//! reader queue that is full, more than `NEXUS_RECOVERY_MAX` missed messages or more than
+//! the last recovered (ids are in commit order within a conversation). When the readers' queue
+//! is full (a reconnect storm), reads wait in a bounded per-core backlog. A read that fails, a
+//! full backlog, more than `NEXUS_RECOVERY_MAX` missed messages or more than
 //! `RECOVERY_HOLD_MAX` (src/limits.rs) held broadcasts all answer `{"recovered":false}`: nothing old
 //! is pushed, the held broadcasts are dropped and live ones follow the reply, so the client
 //! pages the history API back from its first live message without a gap.
@@ -21,7 +22,7 @@ use crate::phoenix::Outbound;
 use crate::presence::PhxRef;
 use crate::session::Recovery;
 use crate::store::{HistoryJob, HistoryQuery};
-use crate::{chat, wire};
+use crate::{chat, limits, wire};
 
 /// A recovering join waiting for its read.
 pub(crate) struct PendingRecovery {
@@ -53,9 +54,46 @@ impl Core {
         // One more than the limit: finding it means too many were missed.
         let limit = self.config().recovery_max + 1;
         let query = HistoryQuery { conversation, before: None, limit, after: Some(after) };
-        if self.shared.reader.try_submit(HistoryJob { query, reply }).is_err() {
-            // The readers are saturated: answer now, without recovering.
-            self.on_recovered(ticket, None);
+        let job = HistoryJob { query, reply };
+        let backlog = self.recovery_backlog.borrow().len();
+        if backlog > 0 {
+            // Keep the order: behind the reads already waiting.
+            self.defer_recovery_read(ticket, job);
+        } else if let Err(job) = self.shared.reader.try_submit(job) {
+            self.defer_recovery_read(ticket, job);
+        }
+    }
+
+    /// The readers' queue is full (a reconnect storm): the read waits in this core's bounded
+    /// backlog, submitted in order as the readers catch up; over the bound the join is answered
+    /// `recovered: false` at once.
+    fn defer_recovery_read(&self, ticket: usize, job: HistoryJob) {
+        if self.recovery_backlog.borrow().len() >= limits::RECOVERY_BACKLOG_MAX {
+            drop(job);
+            return self.on_recovered(ticket, None);
+        }
+        self.recovery_backlog.borrow_mut().push_back(job);
+        if !self.recovery_retry.replace(true) {
+            if let Some(me) = self.me.upgrade() {
+                monoio::spawn(me.drain_recovery_backlog());
+            }
+        }
+    }
+
+    async fn drain_recovery_backlog(self: Rc<Self>) {
+        loop {
+            monoio::time::sleep(limits::MAILBOX_RETRY).await;
+            let mut backlog = self.recovery_backlog.borrow_mut();
+            while let Some(job) = backlog.pop_front() {
+                if let Err(job) = self.shared.reader.try_submit(job) {
+                    backlog.push_front(job);
+                    break;
+                }
+            }
+            if backlog.is_empty() {
+                self.recovery_retry.set(false);
+                return;
+            }
         }
     }
 
