@@ -6,19 +6,31 @@
 // order; a refused message stays visible with its reason and can be sent again. A screenshot
 // of the page is saved to tests/js/artifacts/chat.png (look at it).
 //
+// Reconnect: the page is served through a TCP proxy the test can cut (destroying its
+// connections is a dropped network to the browser; while cut it turns new connections away).
+// While the page is away another user (the phoenix client in node) sends; phoenix.js
+// reconnects by itself and rejoins with `last_seen_id` (the newest message shown), the server
+// pushes what was missed (`recovered: true`), or, past NEXUS_RECOVERY_MAX, answers
+// `recovered: false` and the page pages the history back over the gap. Either way the page
+// ends up showing the stored list (read from the history API), each message once, in order,
+// and its status line says what happened.
+//
 // Needs /usr/bin/chromium (Debian's `chromium` package; tests/run.sh installs it with apt-get
 // when missing). Without it these tests fail and say so: they never skip.
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { existsSync, mkdirSync } from "node:fs";
 import { randomUUID } from "node:crypto";
+import { createServer, connect } from "node:net";
 import { join } from "node:path";
 
-import { REPO_ROOT, startServer } from "./helpers.js";
+import { Clients, REPO_ROOT, Recorder, joinChannel, push, startServer } from "./helpers.js";
 
 const CHROMIUM = process.env.NEXUS_CHROMIUM || "/usr/bin/chromium";
 const ARTIFACTS = join(REPO_ROOT, "tests", "js", "artifacts");
 const WAIT = 10_000;
+/** Bound for each reconnect test as a whole. */
+const BOUNDED = { timeout: 80_000 };
 
 let server;
 let browser;
@@ -75,6 +87,116 @@ async function waitForOnline(page, n) {
   await page.waitForFunction((count) => document.querySelectorAll("#presence li").length === count, n, {
     timeout: WAIT,
   });
+}
+
+async function waitForStatus(page, want) {
+  try {
+    await page.waitForFunction(
+      (re) => new RegExp(re).test(document.getElementById("status-text").textContent),
+      want.source,
+      { timeout: WAIT },
+    );
+  } catch (e) {
+    assert.fail(`status ${JSON.stringify(await page.textContent("#status-text"))}, wanted ${want}: ${e.message}`);
+  }
+}
+
+/**
+ * A TCP proxy on loopback to `srv`: the page loads from `httpUrl` and its WebSocket goes
+ * through it too. `cut()` destroys every proxied connection and turns new ones away (closed
+ * at once) until `restore()`.
+ */
+async function startProxy(srv) {
+  const sockets = new Set();
+  let down = false;
+  const track = (socket) => {
+    sockets.add(socket);
+    socket.on("error", () => {});
+    socket.once("close", () => sockets.delete(socket));
+  };
+  const proxy = createServer((client) => {
+    track(client);
+    if (down) return client.destroy();
+    const upstream = connect({ host: "127.0.0.1", port: srv.port });
+    track(upstream);
+    upstream.once("close", () => client.destroy());
+    client.once("close", () => upstream.destroy());
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  await new Promise((resolve, reject) => {
+    proxy.once("error", reject);
+    proxy.listen(0, "127.0.0.1", resolve);
+  });
+  const { port } = proxy.address();
+  return {
+    port,
+    httpUrl: `http://127.0.0.1:${port}`,
+    cut() {
+      down = true;
+      for (const socket of sockets) socket.destroy();
+    },
+    restore() {
+      down = false;
+    },
+    async stop() {
+      down = true;
+      for (const socket of sockets) socket.destroy();
+      await new Promise((resolve) => proxy.close(() => resolve()));
+    },
+  };
+}
+
+/** The stored messages of `conv` (oldest first), read from the history API with `token`. */
+async function stored(srv, conv, token) {
+  const all = [];
+  let before = null;
+  do {
+    const query = before ? `before=${before}&limit=200` : "limit=200";
+    const res = await fetch(`${srv.httpUrl}/api/conversations/${conv}/messages?${query}`, {
+      headers: { authorization: `Bearer ${token}` },
+      signal: AbortSignal.timeout(WAIT),
+    });
+    const body = await res.json();
+    assert.equal(res.status, 200, JSON.stringify(body));
+    all.unshift(...body.messages);
+    before = body.next_before;
+  } while (before);
+  return all;
+}
+
+/** Records the page's finished history requests (install with `prepare`, before it loads). */
+function watchHistory(page) {
+  const done = new Recorder("finished history requests");
+  page.on("requestfinished", (r) => r.url().includes("/api/conversations/") && done.push(r.url()));
+  page.on("requestfailed", (r) => r.url().includes("/api/conversations/") && done.push(`failed: ${r.url()}`));
+  return done;
+}
+
+/** The page shows exactly the stored list of `conv`: same ids, same texts, same order. */
+async function assertShowsStored(page, srv, conv, token) {
+  const db = await stored(srv, conv, token);
+  const shown = await page.$$eval("#timeline .msg", (els) =>
+    els.map((e) => ({ id: e.dataset.id, text: e.querySelector(".text").textContent })),
+  );
+  assert.deepEqual(shown, db.map((m) => ({ id: m.id, text: m.content.text })), "the page shows the stored list");
+}
+
+/** Bob: the phoenix client in node, joined to `conv` on `srv` directly (not through the proxy). */
+async function openBob(srv, conv) {
+  const clients = new Clients(srv);
+  const bob = await clients.open();
+  const joined = await joinChannel(bob.socket, `chat:${conv}`);
+  assert.equal(joined.status, "ok", JSON.stringify(joined.response));
+  return {
+    token: bob.token,
+    async say(body) {
+      const reply = await push(joined.channel, "new_msg", { body });
+      assert.equal(reply.status, "ok", `${body}: ${JSON.stringify(reply.response)}`);
+      return reply.response;
+    },
+    close: () => clients.closeAll(),
+  };
 }
 
 /** Sends `body` the way a person does: types it key by key into the composer, then Enter. */
@@ -248,5 +370,164 @@ test("a refused message stays visible with its reason and goes out when sent aga
     await ann.context.close();
   } finally {
     await strict.stop();
+  }
+});
+
+test("the page loses its connection while another user sends: it rejoins and recovers the missed messages", BOUNDED, async () => {
+  const conv = randomUUID();
+  const proxy = await startProxy(server);
+  const bob = await openBob(server, conv);
+  try {
+    let history;
+    const sockets = [];
+    const ann = await openUser(conv, {
+      srv: proxy,
+      prepare: (page) => {
+        history = watchHistory(page);
+        page.on("websocket", (ws) => sockets.push(ws.url()));
+      },
+    });
+    const before = ["before 1", "before 2", "before 3"];
+    for (const body of before) await bob.say(body);
+    await waitForTexts(ann.page, before);
+    assert.deepEqual(await history.waitForCount(1), [`${proxy.httpUrl}/api/conversations/${conv}/messages?limit=50`]);
+
+    // Cut: the page sees its socket close and cannot get back while Bob sends.
+    proxy.cut();
+    await waitForStatus(ann.page, /^reconnecting$/);
+    const away = ["while away 1", "while away 2", "while away 3", "while away 4"];
+    for (const body of away) await bob.say(body);
+    const requests = [];
+    ann.page.on("request", (r) => requests.push(r.url()));
+
+    // Back: phoenix.js reconnects and rejoins by itself; the server pushes the 4 missed ones.
+    proxy.restore();
+    await waitForStatus(ann.page, /^reconnected, 4 missed messages recovered$/);
+    await waitForTexts(ann.page, [...before, ...away]);
+    await bob.say("after the rejoin");
+    await waitForTexts(ann.page, [...before, ...away, "after the rejoin"]);
+    await assertShowsStored(ann.page, server, conv, bob.token);
+    assert.ok(sockets.length >= 2, `a new WebSocket was opened: ${JSON.stringify(sockets)}`);
+    assert.deepEqual(requests.filter((u) => u.includes("/api/")), [], "a recovered rejoin reads no history");
+    assert.deepEqual(ann.errors, [], "no page errors");
+    await ann.context.close();
+  } finally {
+    await bob.close();
+    await proxy.stop();
+  }
+});
+
+test("messages keep coming while the page is cut and rejoins: each shown once, in order", BOUNDED, async () => {
+  const conv = randomUUID();
+  const proxy = await startProxy(server);
+  const bob = await openBob(server, conv);
+  let stop = false;
+  let sending = null;
+  try {
+    let history;
+    const ann = await openUser(conv, { srv: proxy, prepare: (page) => (history = watchHistory(page)) });
+    await history.waitForCount(1);
+    // Bob sends for the whole test, one message every 20 ms or so (each after the previous
+    // one's ack; the pause only paces the traffic, nothing waits on it): before the cut, while
+    // the page is away, while it rejoins and recovers, and after.
+    const sent = new Recorder("Bob's acknowledged messages");
+    sending = (async () => {
+      for (let i = 1; !stop; i++) {
+        await bob.say(`stream ${i}`);
+        sent.push(`stream ${i}`);
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+    })();
+    const shown = () => ann.page.$$eval("#timeline .msg", (els) => els.length);
+    await ann.page.waitForFunction(() => document.querySelectorAll("#timeline .msg").length >= 5, null, { timeout: WAIT });
+    proxy.cut();
+    await waitForStatus(ann.page, /^reconnecting$/);
+    const atCut = sent.items.length;
+    await sent.until((items) => items.length >= atCut + 10, WAIT, "10 messages sent while the page is away");
+    proxy.restore();
+    await waitForStatus(ann.page, /^reconnected, \d+ missed messages recovered$/);
+    const missed = Number((await ann.page.textContent("#status-text")).match(/\d+/)[0]);
+    assert.ok(missed >= 10, `at least the 10 sent while the page was away were missed: ${missed}`);
+    const atRejoin = await shown();
+    await ann.page.waitForFunction((n) => document.querySelectorAll("#timeline .msg").length >= n + 10, atRejoin, {
+      timeout: WAIT,
+    });
+    stop = true;
+    await sending;
+    await waitForTexts(ann.page, sent.items);
+    await assertShowsStored(ann.page, server, conv, bob.token);
+    assert.deepEqual(ann.errors, [], "no page errors");
+    await ann.context.close();
+  } finally {
+    stop = true;
+    await sending?.catch(() => {});
+    await bob.close();
+    await proxy.stop();
+  }
+});
+
+test("past NEXUS_RECOVERY_MAX the rejoin does not recover: the page fills the gap from the history", BOUNDED, async () => {
+  const small = await startServer({ workers: 2, env: { NEXUS_DEV_TOKENS: "1", NEXUS_RECOVERY_MAX: "2" } });
+  const conv = randomUUID();
+  const proxy = await startProxy(small);
+  const bob = await openBob(small, conv);
+  try {
+    // The page's history requests go through when `hold` is null, else wait for it.
+    let hold = null;
+    let history;
+    const held = new Recorder("held history requests");
+    const ann = await openUser(conv, {
+      srv: proxy,
+      prepare: (page) => {
+        history = watchHistory(page);
+        return page.route("**/api/conversations/**", async (route) => {
+          if (hold) {
+            held.push(route.request().url());
+            await hold;
+          }
+          await route.continue();
+        });
+      },
+    });
+    const before = ["before 1", "before 2", "before 3"];
+    for (const body of before) await bob.say(body);
+    await waitForTexts(ann.page, before);
+    await history.waitForCount(1);
+
+    proxy.cut();
+    await waitForStatus(ann.page, /^reconnecting$/);
+    let release;
+    hold = new Promise((resolve) => {
+      release = resolve;
+    });
+    // 60 missed: more than the server recovers (2), and more than one history page (50).
+    const away = Array.from({ length: 60 }, (_, i) => `away ${i + 1}`);
+    for (const body of away) await bob.say(body);
+    proxy.restore();
+
+    // The rejoin answers recovered: false; the page starts paging the history back and, while
+    // that request is held, a live message arrives: it is shown at once, after the 3 old ones.
+    await held.waitForCount(1, WAIT);
+    await waitForStatus(ann.page, /^reconnected, loading missed messages…$/);
+    await bob.say("live during the fill");
+    await waitForTexts(ann.page, [...before, "live during the fill"]);
+    release();
+    await waitForStatus(ann.page, /^reconnected, 60 missed messages loaded from history$/);
+    await waitForTexts(ann.page, [...before, ...away, "live during the fill"]);
+    assert.ok(held.items.length >= 2, `more than one page: ${JSON.stringify(held.items)}`);
+    // The fill started at the reply, before any live message: from the newest page back.
+    assert.doesNotMatch(held.items[0], /[?&]before=/);
+    assert.ok(held.items.slice(1).every((u) => /[?&]before=/.test(u)), `paged back: ${JSON.stringify(held.items)}`);
+
+    await bob.say("after the fill");
+    const all = [...before, ...away, "live during the fill", "after the fill"];
+    await waitForTexts(ann.page, all);
+    await assertShowsStored(ann.page, small, conv, bob.token);
+    assert.deepEqual(ann.errors, [], "no page errors");
+    await ann.context.close();
+  } finally {
+    await bob.close();
+    await proxy.stop();
+    await small.stop();
   }
 });
