@@ -66,6 +66,9 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     } else {
         for i in 0..args.clients {
             latencies_us.extend(rejoin(&mut socks, &[i], &topics, &anchors, args.missed)?);
+            // Gone before the next one joins: each rejoin is measured alone, without the
+            // presence traffic of a growing room.
+            let _ = socks[i].stream.shutdown(std::net::Shutdown::Both);
         }
     }
     let elapsed = began.elapsed();
