@@ -156,6 +156,9 @@ pub struct Recovery {
 /// string is refused.
 fn last_seen_id(payload: &str) -> Result<Option<Uuid>, ()> {
     use sonic_rs::JsonValueTrait;
+    if !payload.contains("last_seen_id") {
+        return Ok(None); // the common join: nothing to parse
+    }
     let Ok(value) = sonic_rs::from_str::<sonic_rs::Value>(payload) else { return Ok(None) };
     match value.get("last_seen_id") {
         None => Ok(None),
