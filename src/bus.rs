@@ -67,7 +67,7 @@ pub enum CoreMsg {
     /// Cluster, from the gap-fill reader to the core that asked: the heads (`seq`,
     /// `inserted_at`) of the conversations `asked` (absent from `heads`: no message yet), or
     /// `None` when the database could not be read.
-    Heads { asked: Vec<Uuid>, heads: Option<Vec<(Uuid, u64, i64)>> },
+    Heads { asked: Vec<Uuid>, heads: Option<Vec<crate::store::Head>> },
     /// Cluster, to a conversation's owner: versioned changes of its presence (a publication,
     /// or the answer to this node's own changes).
     PresenceChanges { conversation: Uuid, changes: crate::cluster::presence::Changes },

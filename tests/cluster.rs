@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -66,16 +65,9 @@ fn read(client: &mut Client, messages: usize, replies: usize, timeout: Duration)
     seen
 }
 
-/// A `new_msg` frame with ref `m<k>`.
+/// A `new_msg` frame with ref `m<k>` (what [`read`] counts as a reply to the member's own send).
 fn new_msg(topic: &str, k: usize, body: &str) -> String {
-    v2(Some("1"), Some(&format!("m{k}")), topic, "new_msg", &format!(r#"{{"body":"{body}"}}"#))
-}
-
-/// A member of `topic` on `port`, its join answered.
-fn member(port: u16, topic: &str) -> Client {
-    let mut c = connect_v2(port, &new_sub());
-    c.join(topic, "1");
-    c
+    new_msg_push("1", &format!("m{k}"), topic, body)
 }
 
 /// The stored bodies of `topic`'s conversation, in `seq` order, checking that ids and times
@@ -107,8 +99,8 @@ fn every_member_on_every_node_sees_one_order_the_databases() {
     let topic = new_topic();
     let mut members: Vec<Client> = Vec::new();
     for port in cluster.ports() {
-        members.push(member(port, &topic));
-        members.push(member(port, &topic));
+        members.push(joined(port, &new_sub(), &topic));
+        members.push(joined(port, &new_sub(), &topic));
     }
     const N: usize = 200;
     // One sender per node (members 0, 2, 4), all sending at once.
@@ -145,27 +137,6 @@ fn every_member_on_every_node_sees_one_order_the_databases() {
     }
 }
 
-/// One sender on node 0 sends `n` messages one after another (each waits for its ack); the
-/// returned receiver says when `k` of them are acked.
-fn paced_sender(
-    port: u16,
-    topic: &str,
-    n: usize,
-    tag: &'static str,
-) -> (thread::JoinHandle<()>, mpsc::Receiver<usize>) {
-    let (tx, rx) = mpsc::channel();
-    let topic = topic.to_string();
-    let handle = thread::spawn(move || {
-        let mut sender = member(port, &topic);
-        for k in 0..n {
-            sender.send_text(&new_msg(&topic, k, &format!("{tag}-{k}")));
-            sender.recv_until(BURST_TIMEOUT, |t| t.contains(&format!("\"m{k}\"")) && t.contains("phx_reply"));
-            let _ = tx.send(k + 1);
-        }
-    });
-    (handle, rx)
-}
-
 #[test]
 fn joins_during_a_burst_on_other_nodes_get_a_gapless_run_of_the_stored_order() {
     let cluster = Cluster::start(3, &[]);
@@ -174,7 +145,7 @@ fn joins_during_a_burst_on_other_nodes_get_a_gapless_run_of_the_stored_order() {
     let (sender, acked) = paced_sender(cluster.nodes[0].port, &topic, N, "b");
     // Join on the other nodes (and the sender's) while the burst is under way.
     while acked.recv_timeout(BURST_TIMEOUT).expect("the sender progresses") < 50 {}
-    let mut joiners: Vec<Client> = cluster.ports().into_iter().map(|p| member(p, &topic)).collect();
+    let mut joiners: Vec<Client> = cluster.ports().into_iter().map(|p| joined(p, &new_sub(), &topic)).collect();
     sender.join().expect("sender thread");
     let order: Vec<String> = stored(&cluster, &topic).into_iter().map(|r| r.body).collect();
     assert_eq!(order.len(), N);
@@ -196,7 +167,7 @@ fn joins_during_a_burst_on_other_nodes_get_a_gapless_run_of_the_stored_order() {
 fn history_is_the_same_from_every_node() {
     let cluster = Cluster::start(3, &[]);
     let topic = new_topic();
-    let mut sender = member(cluster.nodes[1].port, &topic);
+    let mut sender = joined(cluster.nodes[1].port, &new_sub(), &topic);
     for k in 0..20 {
         sender.send_text(&new_msg(&topic, k, &format!("h-{k}")));
     }
@@ -228,7 +199,7 @@ fn history_is_the_same_from_every_node() {
 /// `heal`, every message once, in the stored order.
 fn survives(cluster: &mut Cluster, fault: impl FnOnce(&mut Cluster), heal: impl FnOnce(&mut Cluster)) {
     let topic = new_topic();
-    let mut members: Vec<Client> = cluster.ports().into_iter().map(|p| member(p, &topic)).collect();
+    let mut members: Vec<Client> = cluster.ports().into_iter().map(|p| joined(p, &new_sub(), &topic)).collect();
     const N: usize = 150;
     const AT: usize = 40;
     let (sender, acked) = paced_sender(cluster.nodes[0].port, &topic, N, "f");
@@ -276,8 +247,8 @@ fn redis_down_from_the_start_still_delivers_through_the_database() {
     let mut cluster = Cluster::start(2, &[]);
     cluster.redis.kill();
     let topic = new_topic();
-    let mut a = member(cluster.nodes[0].port, &topic);
-    let mut b = member(cluster.nodes[1].port, &topic);
+    let mut a = joined(cluster.nodes[0].port, &new_sub(), &topic);
+    let mut b = joined(cluster.nodes[1].port, &new_sub(), &topic);
     for k in 0..10 {
         a.send_text(&new_msg(&topic, k, &format!("d-{k}")));
     }
@@ -315,8 +286,8 @@ fn postgres_stopped_refuses_at_once_broadcasts_nothing_and_recovers() {
     let mut pg = Postgres::start();
     let cluster = Cluster::on_database(pg.create_db(), 2, &[]);
     let topic = new_topic();
-    let mut a = member(cluster.nodes[0].port, &topic);
-    let mut b = member(cluster.nodes[1].port, &topic);
+    let mut a = joined(cluster.nodes[0].port, &new_sub(), &topic);
+    let mut b = joined(cluster.nodes[1].port, &new_sub(), &topic);
     a.send_text(&new_msg(&topic, 0, "before"));
     assert_eq!(read(&mut b, 1, 0, BURST_TIMEOUT).bodies, ["before"]);
     pg.stop_immediate();

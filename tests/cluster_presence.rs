@@ -49,6 +49,16 @@ fn converge(members: &mut [&mut Member], counts: &BTreeMap<String, usize>, timeo
     }
 }
 
+/// A member on node 0 and one on node 2 (whose node the tests then stop), each seeing both.
+#[track_caller]
+fn on_nodes_0_and_2(cluster: &Cluster, topic: &str) -> (Member, Member) {
+    let ports = cluster.ports();
+    let (mut a, c) = (join(ports[0], topic, &new_sub()), join(ports[2], topic, &new_sub()));
+    let both = counts(&[(&a.user, 1), (&c.user, 1)]);
+    converge(&mut [&mut a], &both, CONVERGE);
+    (a, c)
+}
+
 fn counts(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {
     pairs.iter().map(|(u, n)| (u.to_string(), *n)).collect()
 }
@@ -106,12 +116,9 @@ fn a_killed_nodes_metas_leave_everywhere_within_the_node_timeout() {
 #[test]
 fn a_node_restarted_under_its_id_clears_its_ghosts_at_once() {
     let mut cluster = Cluster::start(3, &[("NEXUS_NODE_TIMEOUT", "60s")]);
-    let ports = cluster.ports();
     let topic = new_topic();
-    let (u0, u2) = (new_sub(), new_sub());
-    let mut a = join(ports[0], &topic, &u0);
-    let _c = join(ports[2], &topic, &u2);
-    converge(&mut [&mut a], &counts(&[(&u0, 1), (&u2, 1)]), CONVERGE);
+    let (mut a, c) = on_nodes_0_and_2(&cluster, &topic);
+    let (u0, u2) = (a.user.clone(), c.user.clone());
     drop(cluster.nodes.remove(2));
     let restarted = cluster.start_node(2);
     // Far sooner than the 60 s timeout: the restarted node claims its earlier incarnation.
@@ -146,10 +153,8 @@ fn a_killed_nodes_client_rejoins_elsewhere_with_the_full_presence_and_every_late
     let mut cluster = Cluster::start(3, &[("NEXUS_NODE_TIMEOUT", "3s")]);
     let ports = cluster.ports();
     let topic = new_topic();
-    let (u0, u2) = (new_sub(), new_sub());
-    let mut a = join(ports[0], &topic, &u0);
-    let c = join(ports[2], &topic, &u2);
-    converge(&mut [&mut a], &counts(&[(&u0, 1), (&u2, 1)]), CONVERGE);
+    let (mut a, c) = on_nodes_0_and_2(&cluster, &topic);
+    let (u0, u2) = (a.user.clone(), c.user.clone());
     let ghost = a.view.users[&u2].clone();
     drop(cluster.nodes.remove(2));
     drop(c);
@@ -186,12 +191,9 @@ fn a_killed_nodes_client_rejoins_elsewhere_with_the_full_presence_and_every_late
 #[test]
 fn a_drained_node_leaves_no_ghosts() {
     let mut cluster = Cluster::start(3, &[("NEXUS_NODE_TIMEOUT", "60s")]);
-    let ports = cluster.ports();
     let topic = new_topic();
-    let (u0, u2) = (new_sub(), new_sub());
-    let mut a = join(ports[0], &topic, &u0);
-    let _c = join(ports[2], &topic, &u2);
-    converge(&mut [&mut a], &counts(&[(&u0, 1), (&u2, 1)]), CONVERGE);
+    let (mut a, _c) = on_nodes_0_and_2(&cluster, &topic);
+    let u0 = a.user.clone();
     cluster.nodes[2].signal(libc::SIGTERM);
     // Far sooner than the 60 s timeout: the drained node's leaves are published as it stops.
     converge(&mut [&mut a], &counts(&[(&u0, 1)]), CONVERGE);

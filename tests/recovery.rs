@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
@@ -99,29 +98,13 @@ fn more_than_the_limit_is_not_recovered(backend: Backend) {
     assert_eq!(texts(&next_messages(&mut d, &topic, 3)), ["a-4", "a-5", "b-0"]);
 }
 
-/// A paced sender: sends `n` messages one after the other (each after the previous ack);
-/// reports each acked body's index.
-fn paced_sender(port: u16, topic: &str, n: usize) -> (thread::JoinHandle<()>, mpsc::Receiver<usize>) {
-    let (tx, rx) = mpsc::channel();
-    let topic = topic.to_string();
-    let handle = thread::spawn(move || {
-        let mut sender = joined(port, &new_sub(), &topic);
-        for k in 0..n {
-            sender.send_text(&new_msg_push("1", &format!("m{k}"), &topic, &format!("p-{k}")));
-            sender.recv_until(WAIT, |t| t.contains(&format!("\"m{k}\"")) && t.contains("phx_reply"));
-            let _ = tx.send(k + 1);
-        }
-    });
-    (handle, rx)
-}
-
 /// Rejoins from `last_seen` while others keep sending: the pushes are exactly the stored
 /// messages after it, each once, in order, through the end of the burst.
 #[track_caller]
 fn rejoin_during_a_burst(port: u16, rows_of: impl Fn() -> Vec<DbRow>, sender_port: u16) {
     let topic = new_topic();
     const N: usize = 200;
-    let (sender, acked) = paced_sender(sender_port, &topic, N);
+    let (sender, acked) = paced_sender(sender_port, &topic, N, "p");
     while acked.recv_timeout(WAIT).expect("the sender progresses") < 40 {}
     let conversation = topic.trim_start_matches("chat:").to_string();
     let first = rows_of().into_iter().filter(|r| r.conversation == conversation).nth(9).expect("10 stored");

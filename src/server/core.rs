@@ -345,7 +345,7 @@ impl Core {
                 conn.send(frame, self.config().max_outbox_bytes);
             }
             Effect::Join { conversation, topic, join_ref, phx_ref, reply, recovery } => {
-                let join = WaitingJoin { conn: conn.clone(), join_ref: join_ref[..].into(), phx_ref, reply, recovery };
+                let join = WaitingJoin { conn: conn.clone(), join_ref, phx_ref, reply, recovery };
                 self.join_channel(conversation, topic, join)
             }
             Effect::Leave { conversation, phx_ref } => self.leave_channel(conn, conversation, phx_ref),

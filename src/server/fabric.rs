@@ -122,8 +122,7 @@ impl Fabric {
         let mailboxes = Arc::clone(mailboxes);
         let conversations = asked.clone();
         let reply = Box::new(move |result: Result<Vec<crate::store::Head>, _>| {
-            let heads = result.ok().map(|heads| heads.into_iter().map(|h| (h.conversation, h.seq, h.at)).collect());
-            mailboxes[core].push_blocking(CoreMsg::Heads { asked, heads });
+            mailboxes[core].push_blocking(CoreMsg::Heads { asked, heads: result.ok() });
         });
         self.filler.try_request(FillRequest::Heads { conversations, reply }).is_ok()
     }
@@ -182,7 +181,7 @@ fn route(mailboxes: &[Mailbox], stats: &FabricStats, event: FabricEvent) {
 /// conversation is live on the core (its reply and presence wait with it).
 pub(crate) struct WaitingJoin {
     pub conn: Rc<Conn>,
-    pub join_ref: Box<str>,
+    pub join_ref: crate::session::JoinRef,
     pub phx_ref: PhxRef,
     pub reply: Bytes,
     /// The join recovers missed messages: it is answered by the recovery instead.

@@ -649,9 +649,18 @@ impl PgFillReader {
     ) -> Result<Vec<Message>, StoreError> {
         let (before, limit) = (before.unwrap_or(i64::MAX), i64::try_from(limit).unwrap_or(i64::MAX));
         let client = self.conn.client().ok_or(StoreError::Unavailable)?;
-        let rows = client.query(RANGE, &[&conversation, &after, &before, &limit]).map_err(StoreError::Postgres)?;
-        rows.iter().map(|r| message_of(r, conversation)).collect::<Result<_, _>>().map_err(StoreError::Postgres)
+        messages(client, RANGE, &[&conversation, &after, &before, &limit], conversation).map_err(StoreError::Postgres)
     }
+}
+
+/// Runs a query of one conversation's messages (`id, sender_id, body, inserted_at, seq`).
+fn messages(
+    client: &mut Client,
+    sql: &str,
+    params: &[&(dyn postgres::types::ToSql + Sync)],
+    conversation: Uuid,
+) -> Result<Vec<Message>, postgres::Error> {
+    client.query(sql, params)?.iter().map(|r| message_of(r, conversation)).collect()
 }
 
 /// A reader thread's connection: made on first use and remade after a failure, at most every
@@ -733,11 +742,7 @@ fn read_page(client: &mut Client, q: &HistoryQuery) -> Result<HistoryPage, Histo
         let ms = after.as_u64_pair().0 >> 16;
         let bound = i64::try_from(ms * 1_000).unwrap_or(i64::MAX);
         let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
-        let rows = client.query(AFTER, &[&q.conversation, &bound, &after, &limit]).map_err(HistoryError::Postgres)?;
-        let messages = rows
-            .iter()
-            .map(|r| message_of(r, q.conversation))
-            .collect::<Result<Vec<Message>, _>>()
+        let messages = messages(client, AFTER, &[&q.conversation, &bound, &after, &limit], q.conversation)
             .map_err(HistoryError::Postgres)?;
         return Ok(HistoryPage { messages, next_before: None });
     }
@@ -747,11 +752,7 @@ fn read_page(client: &mut Client, q: &HistoryQuery) -> Result<HistoryPage, Histo
     let ms = before.as_u64_pair().0 >> 16;
     let bound = i64::try_from((ms + 1) * 1_000).unwrap_or(i64::MAX);
     let limit = i64::try_from(q.limit + 1).unwrap_or(i64::MAX);
-    let rows = client.query(PAGE, &[&q.conversation, &bound, &before, &limit]).map_err(HistoryError::Postgres)?;
-    let mut messages = rows
-        .iter()
-        .map(|r| message_of(r, q.conversation))
-        .collect::<Result<Vec<Message>, _>>()
+    let mut messages = messages(client, PAGE, &[&q.conversation, &bound, &before, &limit], q.conversation)
         .map_err(HistoryError::Postgres)?;
     let more = messages.len() > q.limit;
     messages.truncate(q.limit);

@@ -201,6 +201,23 @@ impl Drop for Server {
     }
 }
 
+/// Drains a child's output pipe on a thread for the child's whole life (so it never blocks on
+/// a full pipe) and returns whether a line containing `ready` appeared within `timeout`.
+pub fn wait_for_line(pipe: impl std::io::Read + Send + 'static, ready: &'static str, timeout: Duration) -> bool {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)).map_while(Result::ok) {
+            if line.contains(ready) {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    });
+    rx.recv_timeout(timeout).is_ok()
+}
+
 /// A fresh, empty directory for one server's database.
 pub fn unique_temp_dir() -> PathBuf {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -1592,6 +1609,33 @@ pub fn send_all(c: &mut Client, join_ref: &str, topic: &str, bodies: &[String]) 
     }
     seen
 }
+
+/// A sender on its own thread: joins `topic` on `port`, then sends `<tag>-0` … `<tag>-<n-1>`
+/// one after the other, each after the previous one's ack (a burst paced by round trips);
+/// the receiver gets how many are acknowledged so far, after each ack.
+pub fn paced_sender(
+    port: u16,
+    topic: &str,
+    n: usize,
+    tag: &'static str,
+) -> (thread::JoinHandle<()>, mpsc::Receiver<usize>) {
+    let (tx, rx) = mpsc::channel();
+    let topic = topic.to_string();
+    let handle = thread::spawn(move || {
+        let mut sender = joined(port, &new_sub(), &topic);
+        for k in 0..n {
+            let r = format!("m{k}");
+            sender.send_text(&new_msg_push("1", &r, &topic, &format!("{tag}-{k}")));
+            let quoted = format!("\"{r}\"");
+            sender.recv_until(PACED_ACK_TIMEOUT, |t| t.contains(&quoted) && t.contains("phx_reply"));
+            let _ = tx.send(k + 1);
+        }
+    });
+    (handle, rx)
+}
+
+/// How long [`paced_sender`] waits for one ack (a failure bound; a busy box may be slow).
+const PACED_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A fresh socket for `sub` that joined `topic` (join_ref `"1"`).
 #[track_caller]

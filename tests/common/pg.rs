@@ -6,7 +6,6 @@
 //! Missing binaries fail the test with the package to install (Debian's `postgresql`;
 //! tests/run.sh installs it); these tests never skip.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -134,18 +133,7 @@ impl Postgres {
             .spawn()
             .expect("spawn postgres");
         let stderr = child.stderr.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut ready = Some(tx);
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("ready to accept connections") {
-                    if let Some(tx) = ready.take() {
-                        let _ = tx.send(());
-                    }
-                }
-            }
-        });
-        if rx.recv_timeout(PG_START_TIMEOUT).is_err() {
+        if !super::wait_for_line(stderr, "ready to accept connections", PG_START_TIMEOUT) {
             let _ = child.kill();
             panic!("postgres did not become ready within {PG_START_TIMEOUT:?}");
         }

@@ -4,12 +4,10 @@
 //! A missing binary fails the test with the package to install (Debian's `redis-server`;
 //! tests/run.sh installs it); these tests never skip.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::time::Duration;
 
 /// How long Redis may take to start.
@@ -72,18 +70,7 @@ impl Redis {
             panic!("cannot run redis-server ({e}): install Debian's `redis-server` package (tests/run.sh does)")
         });
         let stdout = child.stdout.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut ready = Some(tx);
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.contains("ready to accept connections") {
-                    if let Some(tx) = ready.take() {
-                        let _ = tx.send(());
-                    }
-                }
-            }
-        });
-        if rx.recv_timeout(REDIS_START_TIMEOUT).is_err() {
+        if !super::wait_for_line(stdout, "ready to accept connections", REDIS_START_TIMEOUT) {
             let _ = child.kill();
             panic!("redis-server did not become ready within {REDIS_START_TIMEOUT:?}");
         }

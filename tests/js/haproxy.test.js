@@ -272,6 +272,18 @@ async function openPlaced(openClient, counts, what) {
   return { ...client, node };
 }
 
+/**
+ * One test's clients through HAProxy over TLS, closed after the test: `open(what)` opens one
+ * and finds its node (openPlaced); `counts` holds the sockets per node.
+ */
+function placedClients(t) {
+  const clients = new Clients({ url: proxy.url, secret: TEST_SECRET });
+  t.after(() => clients.closeAll());
+  const counts = [0, 0];
+  const socketOpts = { transport: tlsTransport(proxy.ca) };
+  return { counts, open: (what) => openPlaced(() => clients.open({ socketOpts }), counts, what) };
+}
+
 /** Joins `topic` with a Presence helper; `syncs` records user ids at each sync, `msgs` new_msg. */
 async function joinMember(client, topic) {
   const channel = client.socket.channel(topic);
@@ -289,11 +301,7 @@ const sorted = (ids) => [...ids].sort();
 // ---------------------------------------------------------------------------------------------
 
 test("phoenix over wss through HAProxy: two clients land on different nodes and chat", BOUNDED, async (t) => {
-  const clients = new Clients({ url: proxy.url, secret: TEST_SECRET });
-  t.after(() => clients.closeAll());
-  const counts = [0, 0];
-  const socketOpts = { transport: tlsTransport(proxy.ca) };
-  const open = (what) => openPlaced(() => clients.open({ socketOpts }), counts, what);
+  const { counts, open } = placedClients(t);
 
   await settle(counts, "no client yet");
   const alice = await open("the first client");
@@ -320,11 +328,7 @@ test("phoenix over wss through HAProxy: two clients land on different nodes and 
 });
 
 test("a draining node (503 on /healthz) leaves the pool; its 503 upgrades are retried elsewhere", BOUNDED, async (t) => {
-  const clients = new Clients({ url: proxy.url, secret: TEST_SECRET });
-  t.after(() => clients.closeAll());
-  const counts = [0, 0];
-  const socketOpts = { transport: tlsTransport(proxy.ca) };
-  const open = (what) => openPlaced(() => clients.open({ socketOpts }), counts, what);
+  const { counts, open } = placedClients(t);
 
   // Three sockets: 2 on one node, 1 on the other. The node with one is drained, so that
   // leastconn still picks it for the next socket until its checks fail.

@@ -22,7 +22,7 @@ use super::{Conn, Core, Fabric, Left, WaitingJoin};
 use crate::bus::Sequenced;
 use crate::cluster::order::Offered;
 use crate::server::fabric::TopicOrder;
-use crate::store::CommitBatch;
+use crate::store::{CommitBatch, Head};
 use crate::{chat, limits};
 
 /// A core's cluster bookkeeping beside its topics.
@@ -159,9 +159,9 @@ impl Core {
 
     /// Heads read from the database: a waiting conversation starts delivering after its head
     /// (its joins are answered); a delivering one that is behind reads what it missed.
-    pub(super) fn on_heads(&self, asked: &[Uuid], heads: Option<Vec<(Uuid, u64, i64)>>) {
+    pub(super) fn on_heads(&self, asked: &[Uuid], heads: Option<Vec<Head>>) {
         let known: Option<HashMap<Uuid, (u64, i64)>> =
-            heads.map(|h| h.into_iter().map(|(c, seq, at)| (c, (seq, at))).collect());
+            heads.map(|h| h.into_iter().map(|h| (h.conversation, (h.seq, h.at))).collect());
         for &conversation in asked {
             let head = known.as_ref().map(|k| k.get(&conversation).copied().unwrap_or((0, 0)));
             let started = {

@@ -55,11 +55,10 @@ impl Core {
         let limit = self.config().recovery_max + 1;
         let query = HistoryQuery { conversation, before: None, limit, after: Some(after) };
         let job = HistoryJob { query, reply };
-        let backlog = self.recovery_backlog.borrow().len();
-        if backlog > 0 {
-            // Keep the order: behind the reads already waiting.
-            self.defer_recovery_read(ticket, job);
-        } else if let Err(job) = self.shared.reader.try_submit(job) {
+        // Behind the reads already waiting, if any, to keep their order.
+        let waiting = !self.recovery_backlog.borrow().is_empty();
+        let refused = if waiting { Some(job) } else { self.shared.reader.try_submit(job).err() };
+        if let Some(job) = refused {
             self.defer_recovery_read(ticket, job);
         }
     }
@@ -144,14 +143,15 @@ impl Core {
             // the client rejoins from the last message it got.
             return conn.request_close(crate::close::Close::SlowConsumer);
         }
+        // Held broadcasts the read already had are dropped: ids rise in commit order.
         let last = missed.last().and_then(|p| id_of(p));
-        let newer = held.live.into_iter().filter(|p| match (last, id_of(p)) {
+        let newer = held.live.iter().filter(|p| match (last, id_of(p)) {
             (Some(last), Some(id)) => id > last,
             _ => true,
         });
         let max = self.config().max_outbox_bytes;
         let mut pushed = 0;
-        for payload in missed.iter().chain(newer.collect::<Vec<_>>().iter()) {
+        for payload in missed.iter().chain(newer) {
             let msg = Outbound { join_ref: None, reference: None, topic, event: chat::NEW_MSG, payload };
             conn.send(wire::encode_frame(conn.vsn(), &msg), max);
             pushed += 1;
