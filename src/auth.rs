@@ -4,6 +4,11 @@
 //! signature checked with the raw bytes of `JWT_SECRET`; `sub` required and a canonical
 //! hyphenated UUID; `exp` and `nbf` enforced when present (leeway configurable, 0 by
 //! default); other claims and header fields (`kid`, `jku`, ...) ignored.
+//!
+//! Under the `token` join policy (docs/protocol.md, "Private conversations") a token also
+//! carries grants: its `chats` claim (an array of conversation ids) and its `chat` claim (one
+//! id). A join token is a token whose `chat` names the conversation joined, whose `sub` is the
+//! socket's user, and which has an `exp`.
 
 use std::time::Duration;
 
@@ -25,11 +30,36 @@ pub enum AuthError {
     /// `sub` missing or not a canonical UUID.
     #[error("token sub is not a UUID")]
     BadSubject,
+    /// `chats` is not an array of conversation ids, or `chat` is not one.
+    #[error("token chats/chat claim is not a conversation id")]
+    BadGrant,
+    /// A join token for another user or another conversation, or without `chat`.
+    #[error("join token is not for this user and conversation")]
+    OtherJoin,
 }
 
 #[derive(Deserialize)]
 struct Claims {
     sub: Option<String>,
+}
+
+/// The claims read under the `token` join policy.
+#[derive(Deserialize)]
+struct GrantClaims {
+    sub: Option<String>,
+    #[serde(default)]
+    chats: Option<Vec<String>>,
+    #[serde(default)]
+    chat: Option<String>,
+}
+
+/// Who a valid token is for, and (under the `token` policy) which conversations it grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The user (`sub`).
+    pub user: Uuid,
+    /// Conversations granted by `chats` and `chat` (empty unless grants were asked for).
+    pub grants: Vec<Uuid>,
 }
 
 #[derive(Serialize)]
@@ -43,6 +73,11 @@ struct MintClaims {
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    /// Join tokens: the same rules, plus a required `exp`.
+    join_validation: Validation,
+    /// Read the grant claims (the `token` join policy); otherwise they are ignored, whatever
+    /// they hold.
+    grants: bool,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -61,15 +96,50 @@ impl Verifier {
         validation.validate_nbf = true;
         validation.validate_aud = false;
         validation.leeway = leeway_secs;
-        Verifier { key: DecodingKey::from_secret(secret), validation }
+        let mut join_validation = validation.clone();
+        join_validation.set_required_spec_claims(&["exp"]);
+        Verifier { key: DecodingKey::from_secret(secret), validation, join_validation, grants: false }
+    }
+
+    /// The same verifier, reading the grant claims too (the `token` join policy).
+    pub fn with_grants(mut self) -> Verifier {
+        self.grants = true;
+        self
     }
 
     /// The user id of a valid token.
     pub fn verify(&self, token: Option<&str>) -> Result<Uuid, AuthError> {
         let token = token.ok_or(AuthError::Missing)?;
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?;
-        data.claims.sub.as_deref().and_then(parse_canonical_uuid).ok_or(AuthError::BadSubject)
+        subject(data.claims.sub.as_deref())
     }
+
+    /// The user of a valid token, with its grants when the verifier reads them.
+    pub fn identify(&self, token: Option<&str>) -> Result<Identity, AuthError> {
+        if !self.grants {
+            return self.verify(token).map(|user| Identity { user, grants: Vec::new() });
+        }
+        let token = token.ok_or(AuthError::Missing)?;
+        let claims = jsonwebtoken::decode::<GrantClaims>(token, &self.key, &self.validation)?.claims;
+        let user = subject(claims.sub.as_deref())?;
+        let grants = claims.chats.unwrap_or_default().into_iter().chain(claims.chat);
+        let grants = grants.map(|c| parse_canonical_uuid(&c).ok_or(AuthError::BadGrant)).collect::<Result<_, _>>()?;
+        Ok(Identity { user, grants })
+    }
+
+    /// Checks a join token: valid, with an `exp`, for `user` and `conversation`.
+    pub fn verify_join(&self, token: &str, user: Uuid, conversation: Uuid) -> Result<(), AuthError> {
+        let claims = jsonwebtoken::decode::<GrantClaims>(token, &self.key, &self.join_validation)?.claims;
+        let chat = claims.chat.as_deref().and_then(parse_canonical_uuid);
+        if subject(claims.sub.as_deref())? != user || chat != Some(conversation) {
+            return Err(AuthError::OtherJoin);
+        }
+        Ok(())
+    }
+}
+
+fn subject(sub: Option<&str>) -> Result<Uuid, AuthError> {
+    sub.and_then(parse_canonical_uuid).ok_or(AuthError::BadSubject)
 }
 
 /// Mints an HS256 token for `sub` valid for `ttl` (for `nexus token` and tests).

@@ -79,6 +79,14 @@ pub enum CoreMsg {
     PresenceSnapshot { conversation: Uuid, snapshot: Option<crate::cluster::presence::Changes> },
     /// Cluster, to every core: Redis may lack this node's presence; resync every replica.
     PresenceResync,
+    /// From a join proxy thread to the core whose join or history read asked: the verdict for
+    /// the wait `ticket`.
+    Authorized { ticket: u32, verdict: Result<(), crate::access::Refusal> },
+    /// To every core (server API, from this node or another): `user`'s sockets leave
+    /// `conversation` (`phx_close`, presence leave) and lose the token's grant of it.
+    RemoveMember { conversation: Uuid, user: Uuid },
+    /// To every core (server API): close `user`'s sockets ([`crate::close::Close::Disconnected`]).
+    Disconnect { user: Uuid },
     /// Cluster, from the gap-fill reader to the core that asked: `conversation`'s messages read
     /// from the database (`None`: the read failed); `full`: the read hit its row limit.
     Filled { conversation: Uuid, messages: Option<Vec<Sequenced>>, full: bool },

@@ -23,6 +23,9 @@ pub enum Close {
     GoingAway,
     /// The client kept sending over its message rate after being told.
     RateLimited,
+    /// The app backend asked for the user's sockets to be closed (server API); phoenix.js
+    /// reconnects, and the join policy decides what it may rejoin.
+    Disconnected,
 }
 
 /// One catalog entry.
@@ -45,11 +48,12 @@ const CATALOG: [Entry; Close::KINDS] = [
     Entry { code: 1000, reason: "", label: "client" },
     Entry { code: 1001, reason: "going away", label: "going_away" },
     Entry { code: 1008, reason: "rate limited", label: "rate_limited" },
+    Entry { code: 1008, reason: "disconnected by the server", label: "disconnected" },
 ];
 
 impl Close {
     /// Number of catalog entries.
-    pub const KINDS: usize = 8;
+    pub const KINDS: usize = 9;
 
     /// One close of each kind, in catalog order (for metrics).
     pub const ALL: [Close; Close::KINDS] = [
@@ -61,6 +65,7 @@ impl Close {
         Close::Client(1000),
         Close::GoingAway,
         Close::RateLimited,
+        Close::Disconnected,
     ];
 
     /// Position in the catalog.
@@ -74,6 +79,7 @@ impl Close {
             Close::Client(_) => 5,
             Close::GoingAway => 6,
             Close::RateLimited => 7,
+            Close::Disconnected => 8,
         }
     }
 

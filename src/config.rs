@@ -156,6 +156,29 @@ pub struct ServerArgs {
     /// from PostgreSQL.
     #[arg(long, env = "NEXUS_HOLD_MAX", default_value_t = limits::HOLD_MAX_DEFAULT)]
     pub hold_max: usize,
+    /// Who may join a conversation: `open` (any authenticated user), `token` (the socket
+    /// token's `chats` claim or a join token) or `proxy` (the app backend is asked).
+    #[arg(long, env = "NEXUS_JOIN_POLICY", default_value = "open", value_parser = ["open", "token", "proxy"])]
+    pub join_policy: String,
+    /// `proxy` policy: the backend endpoint asked about each (user, conversation) pair
+    /// (`http://host:port/path`).
+    #[arg(long, env = "NEXUS_JOIN_PROXY_URL")]
+    pub join_proxy_url: Option<String>,
+    /// `proxy` policy: the bearer secret sent to the backend. Never logged.
+    #[arg(long, env = "NEXUS_JOIN_PROXY_SECRET", hide_env_values = true)]
+    pub join_proxy_secret: Option<String>,
+    /// `proxy` policy: how long a backend call may take before the join is refused with
+    /// `authorization unavailable`. Seconds, or `2s`, `500ms`.
+    #[arg(long, env = "NEXUS_JOIN_PROXY_TIMEOUT", default_value_t = Secs(limits::JOIN_PROXY_TIMEOUT_DEFAULT))]
+    pub join_proxy_timeout: Secs,
+    /// `proxy` policy: how long the backend's allow and deny answers are reused for the same
+    /// user and conversation (0 = ask every time). Seconds, or `60s`, `5m`.
+    #[arg(long, env = "NEXUS_JOIN_PROXY_CACHE", default_value_t = Secs(limits::JOIN_PROXY_CACHE_DEFAULT))]
+    pub join_proxy_cache: Secs,
+    /// Bearer key of the server API (`/api/conversations/<id>/messages` POST, members DELETE,
+    /// `/api/users/<id>/disconnect`); unset = the server API is off (404). Never logged.
+    #[arg(long, env = "NEXUS_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// A configuration error, reported as one line before exit code 2.
@@ -213,6 +236,79 @@ pub struct Config {
     pub recovery_max: usize,
     /// `NEXUS_REDIS_URL` and the settings that go with it; `None`: a single node.
     pub cluster: Option<ClusterConfig>,
+    /// `NEXUS_JOIN_POLICY` and, for `proxy`, the backend it asks.
+    pub join_policy: JoinPolicy,
+    /// `NEXUS_API_KEY`; `None`: the server API answers 404. Its `Debug` hides it.
+    pub api_key: Option<Secret>,
+}
+
+/// Who may join a conversation (and read its history).
+#[derive(Debug, Clone)]
+pub enum JoinPolicy {
+    /// Any authenticated user.
+    Open,
+    /// The socket token's `chats` claim, or a join token in the join payload.
+    Token,
+    /// The app backend is asked.
+    Proxy(ProxyConfig),
+}
+
+/// The `proxy` policy's backend (each the checked form of the [`ServerArgs`] flag of the same
+/// name).
+#[derive(Debug, Clone)]
+#[allow(missing_docs)]
+pub struct ProxyConfig {
+    pub url: String,
+    /// `NEXUS_JOIN_PROXY_SECRET`; its `Debug` hides it.
+    pub secret: Secret,
+    pub timeout: Duration,
+    /// `NEXUS_JOIN_PROXY_CACHE` (zero: nothing is cached).
+    pub cache_ttl: Duration,
+}
+
+impl JoinPolicy {
+    fn from_args(args: &ServerArgs) -> Result<JoinPolicy, ConfigError> {
+        match args.join_policy.as_str() {
+            "token" => return Ok(JoinPolicy::Token),
+            "proxy" => {}
+            _ => return Ok(JoinPolicy::Open),
+        }
+        let url = args.join_proxy_url.as_deref().map(str::trim).unwrap_or_default();
+        if url.is_empty() {
+            return Err(invalid("NEXUS_JOIN_PROXY_URL", "the proxy join policy needs the backend's URL"));
+        }
+        if !url.starts_with("http://") {
+            let why = "must be an http:// URL (reach an https backend through a local TLS proxy)";
+            return Err(invalid("NEXUS_JOIN_PROXY_URL", why));
+        }
+        let Some(secret) = args.join_proxy_secret.as_ref().filter(|s| !s.is_empty()) else {
+            return Err(invalid("NEXUS_JOIN_PROXY_SECRET", "the proxy join policy needs a secret for the backend"));
+        };
+        let timeout = args.join_proxy_timeout.0;
+        if timeout < limits::JOIN_PROXY_TIMEOUT_MIN || timeout > limits::JOIN_PROXY_TIMEOUT_MAX {
+            let why = format!(
+                "must be from {} to {}",
+                humantime::format_duration(limits::JOIN_PROXY_TIMEOUT_MIN),
+                humantime::format_duration(limits::JOIN_PROXY_TIMEOUT_MAX)
+            );
+            return Err(invalid("NEXUS_JOIN_PROXY_TIMEOUT", &why));
+        }
+        Ok(JoinPolicy::Proxy(ProxyConfig {
+            url: url.to_string(),
+            secret: Secret::new(secret),
+            timeout,
+            cache_ttl: args.join_proxy_cache.0,
+        }))
+    }
+
+    /// The policy's name, as `NEXUS_JOIN_POLICY` spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            JoinPolicy::Open => "open",
+            JoinPolicy::Token => "token",
+            JoinPolicy::Proxy(_) => "proxy",
+        }
+    }
 }
 
 /// Cluster mode's settings (each the checked form of the [`ServerArgs`] flag of the same name).
@@ -333,6 +429,15 @@ impl Config {
             return Err(invalid("NEXUS_RECOVERY_MAX", &format!("must be at most {}", limits::RECOVERY_MAX_MAX)));
         }
         let cluster = ClusterConfig::from_args(args)?;
+        let join_policy = JoinPolicy::from_args(args)?;
+        let api_key = match args.api_key.as_deref().filter(|k| !k.is_empty()) {
+            None => None,
+            Some(key) if key.len() < limits::API_KEY_BYTES_MIN => {
+                let why = format!("must be at least {} bytes", limits::API_KEY_BYTES_MIN);
+                return Err(invalid("NEXUS_API_KEY", &why));
+            }
+            Some(key) => Some(Secret::new(key)),
+        };
         Ok(Config {
             listen: SocketAddr::new(args.bind, args.port),
             jwt_secret: secret,
@@ -359,6 +464,8 @@ impl Config {
             dev_tokens: args.dev_tokens,
             recovery_max: args.recovery_max,
             cluster,
+            join_policy,
+            api_key,
         })
     }
 }
@@ -389,6 +496,28 @@ impl DatabaseUrl {
 impl std::fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("DatabaseUrl([redacted])")
+    }
+}
+
+/// A secret setting (a key, a bearer secret); shown as `[redacted]` by `Debug`.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `value`.
+    pub fn new(value: &str) -> Secret {
+        Secret(value.to_string())
+    }
+
+    /// The secret itself, for sending or comparing only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
     }
 }
 
@@ -473,12 +602,24 @@ mod tests {
             ("publish_queue", "4096"),
             ("hold_max", "4096"),
             ("recovery_max", "1000"),
+            ("join_policy", "open"),
+            ("join_proxy_timeout", "2"),
+            ("join_proxy_cache", "60"),
         ];
         for (id, value) in expected {
             assert_eq!(default_of(id), value, "default of {id}");
         }
         // Unset means "derived": one worker per CPU, connections from the open-file limit.
-        for id in ["workers", "max_connections", "db_max_bytes", "jwt_secret", "database_url", "redis_url", "node_id"] {
+        for id in [
+            "workers",
+            "max_connections",
+            "db_max_bytes",
+            "jwt_secret",
+            "database_url",
+            "redis_url",
+            "node_id",
+            "api_key",
+        ] {
             assert_eq!(default_of(id), "", "{id} has no fixed default");
         }
     }

@@ -9,13 +9,15 @@
 //!   [`phoenix`] (V1/V2 serializers), [`auth`] (JWT), [`presence`] (presence tables, diffs and
 //!   the per-core shard), [`metrics`] (what a core counts).
 //! - L2 state without sockets: [`channel`] (topics and owners), [`store`] (writer and reader
-//!   threads), [`bus`] (cross-core mailboxes), [`wire`] (Phoenix messages as WebSocket frames).
+//!   threads), [`bus`] (cross-core mailboxes), [`wire`] (Phoenix messages as WebSocket frames),
+//!   [`access`] (the join policy and the join proxy's threads).
 //! - L3 semantics: [`chat`] (what `new_msg` means, its broadcast and history shapes).
 //! - L4 protocol: [`session`] (the Phoenix socket protocol as a pure state machine).
 //! - L5 IO and wiring: [`server`] (runtimes, listeners, connections; carries out what
 //!   sessions decide).
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod auth;
 pub mod backoff;
 pub mod bus;

@@ -389,3 +389,34 @@ pub const WATCH_QUEUE_MAX: usize = 65_536;
 const _: () = assert!(DB_UNACKED_MAX.as_millis() < DB_OUTCOME_WAIT.as_millis() && DB_OUTCOME_WAIT.as_millis() < 1_000);
 const _: () = assert!(DB_RECONNECT_TIMEOUT.as_millis() <= DB_OUTCOME_WAIT.as_millis());
 const _: () = assert!(RECONNECT_BACKOFF_MIN.as_millis() <= RECONNECT_BACKOFF_MAX.as_millis());
+
+// --- Private conversations (docs/protocol.md, "Private conversations") ----------------------
+
+/// Default longest wait for the join proxy's answer (`NEXUS_JOIN_PROXY_TIMEOUT`); the join
+/// waits that long at most, then is refused with `authorization unavailable`.
+pub const JOIN_PROXY_TIMEOUT_DEFAULT: Duration = Duration::from_secs(2);
+
+/// Bounds of `NEXUS_JOIN_PROXY_TIMEOUT`: a socket reads nothing while its join waits.
+pub const JOIN_PROXY_TIMEOUT_MIN: Duration = Duration::from_millis(10);
+/// See [`JOIN_PROXY_TIMEOUT_MIN`].
+pub const JOIN_PROXY_TIMEOUT_MAX: Duration = Duration::from_secs(30);
+
+/// Default lifetime of the join proxy's allow and deny answers (`NEXUS_JOIN_PROXY_CACHE`).
+pub const JOIN_PROXY_CACHE_DEFAULT: Duration = Duration::from_secs(60);
+
+/// Most (user, conversation) answers the join proxy's cache keeps; past it the expired ones
+/// go first, then arbitrary ones (a miss only costs one more backend call).
+pub const JOIN_PROXY_CACHE_ENTRIES_MAX: usize = 100_000;
+
+/// Threads calling the join proxy (blocking HTTP, one call each at a time).
+pub const JOIN_PROXY_WORKERS: usize = 4;
+
+/// Backend calls that may wait for a proxy thread; when full, a join that needs a call is
+/// refused at once with `authorization unavailable`.
+pub const JOIN_PROXY_QUEUE_MAX: usize = 4_096;
+
+/// Largest answer body read from the join proxy (only its status matters).
+pub const JOIN_PROXY_BODY_MAX: u64 = 64 * 1024;
+
+/// Shortest `NEXUS_API_KEY`: a guessable key opens every conversation.
+pub const API_KEY_BYTES_MIN: usize = 16;

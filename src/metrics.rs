@@ -27,6 +27,10 @@ pub enum Counter {
     Joins,
     /// Joins answered `server busy` while cross-core queues are congested.
     JoinsBusy,
+    /// Joins refused by the join policy (`unauthorized`).
+    JoinsUnauthorized,
+    /// Joins refused because the join proxy could not be asked (`authorization unavailable`).
+    JoinsUnavailable,
     /// Phoenix messages (text or binary frames) received.
     MessagesIn,
     /// Messages dropped as malformed (not a message of the socket's serializer).
@@ -45,6 +49,12 @@ pub enum Counter {
     RecoveriesRefused,
     /// Missed messages pushed by recoveries.
     RecoveredMessages,
+    /// Server API: messages posted.
+    ApiMessages,
+    /// Server API: member removals.
+    ApiRemovals,
+    /// Server API: user disconnects.
+    ApiDisconnects,
     /// Sockets closed, by catalog entry.
     Closed(Close),
 }
@@ -57,7 +67,9 @@ const SERIES: [(&str, &str, &str); Counter::FIXED] = [
     ("nexus_connections_refused_total", "reason=\"descriptors\"", ""),
     ("nexus_connections_refused_total", "reason=\"draining\"", ""),
     ("nexus_joins_total", "", "Channel joins accepted."),
-    ("nexus_joins_refused_total", "reason=\"busy\"", "Joins refused while cross-core queues are congested."),
+    ("nexus_joins_refused_total", "reason=\"busy\"", "Joins refused, by reason (busy: cross-core queues congested)."),
+    ("nexus_joins_refused_total", "reason=\"unauthorized\"", ""),
+    ("nexus_joins_refused_total", "reason=\"unavailable\"", ""),
     ("nexus_messages_in_total", "", "Phoenix messages received from clients."),
     ("nexus_messages_dropped_total", "", "Client messages dropped as malformed (the socket stays open)."),
     ("nexus_replies_total", "", "Replies and pushes sent to one socket."),
@@ -71,6 +83,9 @@ const SERIES: [(&str, &str, &str); Counter::FIXED] = [
         "Rejoins answered recovered:false (too many missed, readers busy or failed).",
     ),
     ("nexus_recovered_messages_total", "", "Missed messages pushed to rejoining sockets."),
+    ("nexus_api_requests_total", "action=\"message\"", "Server API requests accepted, by action."),
+    ("nexus_api_requests_total", "action=\"remove_member\"", ""),
+    ("nexus_api_requests_total", "action=\"disconnect\"", ""),
 ];
 
 /// The close counters' metric.
@@ -78,7 +93,7 @@ const CLOSES: (&str, &str) = ("nexus_closes_total", "Sockets closed, by reason."
 
 impl Counter {
     /// Counters before the per-close ones (checked below against the last of them).
-    const FIXED: usize = 15;
+    const FIXED: usize = 20;
     /// Every counter, closes included.
     pub const COUNT: usize = Counter::FIXED + Close::KINDS;
 
@@ -91,15 +106,20 @@ impl Counter {
             Counter::RefusedDraining => 3,
             Counter::Joins => 4,
             Counter::JoinsBusy => 5,
-            Counter::MessagesIn => 6,
-            Counter::MessagesDropped => 7,
-            Counter::Replies => 8,
-            Counter::Deliveries => 9,
-            Counter::NewMsgAcked => 10,
-            Counter::NewMsgBusy => 11,
-            Counter::RateLimited => 12,
-            Counter::RecoveriesRefused => 13,
-            Counter::RecoveredMessages => 14,
+            Counter::JoinsUnauthorized => 6,
+            Counter::JoinsUnavailable => 7,
+            Counter::MessagesIn => 8,
+            Counter::MessagesDropped => 9,
+            Counter::Replies => 10,
+            Counter::Deliveries => 11,
+            Counter::NewMsgAcked => 12,
+            Counter::NewMsgBusy => 13,
+            Counter::RateLimited => 14,
+            Counter::RecoveriesRefused => 15,
+            Counter::RecoveredMessages => 16,
+            Counter::ApiMessages => 17,
+            Counter::ApiRemovals => 18,
+            Counter::ApiDisconnects => 19,
             Counter::Closed(why) => Counter::FIXED + why.index(),
         }
     }
@@ -108,7 +128,7 @@ impl Counter {
 // The series table names exactly the counters before the closes, and they end where the
 // closes begin.
 const _: () = assert!(SERIES.len() == Counter::FIXED);
-const _: () = assert!(Counter::RecoveredMessages.index() + 1 == Counter::FIXED);
+const _: () = assert!(Counter::ApiDisconnects.index() + 1 == Counter::FIXED);
 
 /// One core's counters (its thread only).
 #[derive(Debug, Default)]

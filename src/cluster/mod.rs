@@ -5,10 +5,12 @@
 //! node's message publications ([`publication`]), the thread that publishes committed batches
 //! ([`publisher`]), the one that receives the other nodes' publications ([`subscriber`]), the
 //! one that reads from PostgreSQL what Redis did not bring ([`filler`]), and the one that keeps
-//! the cluster's presence in Redis and this node's heartbeat ([`presence`]). The server starts
+//! the cluster's presence in Redis and this node's heartbeat ([`presence`]); the server API's
+//! commands travel between nodes as [`command`]s. The server starts
 //! them when `NEXUS_REDIS_URL` is set (`server::fabric`); docs/architecture.md, "Cluster mode",
 //! tells how they fit.
 
+pub mod command;
 pub mod filler;
 pub mod order;
 pub mod presence;

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender};
 use uuid::Uuid;
 
+use super::command::{self, Command};
 use super::connect;
 use super::publication::{encode, Entry};
 use crate::backoff::Backoff;
@@ -40,11 +41,28 @@ pub struct PublishStats {
     pub up: AtomicBool,
 }
 
+/// What the publisher sends.
+enum Outgoing {
+    /// A committed batch: one publication per conversation.
+    Batch(Arc<CommitBatch>),
+    /// A server API command for the other nodes.
+    Command(Command),
+}
+
 /// The writer's side of the publisher.
 #[derive(Debug, Clone)]
 pub struct Publisher {
-    tx: Sender<Arc<CommitBatch>>,
+    tx: Sender<Outgoing>,
     stats: Arc<PublishStats>,
+}
+
+impl std::fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outgoing::Batch(b) => write!(f, "Batch({} messages)", b.messages.len()),
+            Outgoing::Command(c) => write!(f, "{c:?}"),
+        }
+    }
 }
 
 impl Publisher {
@@ -54,9 +72,15 @@ impl Publisher {
             return;
         }
         // Full, or the thread is gone: either way other nodes read this batch from the database.
-        if self.tx.try_send(Arc::clone(batch)).is_err() {
+        if self.tx.try_send(Outgoing::Batch(Arc::clone(batch))).is_err() {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Queues a command for the other nodes; `false` when it cannot be sent (queue full or
+    /// Redis down: the caller says so to its client).
+    pub fn command(&self, command: Command) -> bool {
+        self.stats.up.load(Ordering::Relaxed) && self.tx.try_send(Outgoing::Command(command)).is_ok()
     }
 
     /// Batches waiting to be published.
@@ -87,12 +111,12 @@ pub fn spawn_publisher(
     Ok(Publisher { tx, stats })
 }
 
-fn run(client: &redis::Client, prefix: &str, incarnation: &str, rx: &Receiver<Arc<CommitBatch>>, stats: &PublishStats) {
+fn run(client: &redis::Client, prefix: &str, incarnation: &str, rx: &Receiver<Outgoing>, stats: &PublishStats) {
     let mut conn: Option<redis::Connection> = None;
     let mut reconnect = Backoff::new(limits::RECONNECT_BACKOFF_MIN, limits::RECONNECT_BACKOFF_MAX);
     // Said once per outage.
     let mut warned = false;
-    for batch in rx.iter() {
+    for outgoing in rx.iter() {
         if conn.is_none() && reconnect.ready() {
             match connect(client) {
                 Ok(c) => {
@@ -114,7 +138,10 @@ fn run(client: &redis::Client, prefix: &str, incarnation: &str, rx: &Receiver<Ar
             stats.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         };
-        let publications = publications(prefix, incarnation, &batch);
+        let publications = match &outgoing {
+            Outgoing::Batch(batch) => publications(prefix, incarnation, batch),
+            Outgoing::Command(command) => vec![(command::channel(prefix), command.encode(incarnation))],
+        };
         let mut pipe = redis::pipe();
         for (channel, bytes) in &publications {
             pipe.cmd("PUBLISH").arg(channel).arg(bytes.as_slice()).ignore();

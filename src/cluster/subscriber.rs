@@ -18,6 +18,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use uuid::Uuid;
 
+use super::command::{self, Command};
 use super::connect;
 use super::presence::{parse_publication, Changes};
 use super::publication::decode;
@@ -55,6 +56,8 @@ pub enum FabricEvent {
     /// Subscribed again to everything watched: what was missed meanwhile must be read from
     /// the database.
     Up,
+    /// Another node's server API command.
+    Command(Command),
 }
 
 /// Where events go (the cores' mailboxes, in the server).
@@ -196,11 +199,10 @@ impl Thread {
     /// handle is dropped.
     fn session(&mut self, conn: &mut redis::Connection, down: &mut bool) -> Ended {
         let mut ps = conn.as_pubsub();
-        if !self.watched.is_empty() {
-            let channels: Vec<String> = self.watched.keys().map(|&c| channel(&self.prefix, c)).collect();
-            if let Err(e) = confirmed(&mut ps, |ps| ps.subscribe(&channels)) {
-                return Ended::Lost(e);
-            }
+        let mut channels: Vec<String> = self.watched.keys().map(|&c| channel(&self.prefix, c)).collect();
+        channels.push(command::channel(&self.prefix));
+        if let Err(e) = confirmed(&mut ps, |ps| ps.subscribe(&channels)) {
+            return Ended::Lost(e);
         }
         if *down {
             tracing::info!(conversations = self.watched.len(), "Redis subscription restored");
@@ -245,6 +247,14 @@ impl Thread {
 
     /// Decodes one publication and hands on another node's messages, or a presence change.
     fn deliver(&self, channel_name: &str, bytes: &[u8]) {
+        if channel_name.strip_prefix(&self.prefix) == Some(command::CHANNEL) {
+            match Command::decode(bytes) {
+                Some((_, from)) if from == self.incarnation => {}
+                Some((command, _)) => (self.sink)(FabricEvent::Command(command)),
+                None => tracing::warn!(channel = channel_name, "dropped a command that is not ours"),
+            }
+            return;
+        }
         if bytes.first() == Some(&b'P') {
             let Some(conversation) = self.conversation_of(channel_name) else { return };
             match parse_publication(bytes) {

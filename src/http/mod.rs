@@ -6,4 +6,4 @@ pub mod origin;
 pub mod request;
 pub mod response;
 
-pub use request::{parse_head, route, Head, HistoryRequest, HttpError, Route, Upgrade};
+pub use request::{parse_head, route, ApiAction, ApiRequest, Head, HistoryRequest, HttpError, Route, Upgrade};

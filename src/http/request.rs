@@ -58,6 +58,10 @@ pub struct Head {
     pub origin: Option<String>,
     /// `Authorization` header.
     pub authorization: Option<String>,
+    /// `Content-Length` header.
+    pub content_length: Option<String>,
+    /// `Transfer-Encoding` header.
+    pub transfer_encoding: Option<String>,
 }
 
 /// Parses a request head from the start of `buf`.
@@ -99,6 +103,8 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
             "sec-websocket-protocol" => &mut head.ws_protocol,
             "origin" => &mut head.origin,
             "authorization" => &mut head.authorization,
+            "content-length" => &mut head.content_length,
+            "transfer-encoding" => &mut head.transfer_encoding,
             _ => continue,
         };
         if slot.is_none() {
@@ -129,6 +135,39 @@ pub enum Route {
     History(HistoryRequest),
     /// An `/api/` request refused before authentication or for bad parameters: a JSON error.
     ApiError(Status, &'static str),
+    /// A server API request (key not yet checked; a body, if any, not yet read).
+    Api(ApiRequest),
+}
+
+/// A server API request: what the app backend asks, with its bearer key.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ApiRequest {
+    /// What is asked.
+    pub action: ApiAction,
+    /// Bearer key from `Authorization`.
+    pub key: Option<String>,
+}
+
+/// The server API's actions (docs/protocol.md, "Server API").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiAction {
+    /// `POST /api/conversations/<id>/messages`: store and broadcast a message (JSON body).
+    PostMessage(Uuid),
+    /// `DELETE /api/conversations/<id>/members/<user>`.
+    RemoveMember(Uuid, Uuid),
+    /// `POST /api/users/<user>/disconnect`.
+    Disconnect(Uuid),
+}
+
+impl ApiAction {
+    /// The label of `nexus_api_requests_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ApiAction::PostMessage(_) => "message",
+            ApiAction::RemoveMember(..) => "remove_member",
+            ApiAction::Disconnect(_) => "disconnect",
+        }
+    }
 }
 
 /// A history request, ready for token verification.
@@ -179,7 +218,8 @@ pub fn route(head: &Head, origins: &OriginPolicy) -> Route {
         DEV_TOKEN_PATH if head.method == "POST" => route_dev_token(head),
         DEV_TOKEN_PATH => Route::Reject(Status::METHOD_NOT_ALLOWED, "method not allowed"),
         SOCKET_PATH => route_socket(head, origins),
-        path if path.starts_with(API_PREFIX) => route_history(head, &path[API_PREFIX.len()..]),
+        path if path.starts_with(API_PREFIX) => route_conversations(head, &path[API_PREFIX.len()..]),
+        path if path.starts_with(USERS_PREFIX) => route_users(head, &path[USERS_PREFIX.len()..]),
         // A WebSocket upgrade anywhere but the socket path finds no endpoint there.
         path => match super::assets::get(path) {
             Some(asset) if head.method == "GET" && head.upgrade.is_none() => Route::Asset(asset),
@@ -190,22 +230,60 @@ pub fn route(head: &Head, origins: &OriginPolicy) -> Route {
     }
 }
 
-/// Prefix of the history endpoint: `/api/conversations/<uuid>/messages`.
+/// Prefix of the conversation endpoints: `/api/conversations/<uuid>/messages` (history,
+/// and the server API's post) and `/api/conversations/<uuid>/members/<uuid>`.
 pub const API_PREFIX: &str = "/api/conversations/";
+/// Prefix of the server API's user endpoint: `/api/users/<uuid>/disconnect`.
+pub const USERS_PREFIX: &str = "/api/users/";
 
-fn route_history(head: &Head, rest: &str) -> Route {
-    let conversation = match rest.split_once('/') {
-        Some((id, "messages")) => ids::parse_canonical_uuid(id),
-        _ => None,
+/// The bearer token of `Authorization`.
+fn bearer(head: &Head) -> Option<String> {
+    head.authorization.as_deref().and_then(|v| {
+        let (scheme, token) = v.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string())
+    })
+}
+
+fn api(head: &Head, method: &str, action: ApiAction) -> Route {
+    if head.method != method {
+        return Route::ApiError(Status::METHOD_NOT_ALLOWED, "method not allowed");
+    }
+    Route::Api(ApiRequest { action, key: bearer(head) })
+}
+
+fn route_conversations(head: &Head, rest: &str) -> Route {
+    const NOT_FOUND: Route = Route::ApiError(Status::NOT_FOUND, "not found");
+    let mut parts = rest.split('/');
+    let (Some(id), Some(what), member, None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return NOT_FOUND;
     };
-    let Some(conversation) = conversation else { return Route::ApiError(Status::NOT_FOUND, "not found") };
+    let Some(conversation) = ids::parse_canonical_uuid(id) else { return NOT_FOUND };
+    match (what, member) {
+        ("messages", None) if head.method == "POST" => api(head, "POST", ApiAction::PostMessage(conversation)),
+        ("messages", None) => route_history(head, conversation),
+        ("members", Some(user)) => match ids::parse_canonical_uuid(user) {
+            Some(user) => api(head, "DELETE", ApiAction::RemoveMember(conversation, user)),
+            None => NOT_FOUND,
+        },
+        _ => NOT_FOUND,
+    }
+}
+
+fn route_users(head: &Head, rest: &str) -> Route {
+    match rest.split_once('/') {
+        Some((id, "disconnect")) => match ids::parse_canonical_uuid(id) {
+            Some(user) => api(head, "POST", ApiAction::Disconnect(user)),
+            None => Route::ApiError(Status::NOT_FOUND, "not found"),
+        },
+        _ => Route::ApiError(Status::NOT_FOUND, "not found"),
+    }
+}
+
+fn route_history(head: &Head, conversation: Uuid) -> Route {
     if head.method != "GET" {
         return Route::ApiError(Status::METHOD_NOT_ALLOWED, "method not allowed");
     }
-    let token = head.authorization.as_deref().and_then(|v| {
-        let (scheme, token) = v.split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string())
-    });
+    let token = bearer(head);
     let (mut before, mut limit) = (None, limits::HISTORY_LIMIT_DEFAULT);
     for (k, v) in form_urlencoded::parse(head.query.as_deref().unwrap_or("").as_bytes()) {
         match k.as_ref() {

@@ -21,6 +21,19 @@ impl Status {
     pub const UNAUTHORIZED: Status = Status(401, "Unauthorized");
     /// 503: over capacity or draining.
     pub const UNAVAILABLE: Status = Status(503, "Service Unavailable");
+    /// 201: the server API stored a message.
+    pub const CREATED: Status = Status(201, "Created");
+    /// 204: the server API did what was asked; nothing to say.
+    pub const NO_CONTENT: Status = Status(204, "No Content");
+    /// 411: a server API body without `Content-Length`.
+    pub const LENGTH_REQUIRED: Status = Status(411, "Length Required");
+    /// 413: a server API body over the limit.
+    pub const TOO_LARGE: Status = Status(413, "Content Too Large");
+}
+
+/// A complete `204` that closes the connection.
+pub fn no_content() -> Vec<u8> {
+    b"HTTP/1.1 204 No Content\r\ncache-control: no-store\r\nconnection: close\r\n\r\n".to_vec()
 }
 
 /// A complete `text/plain` response that closes the connection.

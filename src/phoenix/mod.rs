@@ -6,7 +6,7 @@ mod json;
 mod serializer;
 
 pub use binary::{decode_binary_push, BinaryPush};
-pub use json::{string_field, write_str};
+pub use json::{nests_deeper_than, string_field, write_str};
 pub use serializer::{decode, encode, encode_around, DecodeError, Inbound, Outbound, Vsn};
 
 /// Reply `{"status":"ok","response":{}}` response body.

@@ -29,6 +29,17 @@ pub(crate) enum Phase {
     Lingering,
 }
 
+/// Whether a connection's task reads and handles the client's messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reading {
+    /// As usual.
+    On,
+    /// A join waits for the join proxy: nothing more is read or handled until its answer.
+    Paused,
+    /// The answer came: handle what was read meanwhile, then read on.
+    Resumed,
+}
+
 /// Shared per-connection state.
 pub(crate) struct Conn {
     /// Key in the core's connection slab (also the member key in topics).
@@ -46,6 +57,9 @@ pub(crate) struct Conn {
     deadline_ms: Cell<u64>,
     /// Set by the sweeper when a closing/handshaking connection ran out of time.
     expired: Cell<bool>,
+    /// Whether the task reads the client's messages (paused while a join waits for the join
+    /// proxy, as a Phoenix socket waits for its channel's join).
+    reading: Cell<Reading>,
     close: Cell<Option<Close>>,
     outbox: RefCell<VecDeque<Bytes>>,
     outbox_bytes: Cell<usize>,
@@ -62,6 +76,7 @@ impl Conn {
             phase: Cell::new(Phase::Handshake),
             deadline_ms: Cell::new(deadline_ms),
             expired: Cell::new(false),
+            reading: Cell::new(Reading::On),
             close: Cell::new(None),
             outbox: RefCell::new(VecDeque::new()),
             outbox_bytes: Cell::new(0),
@@ -116,6 +131,43 @@ impl Conn {
 
     pub(crate) fn expired(&self) -> bool {
         self.expired.get()
+    }
+
+    /// Stops handling the client's messages until [`Conn::resume`].
+    pub(crate) fn pause(&self) {
+        self.reading.set(Reading::Paused);
+    }
+
+    /// Handles the client's messages again (and what was read while paused).
+    pub(crate) fn resume(&self) {
+        if self.reading.get() == Reading::Paused {
+            self.reading.set(Reading::Resumed);
+            self.wake();
+        }
+    }
+
+    pub(crate) fn paused(&self) -> bool {
+        self.reading.get() == Reading::Paused
+    }
+
+    /// Whether the connection was just resumed (then it reads as usual again).
+    pub(crate) fn take_resumed(&self) -> bool {
+        let resumed = self.reading.get() == Reading::Resumed;
+        if resumed {
+            self.reading.set(Reading::On);
+        }
+        resumed
+    }
+
+    /// Whether the task must stop handling the bytes it read: a close is requested, time ran
+    /// out, or a join waits for its answer.
+    pub(crate) fn stop_reading(&self) -> bool {
+        self.close_requested() || self.paused()
+    }
+
+    /// Whether a close is requested or time ran out (what was read is then discarded).
+    pub(crate) fn close_requested(&self) -> bool {
+        self.close.get().is_some() || self.expired.get()
     }
 
     /// Asks the task to close the socket for `why` (first reason wins).
@@ -183,7 +235,10 @@ impl Conn {
 
     /// Whether the task has something to act on besides socket readiness.
     pub(crate) fn has_work(&self, write_blocked: bool) -> bool {
-        self.close.get().is_some() || self.expired.get() || (!write_blocked && self.has_output())
+        self.close.get().is_some()
+            || self.expired.get()
+            || self.reading.get() == Reading::Resumed
+            || (!write_blocked && self.has_output())
     }
 
     /// Moves queued frames into `out` until it holds at least `limit` bytes; returns the count.

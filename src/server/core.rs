@@ -27,16 +27,20 @@ use super::conn::{Conn, Phase};
 use super::fabric::{Fabric, WaitingJoin};
 use super::topics::{Left, LocalTopics};
 use super::{sys, task};
-use crate::auth::Verifier;
+use crate::access::Access;
 use crate::bus::{ConnRef, CoreMsg, Mailbox, Overflow};
 use crate::close::Close;
 use crate::config::Config;
+use crate::http::response;
 use crate::metrics::{Counter, Counters, Gauges, Published};
 use crate::presence::{Meta, PhxRef, PresenceShard, RefMaker};
-use crate::session::{Effect, Env, Limits, ReplyTo};
-use crate::store::{CommitBatch, InsertRequest, Origin, ReaderHandle, StoreHandle};
+use crate::session::{Effect, Env, Limits, ReplyTo, Session};
+use crate::store::{
+    CommitBatch, HistoryError, HistoryJob, HistoryPage, HistoryQuery, InsertRequest, Origin, ReaderHandle, StoreHandle,
+};
 use crate::{channel, chat, ids, limits, wire};
 
+mod access;
 mod cluster;
 mod recovery;
 mod replica;
@@ -45,7 +49,8 @@ mod replica;
 pub(crate) struct Shared {
     pub config: Config,
     pub reader: ReaderHandle,
-    pub verifier: Verifier,
+    /// The join policy (and the token verifier).
+    pub access: Access,
     pub mailboxes: Arc<[Mailbox]>,
     /// Cluster mode's threads; `None` on a single node.
     pub fabric: Option<Fabric>,
@@ -76,10 +81,18 @@ impl Shared {
     }
 }
 
-/// A `new_msg` waiting for the writer's answer.
+/// A message waiting for the writer's answer.
 struct PendingAck {
     conn: Rc<Conn>,
-    reply: ReplyTo,
+    to: AckTo,
+}
+
+/// Who is answered when a message is committed.
+enum AckTo {
+    /// A `new_msg` push: its reply.
+    Socket(ReplyTo),
+    /// A server API post: 201 with the stored message (known once the batch is here).
+    Http { stored: Option<Bytes> },
 }
 
 /// A socket waiting for its `presence_state` from a conversation's owner.
@@ -132,6 +145,11 @@ pub(crate) struct Core {
     /// Recovery reads waiting for room in the readers' queue, in order.
     recovery_backlog: RefCell<std::collections::VecDeque<crate::store::HistoryJob>>,
     recovery_retry: Cell<bool>,
+    /// The `token` policy: the conversations each socket's token grants, by connection key
+    /// (only sockets whose token grants any: nothing per connection otherwise).
+    grants: RefCell<std::collections::HashMap<usize, Box<[Uuid]>>>,
+    /// Joins and history reads waiting for the join proxy.
+    auth_waits: RefCell<Slab<access::AuthWait>>,
 }
 
 impl Core {
@@ -164,6 +182,8 @@ impl Core {
             recoveries: RefCell::new(Slab::new()),
             recovery_backlog: RefCell::new(std::collections::VecDeque::new()),
             recovery_retry: Cell::new(false),
+            grants: RefCell::new(std::collections::HashMap::new()),
+            auth_waits: RefCell::new(Slab::new()),
         }
     }
 
@@ -298,6 +318,7 @@ impl Core {
     /// Forgets a connection: leaves its channels (presence leaves included), drops it.
     pub(crate) fn unregister(&self, conn: &Rc<Conn>) {
         self.leave_all(conn);
+        self.grants.borrow_mut().remove(&conn.key);
         let removed = self.conns.borrow_mut().try_remove(conn.key);
         debug_assert!(removed.is_some_and(|c| Rc::ptr_eq(&c, conn)), "unregistered twice");
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
@@ -318,19 +339,27 @@ impl Core {
 
     /// Hands one client message to the connection's session and carries out what it decides.
     pub(crate) fn on_message(&self, conn: &Rc<Conn>, msg: crate::ws::Message<'_>) {
+        self.with_session(conn, |session, env, effects| session.on_message(msg, env, effects));
+    }
+
+    /// Runs one step of `conn`'s session, then carries out its effects.
+    fn with_session(&self, conn: &Rc<Conn>, step: impl FnOnce(&mut Session, &mut Env<'_>, &mut Vec<Effect>)) {
         let mut effects = self.effects.take();
         {
             let config = self.config();
+            let grants = self.grants.borrow();
             let mut env = Env {
                 now_ms: self.now_ms(),
                 limits: Limits { max_channels: config.max_channels, msg_rate: config.msg_rate },
                 refs: &mut self.refs.borrow_mut(),
                 counters: &self.counters,
                 joins_refused: self.shared.joins_refused(),
+                access: &self.shared.access,
+                grants: grants.get(&conn.key).map_or(&[], |g| &g[..]),
                 core: self.id,
                 conn: conn.id,
             };
-            conn.session_mut().on_message(msg, &mut env, &mut effects);
+            step(&mut conn.session_mut(), &mut env, &mut effects);
         }
         for e in effects.drain(..) {
             self.execute(conn, e);
@@ -351,6 +380,7 @@ impl Core {
             Effect::Leave { conversation, phx_ref } => self.leave_channel(conn, conversation, phx_ref),
             Effect::Submit { conversation, body, reply } => self.submit(conn, conversation, body, reply),
             Effect::Close(why) => conn.request_close(why),
+            Effect::Authorize(join) => self.authorize_join(conn, join),
         }
     }
 
@@ -413,19 +443,38 @@ impl Core {
     /// Hands a message to the writer; the answer comes back with the committed batch
     /// ([`Core::on_committed`]), or at once when the writer's queue is full.
     pub(crate) fn submit(&self, conn: &Rc<Conn>, conversation: Uuid, body: String, reply: ReplyTo) {
-        let ticket = self.acks.borrow_mut().insert(PendingAck { conn: conn.clone(), reply });
+        self.submit_as(conn, conversation, conn.user(), body, AckTo::Socket(reply));
+    }
+
+    /// Server API: stores and broadcasts a message from `sender` exactly as a `new_msg`; the
+    /// parked request is answered 201 with the stored message.
+    pub(crate) fn submit_api(&self, conn: &Rc<Conn>, conversation: Uuid, sender: Uuid, body: String) {
+        conn.set_phase(Phase::Waiting);
+        conn.set_deadline_ms(self.deadline_after_ms(limits::HANDSHAKE_TIMEOUT));
+        self.submit_as(conn, conversation, sender, body, AckTo::Http { stored: None });
+    }
+
+    fn submit_as(&self, conn: &Rc<Conn>, conversation: Uuid, sender: Uuid, body: String, to: AckTo) {
+        let ticket = self.acks.borrow_mut().insert(PendingAck { conn: conn.clone(), to });
         let origin = Origin {
             core: u16::try_from(self.id).expect("core ids fit in u16 (limits::WORKERS_MAX)"),
             ticket: u32::try_from(ticket).expect("pending acks are bounded by the writer queue"),
         };
-        let req = InsertRequest { conversation, sender: conn.user(), body, origin };
+        let req = InsertRequest { conversation, sender, body, origin };
         if let Err(e) = self.store.try_submit(req) {
-            let ack = self.acks.borrow_mut().remove(ticket);
             self.count(Counter::NewMsgBusy);
             tracing::warn!(core = self.id, conn = conn.id, error = %e, "new_msg refused");
-            self.count(Counter::Replies);
-            conn.send(ack.reply.frame(conn.vsn(), Some(&e.to_string())), self.config().max_outbox_bytes);
+            self.ack(ticket, Some(&e.to_string()));
         }
+    }
+
+    /// Counts a server API request.
+    pub(crate) fn count_api(&self, action: crate::http::ApiAction) {
+        self.count(match action {
+            crate::http::ApiAction::PostMessage(_) => Counter::ApiMessages,
+            crate::http::ApiAction::RemoveMember(..) => Counter::ApiRemovals,
+            crate::http::ApiAction::Disconnect(_) => Counter::ApiDisconnects,
+        });
     }
 
     /// Broadcasts a committed batch to local members and answers this core's senders
@@ -441,25 +490,49 @@ impl Core {
                     self.fan_out(m.message.conversation, chat::NEW_MSG, payload, false);
                 }
             }
-            if let Some(ticket) = self.ticket_of(m) {
+            if let Some(ticket) = self.ticket_of(batch, i) {
                 self.ack(ticket, batch.failure);
             }
         }
     }
 
-    /// The pending-ack key of a committed message sent from this core.
-    fn ticket_of(&self, m: &crate::store::Committed) -> Option<usize> {
-        m.origin.filter(|o| usize::from(o.core) == self.id).map(|o| o.ticket as usize)
+    /// The pending-ack key of the batch's `i`th message, if sent from this core; a server API
+    /// sender keeps the stored message for its answer.
+    fn ticket_of(&self, batch: &CommitBatch, i: usize) -> Option<usize> {
+        let origin = batch.messages[i].origin.filter(|o| usize::from(o.core) == self.id)?;
+        let ticket = origin.ticket as usize;
+        if let (Some(payload), Some(ack)) = (batch.payloads.get(i), self.acks.borrow_mut().get_mut(ticket)) {
+            if let AckTo::Http { stored } = &mut ack.to {
+                *stored = Some(payload.clone());
+            }
+        }
+        Some(ticket)
     }
 
-    /// Answers a pending `new_msg`: ok, or `Failed to save` with `failure`.
+    /// Answers a pending message: ok (201 for the server API), or `Failed to save` (503) with
+    /// `failure`.
     fn ack(&self, ticket: usize, failure: Option<&str>) {
         let Some(ack) = self.acks.borrow_mut().try_remove(ticket) else { return };
         if failure.is_none() {
             self.count(Counter::NewMsgAcked);
         }
-        self.count(Counter::Replies);
-        ack.conn.send(ack.reply.frame(ack.conn.vsn(), failure), self.config().max_outbox_bytes);
+        match ack.to {
+            AckTo::Socket(reply) => {
+                self.count(Counter::Replies);
+                ack.conn.send(reply.frame(ack.conn.vsn(), failure), self.config().max_outbox_bytes);
+            }
+            AckTo::Http { stored } => {
+                let bytes = match (failure, stored) {
+                    (None, Some(message)) => response::json(response::Status::CREATED, &message),
+                    (failure, _) => {
+                        response::json_error(response::Status::UNAVAILABLE, failure.unwrap_or("not stored"))
+                    }
+                };
+                if ack.conn.phase() == Phase::Waiting {
+                    self.answer_http(&ack.conn, bytes);
+                }
+            }
+        }
     }
 
     fn fan_out(&self, conversation: Uuid, event: &str, payload: &[u8], presence: bool) {
@@ -482,12 +555,41 @@ impl Core {
         self.http_waits.borrow_mut().try_remove(ticket as usize);
     }
 
+    /// Reads a history page for a parked HTTP request ([`Phase::Waiting`]); the response comes
+    /// back through this core's mailbox.
+    pub(crate) fn read_history(&self, conn: &Rc<Conn>, query: HistoryQuery) {
+        let ticket = self.wait_http(conn);
+        let shared = self.shared.clone();
+        let core_id = self.id;
+        let reply = Box::new(move |result: Result<HistoryPage, HistoryError>| {
+            let bytes = match result {
+                Ok(page) => response::json(response::Status::OK, &chat::history_json(&page)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "history read failed");
+                    response::json_error(response::Status::UNAVAILABLE, "storage unavailable")
+                }
+            };
+            shared.mailboxes[core_id].push_blocking(CoreMsg::HttpResponse { ticket, bytes });
+        });
+        if self.shared.reader.try_submit(HistoryJob { query, reply }).is_err() {
+            self.cancel_http(ticket);
+            return self.answer_http(conn, response::json_error(response::Status::UNAVAILABLE, "server busy"));
+        }
+        conn.set_phase(Phase::Waiting);
+        conn.set_deadline_ms(self.deadline_after_ms(limits::HANDSHAKE_TIMEOUT));
+    }
+
+    /// Answers an HTTP request and closes after the answer is sent.
+    pub(crate) fn answer_http(&self, conn: &Conn, bytes: Vec<u8>) {
+        conn.push_final(Bytes::from(bytes));
+        conn.set_phase(Phase::Closing);
+        conn.set_deadline_ms(self.deadline_after_ms(limits::CLOSE_LINGER));
+    }
+
     fn on_http_response(&self, ticket: u32, bytes: Vec<u8>) {
         let Some(conn) = self.http_waits.borrow_mut().try_remove(ticket as usize) else { return };
         if conn.phase() == Phase::Waiting {
-            conn.push_final(Bytes::from(bytes));
-            conn.set_phase(Phase::Closing);
-            conn.set_deadline_ms(self.deadline_after_ms(limits::CLOSE_LINGER));
+            self.answer_http(&conn, bytes);
         }
     }
 
@@ -672,6 +774,9 @@ impl Core {
                     }
                     CoreMsg::PresenceResync => self.resync_replicas(),
                     CoreMsg::Recovered { ticket, messages } => self.on_recovered(ticket, messages),
+                    CoreMsg::Authorized { ticket, verdict } => self.on_authorized(ticket, verdict),
+                    CoreMsg::RemoveMember { conversation, user } => self.on_remove_member(conversation, user),
+                    CoreMsg::Disconnect { user } => self.on_disconnect(user),
                 }
                 // Let the woken connections flush before the next batch: a backlog of batches
                 // broadcast in one go could push a member that reads fine over its queue limit.

@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use super::conn::Conn;
 use crate::bus::{CoreMsg, Mailbox, Sequenced};
+use crate::cluster::command::Command;
 use crate::cluster::filler::{spawn_filler, FillRequest, Filler};
 use crate::cluster::order::Cursor;
 use crate::cluster::presence::{spawn_presence, Presence, PresenceEvent, PresenceSettings};
@@ -166,6 +167,7 @@ fn route(mailboxes: &[Mailbox], stats: &FabricStats, event: FabricEvent) {
             let owner = crate::channel::owner_core(conversation, mailboxes.len());
             return mailboxes[owner].push_blocking(CoreMsg::PresenceChanges { conversation, changes });
         }
+        FabricEvent::Command(command) => Box::new(move || command_msg(command)),
         FabricEvent::Down | FabricEvent::Up => {
             let down = event == FabricEvent::Down;
             stats.subscribed.store(!down, Ordering::Relaxed);
@@ -174,6 +176,14 @@ fn route(mailboxes: &[Mailbox], stats: &FabricStats, event: FabricEvent) {
     };
     for mailbox in mailboxes {
         mailbox.push_blocking(make());
+    }
+}
+
+/// The core message that carries out a server API command.
+pub(crate) fn command_msg(command: Command) -> CoreMsg {
+    match command {
+        Command::RemoveMember { conversation, user } => CoreMsg::RemoveMember { conversation, user },
+        Command::Disconnect { user } => CoreMsg::Disconnect { user },
     }
 }
 

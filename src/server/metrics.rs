@@ -72,7 +72,47 @@ pub(crate) fn render(shared: &Shared, store: &StoreHandle) -> String {
     if let Some(fabric) = &shared.fabric {
         cluster(&mut out, fabric);
     }
+    if let Some(proxy) = shared.access.proxy() {
+        join_proxy(&mut out, proxy);
+    }
     out
+}
+
+/// The join proxy's series (only under `NEXUS_JOIN_POLICY=proxy`).
+fn join_proxy(out: &mut String, proxy: &crate::access::Proxy) {
+    let stats = proxy.stats();
+    let series: [(&str, &str, &str, u64); 6] = [
+        ("nexus_join_proxy_calls_total", "counter", "Calls made to the join proxy.", stats.calls.load(Relaxed)),
+        (
+            "nexus_join_proxy_failures_total",
+            "counter",
+            "Join proxy calls that failed (status, timeout, connection): answered authorization unavailable.",
+            stats.failures.load(Relaxed),
+        ),
+        (
+            "nexus_join_proxy_cache_hits_total",
+            "counter",
+            "Joins and history reads answered from the join proxy's cache.",
+            stats.cache_hits.load(Relaxed),
+        ),
+        (
+            "nexus_join_proxy_coalesced_total",
+            "counter",
+            "Joins that waited for a call already in flight for the same user and conversation.",
+            stats.coalesced.load(Relaxed),
+        ),
+        ("nexus_join_proxy_queue_depth", "gauge", "Calls waiting for a join proxy thread.", proxy.queued() as u64),
+        (
+            "nexus_join_proxy_cache_entries",
+            "gauge",
+            "Answers and calls in flight held by the join proxy's cache.",
+            proxy.cached_entries() as u64,
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        header(out, name, help, kind);
+        sample(out, name, "", value);
+    }
 }
 
 /// Cluster mode's series (absent on a single node).

@@ -1,6 +1,7 @@
 //! Boot and wiring: listeners, the writer thread, one pinned monoio runtime per core, signals.
 //! The only home of `monoio`; nothing imports this module but `main`.
 
+mod api;
 mod conn;
 mod core;
 mod fabric;
@@ -20,7 +21,7 @@ use socket2::{Domain, Socket, Type};
 
 use self::core::{Core, Shared};
 use self::fabric::{Fabric, FabricError};
-use crate::auth::Verifier;
+use crate::access::Access;
 use crate::bus::{CoreMsg, Mailbox, WakeReceiver};
 use crate::config::Config;
 use crate::limits;
@@ -92,9 +93,12 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let cluster = config.cluster.as_ref().map_or(String::new(), |c| {
         format!(" cluster node={node_id} redis_prefix={} node_timeout={:?}", c.redis_prefix, c.node_timeout)
     });
+    let access = Access::start(&config.join_policy, &config.jwt_secret, config.jwt_leeway_secs)?;
+    let private =
+        format!(" join_policy={} server_api={}", access.name(), if config.api_key.is_some() { "on" } else { "off" });
     let shared = Arc::new(Shared {
         reader,
-        verifier: Verifier::new(&config.jwt_secret, config.jwt_leeway_secs),
+        access,
         config,
         mailboxes,
         fabric,
@@ -129,7 +133,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         );
     }
     tracing::info!(
-        "listening on {local} workers={workers} driver={driver} open_files={nofile} max_connections={connections_max} {database}{cluster}"
+        "listening on {local} workers={workers} driver={driver} open_files={nofile} max_connections={connections_max} {database}{cluster}{private}"
     );
     let signal = wait_for_signal(None).unwrap_or("signal");
     drain(&shared, signal);

@@ -17,18 +17,19 @@ use std::task::Poll;
 
 use bytes::Bytes;
 
+use super::api;
 use super::conn::{Conn, Phase};
 use super::core::Core;
 use super::metrics;
 use super::sys::{self, Socket};
-use crate::bus::CoreMsg;
+use crate::access::{Decision, Refusal};
 use crate::close::Close;
 use crate::http::{self, response, Route};
 use crate::metrics::Counter;
 use crate::phoenix::Vsn;
-use crate::store::{HistoryError, HistoryJob, HistoryPage, HistoryQuery};
+use crate::store::HistoryQuery;
 use crate::ws::Decoder;
-use crate::{chat, limits, wire};
+use crate::{limits, wire};
 
 /// What woke the task.
 enum Wake {
@@ -114,8 +115,12 @@ async fn drive(core: &Core, conn: &Rc<Conn>, stream: &Socket) -> io::Result<()> 
                     return Poll::Ready(Wake::Writable(r));
                 }
             }
-            if let Poll::Ready(r) = readable.as_mut().poll(cx) {
-                return Poll::Ready(Wake::Readable(r));
+            // A paused connection (a join waiting for the join proxy) is not read: its bytes
+            // wait in the kernel, not in memory.
+            if !conn.paused() {
+                if let Poll::Ready(r) = readable.as_mut().poll(cx) {
+                    return Poll::Ready(Wake::Readable(r));
+                }
             }
             conn.set_waker(cx.waker());
             Poll::Pending
@@ -134,6 +139,10 @@ async fn drive(core: &Core, conn: &Rc<Conn>, stream: &Socket) -> io::Result<()> 
                 r?;
             }
             Wake::Work => {}
+        }
+        if conn.take_resumed() && conn.phase() == Phase::Open && !local.inbuf.is_empty() {
+            let used = on_frames(core, conn, &mut local.decoder, local.inbuf.bytes_mut());
+            local.inbuf.consume(used);
         }
         if conn.expired() {
             return Ok(());
@@ -196,7 +205,7 @@ fn on_readable(core: &Core, conn: &Rc<Conn>, local: &mut Local) -> io::Result<bo
             }
             Phase::Waiting | Phase::Closing | Phase::Lingering => {} // discard
         }
-        if !full {
+        if !full || conn.paused() {
             break;
         }
     }
@@ -207,7 +216,7 @@ fn on_readable(core: &Core, conn: &Rc<Conn>, local: &mut Local) -> io::Result<bo
 fn on_frames(core: &Core, conn: &Rc<Conn>, decoder: &mut Decoder, buf: &mut [u8]) -> usize {
     let max = core.config().max_frame_bytes;
     let mut pos = 0;
-    while pos < buf.len() && conn.phase() == Phase::Open && !conn.has_work(true) {
+    while pos < buf.len() && conn.phase() == Phase::Open && !conn.stop_reading() {
         match decoder.decode(&mut buf[pos..], max) {
             Ok(None) => break,
             Ok(Some((msg, n))) => {
@@ -223,7 +232,7 @@ fn on_frames(core: &Core, conn: &Rc<Conn>, decoder: &mut Decoder, buf: &mut [u8]
             }
         }
     }
-    if conn.has_work(true) {
+    if conn.close_requested() {
         return buf.len(); // closing: the rest is discarded
     }
     pos
@@ -252,6 +261,11 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
         Route::DevToken(sub) => return answer_bytes(core, conn, dev_token(core, sub)),
         Route::ApiError(status, why) => return answer_bytes(core, conn, response::json_error(status, why)),
         Route::History(h) => return history(core, conn, h),
+        // Called again as more of the body arrives (the head is parsed again: it is small).
+        Route::Api(request) => {
+            let _ = api::serve(core, conn, &head, request, &local.inbuf.bytes()[used..]);
+            return;
+        }
         Route::Upgrade(_) if shared.is_draining() => {
             core.count(Counter::RefusedDraining);
             return answer(core, conn, response::Status::UNAVAILABLE, "draining");
@@ -261,8 +275,11 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
     let Some(vsn) = Vsn::negotiate(upgrade.vsn.as_deref()) else {
         return answer(core, conn, response::Status::FORBIDDEN, "unsupported vsn");
     };
-    let user = match shared.verifier.verify(upgrade.token.as_deref()) {
-        Ok(user) => user,
+    let user = match shared.access.verifier().identify(upgrade.token.as_deref()) {
+        Ok(identity) => {
+            core.set_grants(conn, identity.grants);
+            identity.user
+        }
         Err(e) => {
             tracing::info!(core = core.id(), conn = conn.id, error = %e, "upgrade refused");
             return answer(core, conn, response::Status::FORBIDDEN, "forbidden");
@@ -305,33 +322,33 @@ fn dev_token(core: &Core, sub: Option<uuid::Uuid>) -> Vec<u8> {
     }
 }
 
-/// Authenticates a history request and hands it to the reader thread; the response comes back
-/// through this core's mailbox ([`Core::on_http_response`]).
+/// Authenticates a history request, checks the join policy, and hands it to a reader thread
+/// ([`Core::read_history`]); under the `proxy` policy the backend may be asked first.
 fn history(core: &Core, conn: &Rc<Conn>, h: http::HistoryRequest) {
-    if let Err(e) = core.shared().verifier.verify(h.token.as_deref()) {
-        tracing::info!(core = core.id(), conn = conn.id, error = %e, "history refused");
-        return answer_bytes(core, conn, response::json_error(response::Status::UNAUTHORIZED, "unauthorized"));
-    }
-    let ticket = core.wait_http(conn);
-    let shared = core.shared().clone();
-    let core_id = core.id();
-    let reply = Box::new(move |result: Result<HistoryPage, HistoryError>| {
-        let bytes = match result {
-            Ok(page) => response::json(response::Status::OK, &chat::history_json(&page)),
-            Err(e) => {
-                tracing::warn!(error = %e, "history read failed");
-                response::json_error(response::Status::UNAVAILABLE, "storage unavailable")
-            }
-        };
-        shared.mailboxes[core_id].push_blocking(CoreMsg::HttpResponse { ticket, bytes });
-    });
+    let access = &core.shared().access;
+    let identity = match access.verifier().identify(h.token.as_deref()) {
+        Ok(identity) => identity,
+        Err(e) => {
+            tracing::info!(core = core.id(), conn = conn.id, error = %e, "history refused");
+            return answer_bytes(core, conn, response::json_error(response::Status::UNAUTHORIZED, "unauthorized"));
+        }
+    };
     let query = HistoryQuery { conversation: h.conversation, before: h.before, limit: h.limit, after: None };
-    if core.shared().reader.try_submit(HistoryJob { query, reply }).is_err() {
-        core.cancel_http(ticket);
-        return answer_bytes(core, conn, response::json_error(response::Status::UNAVAILABLE, "server busy"));
+    match access.history(identity.user, h.conversation, &identity.grants) {
+        Decision::Allow => core.read_history(conn, query),
+        Decision::Refuse(why) => core.answer_http(conn, refused(why)),
+        Decision::Ask => core.authorize_history(conn, identity.user, query),
     }
-    conn.set_phase(Phase::Waiting);
-    conn.set_deadline_ms(core.deadline_after_ms(limits::HANDSHAKE_TIMEOUT));
+}
+
+/// The history API's answer to a refusal of the join policy: 403, or 503 when the join proxy
+/// could not be asked.
+pub(crate) fn refused(why: Refusal) -> Vec<u8> {
+    let status = match why {
+        Refusal::Unauthorized => response::Status::FORBIDDEN,
+        Refusal::Unavailable => response::Status::UNAVAILABLE,
+    };
+    response::json_error(status, why.reason())
 }
 
 /// Answers the HTTP request and closes after the answer is sent.
@@ -340,9 +357,7 @@ fn answer(core: &Core, conn: &Conn, status: response::Status, body: &str) {
 }
 
 fn answer_bytes(core: &Core, conn: &Conn, bytes: Vec<u8>) {
-    conn.push_final(Bytes::from(bytes));
-    conn.set_phase(Phase::Closing);
-    conn.set_deadline_ms(core.deadline_after_ms(limits::CLOSE_LINGER));
+    core.answer_http(conn, bytes);
 }
 
 /// Sends what is queued: leftovers first, then queued frames coalesced through the core's

@@ -21,6 +21,7 @@ use smallvec::SmallVec;
 use uuid::Uuid;
 
 pub use self::budget::{Budget, Spend};
+use crate::access::{Access, Decision, Refusal};
 use crate::close::Close;
 use crate::metrics::{Counter, Counters};
 use crate::phoenix::{self, Inbound, Outbound, Vsn};
@@ -140,6 +141,29 @@ pub enum Effect {
     },
     /// Close the socket.
     Close(Close),
+    /// Only the app backend can allow this join: ask it, read nothing more from the socket
+    /// until the answer, then hand it to [`Session::authorized`].
+    Authorize(PendingJoin),
+}
+
+/// A join being decided, borrowing from the client's message.
+struct JoinArgs<'m> {
+    conversation: Uuid,
+    topic: &'m str,
+    join_ref: JoinRef,
+    reference: Option<&'m str>,
+    recover_after: Option<Uuid>,
+}
+
+/// A join waiting for the join proxy's answer.
+#[derive(Debug)]
+pub struct PendingJoin {
+    /// Conversation id.
+    pub conversation: Uuid,
+    topic: String,
+    join_ref: JoinRef,
+    reference: Option<String>,
+    recover_after: Option<Uuid>,
 }
 
 /// A join's request to recover the messages committed after `after` (docs/protocol.md,
@@ -189,6 +213,10 @@ pub struct Env<'a> {
     pub counters: &'a Counters,
     /// New joins are refused (`server busy`): the core's queues to other cores are congested.
     pub joins_refused: bool,
+    /// The join policy.
+    pub access: &'a Access,
+    /// Conversations the socket's token grants (the `token` policy; empty otherwise).
+    pub grants: &'a [Uuid],
     /// Core id, for logs.
     pub core: usize,
     /// Connection id, for logs.
@@ -246,6 +274,18 @@ impl Session {
         for left in self.channels.drain(..) {
             out.push(Effect::Leave { conversation: left.conversation, phx_ref: left.phx_ref });
         }
+    }
+
+    /// The server removed this socket from `conversation` (server API): the channel closes
+    /// (`phx_close`, as Phoenix pushes when a channel process stops) and its presence leaves.
+    /// Returns whether the socket was in it.
+    pub fn remove(&mut self, conversation: Uuid, out: &mut Vec<Effect>) -> bool {
+        let Some(i) = self.channels.iter().position(|j| j.conversation == conversation) else { return false };
+        let left = self.channels.swap_remove(i);
+        out.push(Effect::Leave { conversation, phx_ref: left.phx_ref });
+        let jr = Some(&*left.join_ref);
+        self.send(out, jr, jr, &left.topic, "phx_close", phoenix::EMPTY);
+        true
     }
 
     /// Handles one complete WebSocket message from the client.
@@ -341,39 +381,95 @@ impl Session {
         let Ok(recover_after) = last_seen_id(m.payload()) else {
             return self.reply(out, m.join_ref.as_deref(), r, &m.topic, false, INVALID_LAST_SEEN_ID);
         };
-        // phoenix.js always sends join_ref == ref; fall back to ref for hand-written clients.
-        let join_ref = JoinRef::from(m.join_ref.as_deref().or(r).unwrap_or(""));
-        let previous = self.position(&m.topic);
-        if previous.is_none() && self.channels.len() >= env.limits.max_channels {
+        if self.position(&m.topic).is_none() && self.channels.len() >= env.limits.max_channels {
             return self.reply(out, m.join_ref.as_deref(), r, &m.topic, false, TOO_MANY_CHANNELS);
         }
         if env.joins_refused {
             env.counters.bump(Counter::JoinsBusy);
             return self.reply(out, m.join_ref.as_deref(), r, &m.topic, false, SERVER_BUSY);
         }
+        // phoenix.js always sends join_ref == ref; fall back to ref for hand-written clients.
+        let join_ref = JoinRef::from(m.join_ref.as_deref().or(r).unwrap_or(""));
+        let join = JoinArgs { conversation, topic: &m.topic, join_ref, reference: r, recover_after };
+        match env.access.join(self.user, conversation, m.payload(), env.grants) {
+            Decision::Allow => self.admit(join, env, out),
+            Decision::Refuse(why) => self.refuse(&join, why, env, out),
+            Decision::Ask => out.push(Effect::Authorize(PendingJoin {
+                conversation,
+                topic: join.topic.to_string(),
+                join_ref: join.join_ref,
+                reference: m.reference.clone(),
+                recover_after,
+            })),
+        }
+    }
+
+    /// Finishes a join the join proxy answered.
+    pub fn authorized(
+        &mut self,
+        join: &PendingJoin,
+        verdict: Result<(), Refusal>,
+        env: &mut Env<'_>,
+        out: &mut Vec<Effect>,
+    ) {
+        let args = JoinArgs {
+            conversation: join.conversation,
+            topic: &join.topic,
+            join_ref: join.join_ref.clone(),
+            reference: join.reference.as_deref(),
+            recover_after: join.recover_after,
+        };
+        match verdict {
+            Ok(()) => self.admit(args, env, out),
+            Err(why) => self.refuse(&args, why, env, out),
+        }
+    }
+
+    fn refuse(&mut self, join: &JoinArgs<'_>, why: Refusal, env: &mut Env<'_>, out: &mut Vec<Effect>) {
+        env.counters.bump(match why {
+            Refusal::Unauthorized => Counter::JoinsUnauthorized,
+            Refusal::Unavailable => Counter::JoinsUnavailable,
+        });
+        let (user, conversation) = (self.user, join.conversation);
+        tracing::info!(core = env.core, conn = env.conn, %user, %conversation, reason = why.reason(), "join refused");
+        self.reply(out, Some(&join.join_ref), join.reference, join.topic, false, why.response());
+    }
+
+    /// Makes an allowed join a channel of this socket (a duplicate join replaces the old one).
+    fn admit(&mut self, join: JoinArgs<'_>, env: &mut Env<'_>, out: &mut Vec<Effect>) {
+        let JoinArgs { conversation, topic, join_ref, reference, recover_after } = join;
+        let previous = self.position(topic);
+        if previous.is_none() && self.channels.len() >= env.limits.max_channels {
+            // Only after a proxy call: the limit is checked before asking too.
+            return self.reply(out, Some(&join_ref), reference, topic, false, TOO_MANY_CHANNELS);
+        }
         let old = previous.map(|i| self.channels.swap_remove(i));
         if let Some(old) = &old {
             out.push(Effect::Leave { conversation, phx_ref: old.phx_ref });
         }
-        let topic: Rc<str> = Rc::from(m.topic.as_str());
+        let reply = wire::reply(self.vsn, Some(&join_ref), reference, topic, true, phoenix::EMPTY);
+        let topic: Rc<str> = Rc::from(topic);
         let phx_ref = env.refs.make();
         // Most connections join one channel: grow one slot at a time (a first push would
         // reserve four, 256 B per idle connection).
         self.channels.reserve_exact(1);
         self.channels.push(Joined { conversation, topic: topic.clone(), join_ref: join_ref.clone(), phx_ref });
-        let reply = wire::reply(self.vsn, Some(&join_ref), r, &m.topic, true, phoenix::EMPTY);
+        tracing::debug!(core = env.core, conn = env.conn, user = %self.user, topic = %topic, "joined");
         let recovery = recover_after.map(|after| Recovery {
             after,
-            reply: ReplyTo { join_ref: join_ref.clone(), reference: m.reference.clone(), topic: topic.clone() },
+            reply: ReplyTo {
+                join_ref: join_ref.clone(),
+                reference: reference.map(str::to_string),
+                topic: topic.clone(),
+            },
         });
-        out.push(Effect::Join { conversation, topic, join_ref: join_ref.clone(), phx_ref, reply, recovery });
+        out.push(Effect::Join { conversation, topic, join_ref, phx_ref, reply, recovery });
         env.counters.bump(Counter::Joins);
         if let Some(old) = old {
             // Duplicate join: the new reply first, then the close of the old membership.
             let old_ref = Some(&*old.join_ref);
             self.send(out, old_ref, old_ref, &old.topic, "phx_close", phoenix::EMPTY);
         }
-        tracing::debug!(core = env.core, conn = env.conn, user = %self.user, topic = %m.topic, "joined");
     }
 
     fn leave(&mut self, m: &Inbound<'_>, out: &mut Vec<Effect>) {

@@ -18,7 +18,11 @@ struct Harness {
     now_ms: u64,
     limits: Limits,
     joins_refused: bool,
+    access: Access,
+    grants: Vec<Uuid>,
 }
+
+const SECRET: &[u8] = b"session-test-secret-0123456789abcdef";
 
 impl Harness {
     fn new(vsn: Vsn) -> Harness {
@@ -29,21 +33,35 @@ impl Harness {
             now_ms: 0,
             limits: Limits { max_channels: 100, msg_rate: 0 },
             joins_refused: false,
+            access: Access::start(&crate::config::JoinPolicy::Open, SECRET, 0).expect("open policy"),
+            grants: Vec::new(),
         }
     }
 
-    fn message(&mut self, msg: Message<'_>) -> Vec<String> {
-        let mut env = Env {
+    /// A harness under `policy`.
+    fn with_policy(policy: crate::config::JoinPolicy) -> Harness {
+        Harness { access: Access::start(&policy, SECRET, 0).expect("policy starts"), ..Harness::new(Vsn::V2) }
+    }
+
+    fn env(&mut self) -> Env<'_> {
+        Env {
             now_ms: self.now_ms,
             limits: self.limits,
             refs: &mut self.refs,
             counters: &self.counters,
             joins_refused: self.joins_refused,
+            access: &self.access,
+            grants: &self.grants,
             core: 0,
             conn: 0,
-        };
+        }
+    }
+
+    fn message(&mut self, msg: Message<'_>) -> Vec<String> {
         let mut out = Vec::new();
-        self.session.on_message(msg, &mut env, &mut out);
+        let mut session = std::mem::replace(&mut self.session, Session::new(USER, Vsn::V2));
+        session.on_message(msg, &mut self.env(), &mut out);
+        self.session = session;
         out.iter().flat_map(|e| render(e, self.session.vsn())).collect()
     }
 
@@ -75,6 +93,7 @@ fn render(e: &Effect, vsn: Vsn) -> Vec<String> {
             format!("submit {conversation} {body:?} then {}", String::from_utf8_lossy(wire::frame_payload(&ok)))
         }
         Effect::Close(why) => format!("close {}", why.code()),
+        Effect::Authorize(join) => format!("authorize {}", join.conversation),
     };
     vec![line]
 }
@@ -386,4 +405,98 @@ fn replies_to_committed_messages() {
         text(reply_to.frame(Vsn::V2, Some("storage unavailable"))),
         reply("1", "9", T, "error", r#"{"reason":"Failed to save","detail":"storage unavailable"}"#)
     );
+}
+
+/// An HS256 token with these claims, signed with `secret`.
+fn jwt(secret: &[u8], claims: &serde_json::Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(secret);
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &key).expect("encode")
+}
+
+fn join_with_token(join_ref: &str, topic: &str, token: &str) -> String {
+    v2(join_ref, join_ref, topic, "phx_join", &format!(r#"{{"token":"{token}"}}"#))
+}
+
+const UNAUTHORIZED: &str = r#"{"reason":"unauthorized"}"#;
+
+#[test]
+fn token_policy_grants_and_join_tokens() {
+    let conversation = Uuid::try_parse(C).expect("uuid");
+    let later = jsonwebtoken::get_current_timestamp() + 600;
+    let mut h = Harness::with_policy(crate::config::JoinPolicy::Token);
+    // No grant, no join token: refused, nothing joined.
+    assert_eq!(h.text(&join("1", T)), [reply("1", "1", T, "error", UNAUTHORIZED)]);
+    // A join token for this user and conversation.
+    let good = jwt(SECRET, &serde_json::json!({"sub": USER.to_string(), "chat": C, "exp": later}));
+    assert_eq!(h.text(&join_with_token("2", T, &good)), [format!("join {C} {T} 2"), reply("2", "2", T, "ok", "{}")]);
+    // Hostile join tokens for T2, each refused.
+    let other_user = Uuid::from_u128(7).to_string();
+    let c2 = &T2["chat:".len()..];
+    let hostile = [
+        ("wrong chat", jwt(SECRET, &serde_json::json!({"sub": USER.to_string(), "chat": C, "exp": later}))),
+        ("other sub", jwt(SECRET, &serde_json::json!({"sub": other_user, "chat": c2, "exp": later}))),
+        ("expired", jwt(SECRET, &serde_json::json!({"sub": USER.to_string(), "chat": c2, "exp": later - 1200}))),
+        ("no exp", jwt(SECRET, &serde_json::json!({"sub": USER.to_string(), "chat": c2}))),
+        ("socket token, no chat", jwt(SECRET, &serde_json::json!({"sub": USER.to_string(), "exp": later}))),
+        (
+            "other secret",
+            jwt(
+                b"another-secret-0123456789abcdef!",
+                &serde_json::json!({"sub": USER.to_string(), "chat": c2, "exp": later}),
+            ),
+        ),
+        ("not a token", "garbage".to_string()),
+    ];
+    for (i, (what, token)) in hostile.iter().enumerate() {
+        let jr = (10 + i).to_string();
+        assert_eq!(h.text(&join_with_token(&jr, T2, token)), [reply(&jr, &jr, T2, "error", UNAUTHORIZED)], "{what}");
+    }
+    // alg "none": the good claims for T2, unsigned.
+    let claims = jwt(SECRET, &serde_json::json!({"sub": USER.to_string(), "chat": c2, "exp": later}));
+    let none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.", claims.split('.').nth(1).expect("payload"));
+    assert_eq!(h.text(&join_with_token("20", T2, &none)), [reply("20", "20", T2, "error", UNAUTHORIZED)]);
+    assert_eq!(h.counters.get(Counter::JoinsUnauthorized), 1 + hostile.len() as u64 + 1);
+    // A socket token's grant needs no join token.
+    h.grants = vec![Uuid::try_parse(c2).expect("uuid")];
+    assert_eq!(h.text(&join("21", T2)), [format!("join {c2} {T2} 21"), reply("21", "21", T2, "ok", "{}")]);
+    assert_eq!(h.session.channels(), 2);
+    let _ = conversation;
+}
+
+#[test]
+fn a_join_waits_for_the_proxy_and_takes_its_verdict() {
+    let proxy = crate::config::ProxyConfig {
+        url: "http://127.0.0.1:9/never-called".into(),
+        secret: crate::config::Secret::new("s"),
+        timeout: std::time::Duration::from_secs(1),
+        cache_ttl: std::time::Duration::from_secs(60),
+    };
+    let mut h = Harness::with_policy(crate::config::JoinPolicy::Proxy(proxy));
+    let msg = join("1", T);
+    let mut out = Vec::new();
+    let mut session = Session::new(USER, Vsn::V2);
+    session.on_message(Message::Text(msg.as_str().into()), &mut h.env(), &mut out);
+    let [Effect::Authorize(pending)] = &out[..] else { panic!("expected one Authorize, got {out:?}") };
+    assert_eq!(session.channels(), 0, "nothing joined before the verdict");
+    let mut answered = Vec::new();
+    session.authorized(pending, Err(Refusal::Unavailable), &mut h.env(), &mut answered);
+    let lines: Vec<String> = answered.iter().flat_map(|e| render(e, Vsn::V2)).collect();
+    assert_eq!(lines, [reply("1", "1", T, "error", r#"{"reason":"authorization unavailable"}"#)]);
+    let mut allowed = Vec::new();
+    session.authorized(pending, Ok(()), &mut h.env(), &mut allowed);
+    let lines: Vec<String> = allowed.iter().flat_map(|e| render(e, Vsn::V2)).collect();
+    assert_eq!(lines, [format!("join {C} {T} 1"), reply("1", "1", T, "ok", "{}")]);
+    assert_eq!(h.counters.get(Counter::JoinsUnavailable), 1);
+}
+
+#[test]
+fn a_removed_member_gets_phx_close() {
+    let mut h = Harness::new(Vsn::V2);
+    h.text(&join("1", T));
+    let conversation = Uuid::try_parse(C).expect("uuid");
+    let mut out = Vec::new();
+    assert!(h.session.remove(conversation, &mut out));
+    let lines: Vec<String> = out.iter().flat_map(|e| render(e, Vsn::V2)).collect();
+    assert_eq!(lines, [format!("leave {C}"), v2("1", "1", T, "phx_close", "{}")]);
+    assert!(!h.session.remove(conversation, &mut Vec::new()), "only once");
 }

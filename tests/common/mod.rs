@@ -710,6 +710,15 @@ impl Client {
         );
     }
 
+    /// V2 join with this payload, asserting the exact ok reply is the next frame.
+    #[track_caller]
+    pub fn join_with_payload(&mut self, topic: &str, join_ref: &str, payload: &str) {
+        self.roundtrip(
+            &v2(Some(join_ref), Some(join_ref), topic, "phx_join", payload),
+            &v2_ok(Some(join_ref), join_ref, topic),
+        );
+    }
+
     /// V1 join (join_ref sent), asserting the exact V1 ok reply.
     #[track_caller]
     pub fn join_v1(&mut self, topic: &str, join_ref: &str) {
@@ -1830,5 +1839,22 @@ impl Client {
             self.ws.write(Message::text(f.as_str())).unwrap_or_else(|e| panic!("write {f:?}: {e}"));
         }
         self.ws.flush().unwrap_or_else(|e| panic!("flush: {e}"));
+    }
+}
+
+/// Scrapes `/metrics` until it holds the line `series value` (cores publish their counters
+/// on their sweep, so a scrape may lag the other cores by one sweep); panics after
+/// [`TIMEOUT`] with the last exposition.
+#[track_caller]
+pub fn wait_for_metric(port: u16, series: &str, value: u64) {
+    let line = format!("{series} {value}\n");
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let body = http_get(port, "/metrics", None).body_text();
+        if body.contains(&line) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {line:?} in /metrics:\n{body}");
+        thread::sleep(Duration::from_millis(20));
     }
 }

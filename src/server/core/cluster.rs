@@ -101,7 +101,7 @@ impl Core {
     /// order; a sender is answered once its message is delivered here.
     pub(super) fn on_committed_ordered(&self, batch: &CommitBatch) {
         for (i, m) in batch.messages.iter().enumerate() {
-            let ticket = self.ticket_of(m);
+            let ticket = self.ticket_of(batch, i);
             let payload = batch.payloads.get(i).filter(|_| batch.failure.is_none());
             let Some(payload) = payload else {
                 if let Some(ticket) = ticket {
