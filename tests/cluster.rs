@@ -329,3 +329,74 @@ fn redis_without_postgres_is_refused_at_start() {
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     assert!(stderr.contains("NEXUS_DATABASE_URL"), "{stderr}");
 }
+
+/// A server API request to `port` with the test key.
+fn api(port: u16, method: &str, target: &str, body: &str) -> HttpResponse {
+    let req = format!(
+        "{method} {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLUSTER_API_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    http_raw(port, req.as_bytes())
+}
+
+const CLUSTER_API_KEY: &str = "cluster-api-key-0123456789";
+
+/// Waits for the `phx_close` of join `1` on `topic`.
+#[track_caller]
+fn expect_phx_close(c: &mut Client, topic: &str) {
+    let close = c.recv_until(BURST_TIMEOUT, |t| event_of(t).as_deref() == Some("phx_close"));
+    assert_eq!(close, v2(Some("1"), Some("1"), topic, "phx_close", "{}"));
+}
+
+#[test]
+fn the_server_api_acts_on_every_node() {
+    let mut cluster = Cluster::start(3, &[("NEXUS_API_KEY", CLUSTER_API_KEY)]);
+    let ports = cluster.ports();
+    let topic = new_topic();
+    let conversation = &topic["chat:".len()..];
+    let user = new_sub();
+    // The user on nodes 1 and 2; a bystander on node 2.
+    let mut on1 = joined(ports[1], &user, &topic);
+    let mut on2 = joined(ports[2], &user, &topic);
+    let mut bystander = joined(ports[2], &new_sub(), &topic);
+
+    // A message posted to node 0 reaches every member, as its 201 body.
+    let body = format!(r#"{{"sender_id":"{}","body":"from the backend"}}"#, new_sub());
+    let posted = api(ports[0], "POST", &format!("/api/conversations/{conversation}/messages"), &body);
+    assert_eq!(posted.status, 201, "{}", posted.body_text());
+    let stored = parse(&posted.body_text());
+    for c in [&mut on1, &mut on2, &mut bystander] {
+        assert_eq!(parse_live(&c.recv_until(BURST_TIMEOUT, is_new_msg), &topic).payload, stored);
+    }
+
+    // A removal asked of node 0 closes the user's channel on nodes 1 and 2.
+    let removed = api(ports[0], "DELETE", &format!("/api/conversations/{conversation}/members/{user}"), "");
+    assert_eq!(removed.status, 204, "{}", removed.body_text());
+    expect_phx_close(&mut on1, &topic);
+    expect_phx_close(&mut on2, &topic);
+    send_all(&mut bystander, "1", &topic, &["still a member".to_string()]);
+
+    // A disconnect asked of node 1 closes the user's sockets on every node.
+    let disconnected = api(ports[1], "POST", &format!("/api/users/{user}/disconnect"), "");
+    assert_eq!(disconnected.status, 204);
+    assert_eq!(on1.expect_close(BURST_TIMEOUT), Some(1008));
+    assert_eq!(on2.expect_close(BURST_TIMEOUT), Some(1008));
+
+    // With Redis down a command reaches this node only, and the answer says so.
+    let mut local = joined(ports[0], &user, &topic);
+    let mut remote = joined(ports[2], &user, &topic);
+    cluster.redis.kill();
+    let deadline = Instant::now() + BURST_TIMEOUT;
+    while !http_get(ports[0], "/metrics", None).body_text().contains("nexus_redis_up 0\n") {
+        assert!(Instant::now() < deadline, "node 0 never saw Redis down");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let partial = api(ports[0], "DELETE", &format!("/api/conversations/{conversation}/members/{user}"), "");
+    assert_eq!(
+        (partial.status, partial.body_text()),
+        (503, r#"{"error":"cluster unavailable: carried out on this node only"}"#.to_string())
+    );
+    expect_phx_close(&mut local, &topic);
+    send_all(&mut remote, "1", &topic, &["still joined on node 2".to_string()]);
+}

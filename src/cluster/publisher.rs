@@ -77,10 +77,9 @@ impl Publisher {
         }
     }
 
-    /// Queues a command for the other nodes; `false` when it cannot be sent (queue full or
-    /// Redis down: the caller says so to its client).
+    /// Queues a command for the other nodes; `false` when the queue is full.
     pub fn command(&self, command: Command) -> bool {
-        self.stats.up.load(Ordering::Relaxed) && self.tx.try_send(Outgoing::Command(command)).is_ok()
+        self.tx.try_send(Outgoing::Command(command)).is_ok()
     }
 
     /// Batches waiting to be published.

@@ -72,7 +72,9 @@ fn everywhere(core: &Core, command: Command) -> Vec<u8> {
     }
     tracing::info!(core = core.id(), ?command, "server API");
     match &core.shared().fabric {
-        Some(fabric) if !fabric.publisher.command(command) => {
+        // While Redis is down the publication would be lost: say so (both commands are safe to
+        // repeat).
+        Some(fabric) if !fabric.redis_up() || !fabric.publisher.command(command) => {
             tracing::warn!(?command, "server API: Redis cannot take the command; carried out on this node only");
             response::json_error(Status::UNAVAILABLE, "cluster unavailable: carried out on this node only")
         }
