@@ -157,9 +157,11 @@ fn ws_decode(c: &mut Criterion) {
 fn jwt_verify(c: &mut Criterion) {
     let sub = Uuid::from_u128(0x0192_b3c4_d5e6_7f80_9a1b_2c3d_4e5f_6a7d);
     let verifier = Verifier::new(SECRET, 0);
-    let valid = mint(SECRET, sub, Duration::from_secs(24 * 3600)).expect("mint");
+    let valid = mint(SECRET, sub, Duration::from_secs(24 * 3600), &Default::default()).expect("mint");
     // Well-formed HS256 token signed with another secret: refused at the signature check.
-    let forged = mint(b"not the server's secret, same length", sub, Duration::from_secs(24 * 3600)).expect("mint");
+    let forged =
+        mint(b"not the server's secret, same length", sub, Duration::from_secs(24 * 3600), &Default::default())
+            .expect("mint");
     assert_eq!(verifier.verify(Some(&valid)).expect("valid token"), sub);
     match verifier.verify(Some(&forged)) {
         Err(AuthError::Invalid(e)) if matches!(e.kind(), ErrorKind::InvalidSignature) => {}

@@ -67,6 +67,19 @@ struct MintClaims {
     sub: String,
     iat: u64,
     exp: u64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    chats: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chat: Option<String>,
+}
+
+/// What a minted token grants under the `token` join policy.
+#[derive(Debug, Default, Clone)]
+pub struct Grant {
+    /// Conversations for the socket token's `chats` claim.
+    pub chats: Vec<Uuid>,
+    /// The one conversation of a join token (`chat`).
+    pub chat: Option<Uuid>,
 }
 
 /// Verifies tokens against one secret. Built once at start-up and shared read-only.
@@ -142,10 +155,17 @@ fn subject(sub: Option<&str>) -> Result<Uuid, AuthError> {
     sub.and_then(parse_canonical_uuid).ok_or(AuthError::BadSubject)
 }
 
-/// Mints an HS256 token for `sub` valid for `ttl` (for `nexus token` and tests).
-pub fn mint(secret: &[u8], sub: Uuid, ttl: Duration) -> Result<String, AuthError> {
+/// Mints an HS256 token for `sub` valid for `ttl`, with `grant`'s claims (for `nexus token`,
+/// the dev token endpoint and tests).
+pub fn mint(secret: &[u8], sub: Uuid, ttl: Duration, grant: &Grant) -> Result<String, AuthError> {
     let now = jsonwebtoken::get_current_timestamp();
-    let claims = MintClaims { sub: sub.to_string(), iat: now, exp: now + ttl.as_secs() };
+    let claims = MintClaims {
+        sub: sub.to_string(),
+        iat: now,
+        exp: now + ttl.as_secs(),
+        chats: grant.chats.iter().map(Uuid::to_string).collect(),
+        chat: grant.chat.map(|c| c.to_string()),
+    };
     Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret))?)
 }
 
@@ -158,9 +178,17 @@ mod tests {
     #[test]
     fn round_trip() {
         let sub = Uuid::new_v4();
-        let token = mint(SECRET, sub, Duration::from_secs(60)).expect("mint");
+        let token = mint(SECRET, sub, Duration::from_secs(60), &Grant::default()).expect("mint");
         assert_eq!(Verifier::new(SECRET, 0).verify(Some(&token)).expect("valid"), sub);
         assert!(Verifier::new(b"other secret", 0).verify(Some(&token)).is_err());
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let granting =
+            mint(SECRET, sub, Duration::from_secs(60), &Grant { chats: vec![a], chat: Some(b) }).expect("mint");
+        let identity = Verifier::new(SECRET, 0).with_grants().identify(Some(&granting)).expect("valid");
+        assert_eq!(identity, Identity { user: sub, grants: vec![a, b] });
+        assert!(Verifier::new(SECRET, 0).verify_join(&granting, sub, b).is_ok());
+        assert!(matches!(Verifier::new(SECRET, 0).verify_join(&granting, sub, a), Err(AuthError::OtherJoin)));
+        assert!(Verifier::new(SECRET, 0).identify(Some(&granting)).expect("valid").grants.is_empty());
     }
 
     #[test]

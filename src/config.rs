@@ -33,6 +33,13 @@ pub enum Command {
         /// Lifetime of the token (`exp` = now + ttl), e.g. `24h`, `90m`, `3600`.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: Duration,
+        /// `token` join policy: conversations the socket token grants (`chats` claim), a
+        /// comma list of UUIDs.
+        #[arg(long, value_delimiter = ',')]
+        chats: Vec<String>,
+        /// `token` join policy: make a join token for this one conversation (`chat` claim).
+        #[arg(long)]
+        chat: Option<String>,
     },
 }
 

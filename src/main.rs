@@ -19,7 +19,7 @@ fn main() -> ExitCode {
     init_logging();
     abort_on_panic();
     match &cli.command {
-        Some(Command::Token { sub, ttl }) => token(&cli, sub, *ttl),
+        Some(Command::Token { sub, ttl, chats, chat }) => token(&cli, sub, *ttl, chats, chat.as_deref()),
         None => serve(&cli),
     }
 }
@@ -38,7 +38,7 @@ fn serve(cli: &Cli) -> ExitCode {
     }
 }
 
-fn token(cli: &Cli, sub: &str, ttl: std::time::Duration) -> ExitCode {
+fn token(cli: &Cli, sub: &str, ttl: std::time::Duration, chats: &[String], chat: Option<&str>) -> ExitCode {
     let secret = match config::secret(&cli.server) {
         Ok(s) => s,
         Err(e) => return fail(&e.to_string()),
@@ -46,7 +46,15 @@ fn token(cli: &Cli, sub: &str, ttl: std::time::Duration) -> ExitCode {
     let Some(sub) = ids::parse_canonical_uuid(sub) else {
         return fail("--sub must be a UUID (canonical hyphenated form)");
     };
-    match auth::mint(&secret, sub, ttl) {
+    let Some(chats) = chats.iter().map(|c| ids::parse_canonical_uuid(c)).collect::<Option<Vec<_>>>() else {
+        return fail("--chats must be conversation ids (UUIDs, comma separated)");
+    };
+    let chat = match chat.map(ids::parse_canonical_uuid) {
+        Some(None) => return fail("--chat must be a conversation id (UUID)"),
+        Some(Some(c)) => Some(c),
+        None => None,
+    };
+    match auth::mint(&secret, sub, ttl, &auth::Grant { chats, chat }) {
         Ok(t) => {
             println!("{t}");
             ExitCode::SUCCESS

@@ -166,10 +166,7 @@ fn the_backend_decides_and_its_answers_are_cached() {
     assert_eq!(first.request_line, "POST /nexus/authorize HTTP/1.1");
     assert_eq!(first.headers.get("authorization").map(String::as_str), Some(&format!("Bearer {PROXY_SECRET}")[..]));
     assert_eq!(first.headers.get("content-type").map(String::as_str), Some("application/json"));
-    assert_eq!(
-        first.body,
-        format!(r#"{{"user_id":"{user}","conversation_id":"{}"}}"#, conversation_of(&allowed))
-    );
+    assert_eq!(first.body, format!(r#"{{"user_id":"{user}","conversation_id":"{}"}}"#, conversation_of(&allowed)));
     // Other sockets of the user, and rejoins, are answered from the cache.
     for _ in 0..3 {
         let mut again = connect_v2(server.port, &user);
@@ -179,10 +176,8 @@ fn the_backend_decides_and_its_answers_are_cached() {
     assert_eq!(backend.calls().len(), 3, "one call per pair");
     // Another user is asked about separately.
     let stranger = new_sub();
-    connect_v2(server.port, &stranger).roundtrip(
-        &join_frame("1", &allowed),
-        &v2_error(Some("1"), "1", &allowed, "unauthorized"),
-    );
+    connect_v2(server.port, &stranger)
+        .roundtrip(&join_frame("1", &allowed), &v2_error(Some("1"), "1", &allowed, "unauthorized"));
     assert_eq!(backend.calls_for(&stranger, conversation_of(&allowed)), 1);
     wait_for_metric(server.port, "nexus_join_proxy_calls_total", 4);
     wait_for_metric(server.port, "nexus_join_proxy_cache_hits_total", 6);

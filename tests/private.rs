@@ -313,3 +313,44 @@ fn disconnecting_a_user_closes_its_sockets_with_1008() {
     wait_for_metric(server.port, r#"nexus_closes_total{reason="disconnected"}"#, 3);
     wait_for_metric(server.port, r#"nexus_api_requests_total{action="disconnect"}"#, 1);
 }
+
+/// `nexus token --sub U [--chats A,B | --chat C]`.
+fn cli_token(args: &[&str]) -> String {
+    let out = nexus_command().env("JWT_SECRET", SECRET).arg("token").args(args).output().expect("run nexus token");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf8").trim().to_string()
+}
+
+#[test]
+fn nexus_token_mints_grants_and_join_tokens() {
+    let server = start_server(&[("NEXUS_JOIN_POLICY", "token")]);
+    let sub = new_sub();
+    let (a, b, c) = (new_topic(), new_topic(), new_topic());
+    let socket_token =
+        cli_token(&["--sub", &sub, "--chats", &format!("{},{}", conversation_of(&a), conversation_of(&b))]);
+    let mut s = connect(server.port, &format!("vsn=2.0.0&token={socket_token}"));
+    s.join(&a, "1");
+    s.join(&b, "2");
+    s.roundtrip(&join_with("3", &c, "{}"), &unauthorized("3", &c));
+    let join = cli_token(&["--sub", &sub, "--chat", conversation_of(&c), "--ttl", "5m"]);
+    s.join_with_payload(&c, "4", &format!(r#"{{"token":"{join}"}}"#));
+    let bad = nexus_command().env("JWT_SECRET", SECRET).args(["token", "--sub", &sub, "--chats", "x"]).output();
+    assert_eq!(bad.expect("run").status.code(), Some(2));
+}
+
+#[test]
+fn a_refused_rejoin_recovers_nothing() {
+    let server = start_server(&[("NEXUS_JOIN_POLICY", "token")]);
+    let topic = new_topic();
+    let chat = conversation_of(&topic);
+    let (member, stranger) = (new_sub(), new_sub());
+    let mut m = connect(server.port, &format!("vsn=2.0.0&token={}", granting(&member, &[chat])));
+    m.join(&topic, "1");
+    let live = send_all(&mut m, "1", &topic, &["one".to_string(), "two".to_string()]);
+    let mut s = connect_v2(server.port, &stranger);
+    s.skip_presence = false;
+    let payload = format!(r#"{{"last_seen_id":"{}"}}"#, live[0].id);
+    s.roundtrip(&join_with("1", &topic, &payload), &unauthorized("1", &topic));
+    // Nothing follows the refusal: a heartbeat's reply is the next frame.
+    s.heartbeat("2");
+}

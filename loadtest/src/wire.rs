@@ -19,7 +19,7 @@ pub(crate) struct Frame {
 }
 
 pub(crate) fn token(secret: &str, sub: Uuid) -> Result<String, String> {
-    nexus::auth::mint(secret.as_bytes(), sub, Duration::from_secs(3600)).map_err(|e| e.to_string())
+    nexus::auth::mint(secret.as_bytes(), sub, Duration::from_secs(3600), &Default::default()).map_err(|e| e.to_string())
 }
 
 impl Client {

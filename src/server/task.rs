@@ -304,7 +304,7 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
 /// Mints a token for `sub` (or a new random user): the demo page's one-click sign-in.
 fn dev_token(core: &Core, sub: Option<uuid::Uuid>) -> Vec<u8> {
     let sub = sub.unwrap_or_else(uuid::Uuid::new_v4);
-    match crate::auth::mint(&core.config().jwt_secret, sub, limits::DEV_TOKEN_TTL) {
+    match crate::auth::mint(&core.config().jwt_secret, sub, limits::DEV_TOKEN_TTL, &Default::default()) {
         Ok(token) => {
             let mut body = Vec::with_capacity(token.len() + 64);
             body.extend_from_slice(b"{\"token\":");
