@@ -242,6 +242,8 @@ mod tests {
             Counter::RefusedDraining,
             Counter::Joins,
             Counter::JoinsBusy,
+            Counter::JoinsUnauthorized,
+            Counter::JoinsUnavailable,
             Counter::MessagesIn,
             Counter::MessagesDropped,
             Counter::Replies,
@@ -251,6 +253,9 @@ mod tests {
             Counter::RateLimited,
             Counter::RecoveriesRefused,
             Counter::RecoveredMessages,
+            Counter::ApiMessages,
+            Counter::ApiRemovals,
+            Counter::ApiDisconnects,
         ]
         .into_iter()
         .chain(Close::ALL.into_iter().map(Counter::Closed));

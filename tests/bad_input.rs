@@ -378,15 +378,18 @@ fn http_cases(m: &mut Matrix, port: u16) {
         http_error(m, port, &format!("{method} {path}"), request.as_bytes(), 405, "method not allowed");
     }
     let api = format!("/api/conversations/{}/messages", uuid::Uuid::new_v4());
-    let request = format!("POST {api} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+    let request = format!("PUT {api} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
     http_error(
         m,
         port,
-        "POST /api/conversations/<id>/messages",
+        "PUT /api/conversations/<id>/messages",
         request.as_bytes(),
         405,
         r#"{"error":"method not allowed"}"#,
     );
+    // POST there is the server API's, off without NEXUS_API_KEY.
+    let request = format!("POST {api} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+    http_error(m, port, "POST /api/conversations/<id>/messages", request.as_bytes(), 404, r#"{"error":"not found"}"#);
 
     for path in ["/", "/nope", "/socket", "/socket/longpoll", "/socket/websocket/x"] {
         let request = upgrade_request_with(port, "GET", path, &query, &[]);

@@ -1,8 +1,8 @@
 //! The history API (Nexus extension, docs/protocol.md "History API"):
 //! `GET /api/conversations/<uuid>/messages?before=<id>&limit=<1..200>` with a Bearer token.
 //! Pages are oldest first, follow `next_before`, and carry exactly the `new_msg` broadcast
-//! payloads; bad parameters are 400, bad tokens 401, bad paths 404, other methods 405, all as
-//! JSON; and a client that joins and then reads history sees no gap and no duplicate.
+//! payloads; bad parameters are 400, bad tokens 401, bad paths 404, other methods 405 (POST is
+//! the server API's: 404 while it is off), all as JSON; and a client that joins and then reads history sees no gap and no duplicate.
 
 mod common;
 
@@ -277,10 +277,12 @@ fn bad_paths_are_404_and_other_methods_405(backend: Backend) {
         expect_json_error(http_get(port, &format!("{path}?limit=3"), Some(&auth)), 404, path);
     }
     let target = history_target(&id, "");
-    for method in ["POST", "PUT", "DELETE", "PATCH"] {
+    for method in ["PUT", "DELETE", "PATCH"] {
         expect_json_error(http_request(port, method, &target, Some(&auth)), 405, method);
         expect_json_error(http_request(port, method, &target, None), 405, method);
     }
+    // POST is the server API's, off without NEXUS_API_KEY.
+    expect_json_error(http_request(port, "POST", &target, Some(&auth)), 404, "POST");
     // The server is unharmed.
     assert_eq!(history_page(port, &sub, &id, ""), (Vec::new(), None));
 }

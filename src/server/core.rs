@@ -347,15 +347,18 @@ impl Core {
         let mut effects = self.effects.take();
         {
             let config = self.config();
+            let access = &self.shared.access;
             let grants = self.grants.borrow();
+            // Only the `token` policy keeps grants: no lookup per message otherwise.
+            let grants = if access.uses_grants() { grants.get(&conn.key).map_or(&[][..], |g| &g[..]) } else { &[] };
             let mut env = Env {
                 now_ms: self.now_ms(),
                 limits: Limits { max_channels: config.max_channels, msg_rate: config.msg_rate },
                 refs: &mut self.refs.borrow_mut(),
                 counters: &self.counters,
                 joins_refused: self.shared.joins_refused(),
-                access: &self.shared.access,
-                grants: grants.get(&conn.key).map_or(&[], |g| &g[..]),
+                access,
+                grants,
                 core: self.id,
                 conn: conn.id,
             };
