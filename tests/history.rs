@@ -2,7 +2,8 @@
 //! `GET /api/conversations/<uuid>/messages?before=<id>&limit=<1..200>` with a Bearer token.
 //! Pages are oldest first, follow `next_before`, and carry exactly the `new_msg` broadcast
 //! payloads; bad parameters are 400, bad tokens 401, bad paths 404, other methods 405 (POST is
-//! the server API's: 404 while it is off), all as JSON; and a client that joins and then reads history sees no gap and no duplicate.
+//! the server API's: 404 while it is off), all as JSON; and a client that joins and then reads
+//! history sees no gap and no duplicate.
 
 mod common;
 
