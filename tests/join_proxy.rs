@@ -299,6 +299,29 @@ fn removing_a_member_forgets_the_cached_answer() {
 }
 
 #[test]
+fn a_disconnect_forgets_the_users_cached_answers() {
+    let backend = Backend::start();
+    let server = proxy_server(&backend.url(), &[("NEXUS_API_KEY", API_KEY)]);
+    let user = new_sub();
+    let topic = new_topic();
+    let conversation = conversation_of(&topic);
+    backend.set(&user, conversation, 200);
+    let mut c = connect_v2(server.port, &user);
+    c.join(&topic, "1");
+    // The backend revokes the grant and disconnects the user; the reconnect is asked again.
+    backend.set(&user, conversation, 403);
+    let disconnect = format!(
+        "POST /api/users/{user}/disconnect HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {API_KEY}\r\nContent-Length: 0\r\n\r\n"
+    );
+    assert_eq!(http_raw(server.port, disconnect.as_bytes()).status, 204);
+    assert_eq!(c.expect_close(TIMEOUT), Some(1008));
+    let mut again = connect_v2(server.port, &user);
+    again.roundtrip(&join_frame("1", &topic), &v2_error(Some("1"), "1", &topic, "unauthorized"));
+    assert_eq!(backend.calls_for(&user, conversation), 2);
+}
+
+#[test]
 fn proxy_settings_are_checked_at_start() {
     let run = |env: &[(&str, &str)]| {
         let mut cmd = nexus_command();

@@ -171,6 +171,9 @@ fn the_server_api_is_off_without_a_key_and_refuses_a_wrong_one() {
         let r = api(off.port, method, target, Some(API_KEY), Some("{}"));
         assert_eq!((r.status, r.body_text()), (404, r#"{"error":"not found"}"#.to_string()), "{method} {target}");
     }
+    // Without a key even a wrong method finds nothing; with it, the method is checked last.
+    let wrong_method = format!("/api/users/{user}/disconnect");
+    assert_eq!(api(off.port, "GET", &wrong_method, Some(API_KEY), None).status, 404);
     let on = start_server(&[("NEXUS_API_KEY", API_KEY)]);
     for (method, target) in &targets {
         for key in [None, Some("wrong"), Some(&API_KEY[1..]), Some(&format!("{API_KEY}x")[..])] {
@@ -179,6 +182,9 @@ fn the_server_api_is_off_without_a_key_and_refuses_a_wrong_one() {
             assert_eq!(r.body_text(), r#"{"error":"unauthorized"}"#);
         }
     }
+    assert_eq!(api(on.port, "GET", &wrong_method, Some("wrong"), None).status, 401);
+    let r = api(on.port, "GET", &wrong_method, Some(API_KEY), None);
+    assert_eq!((r.status, r.body_text()), (405, r#"{"error":"method not allowed"}"#.to_string()));
     // The history GET on the same path still takes a user token, not the key.
     let r = http_get(on.port, &history_target(&conversation, ""), Some(&format!("Bearer {API_KEY}")));
     assert_eq!(r.status, 401);

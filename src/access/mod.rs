@@ -169,6 +169,14 @@ impl Access {
         }
     }
 
+    /// Forgets what the backend said about `user` (a disconnect), so reconnecting sockets are
+    /// asked about again.
+    pub fn revoke_user(&self, user: Uuid) {
+        if let Policy::Proxy(proxy) = &self.policy {
+            proxy.revoke_user(user);
+        }
+    }
+
     /// Forgets what is known about `user` in `conversation` (the member was removed): the next
     /// join asks the backend again, and a call in flight is answered `unauthorized`.
     pub fn revoke(&self, user: Uuid, conversation: Uuid) {

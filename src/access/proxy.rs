@@ -38,9 +38,12 @@ pub struct ProxyStats {
 /// The join proxy's shared state: the table, the call queue, the stats.
 pub struct Proxy {
     table: Arc<Mutex<Table>>,
-    calls: Sender<(Uuid, Uuid)>,
+    calls: Sender<Call>,
     stats: Arc<ProxyStats>,
 }
+
+/// A call to make: the pair, and when it was asked (its time budget started then).
+type Call = (Uuid, Uuid, Instant);
 
 /// Cached answers and calls in flight, by (user, conversation).
 #[derive(Default)]
@@ -124,7 +127,7 @@ impl Proxy {
             }
             _ => {}
         }
-        if let Err(e) = self.calls.try_send(key) {
+        if let Err(e) = self.calls.try_send((user, conversation, Instant::now())) {
             if matches!(e, TrySendError::Full(_)) {
                 tracing::warn!(queued = limits::JOIN_PROXY_QUEUE_MAX, "join proxy: too many calls waiting");
             }
@@ -145,6 +148,19 @@ impl Proxy {
             }
             None => {}
         }
+    }
+
+    /// Forgets every answer about `user` (a disconnect: the reconnecting sockets are asked
+    /// about again); calls in flight for the user will answer `unauthorized`. A scan: rare.
+    pub fn revoke_user(&self, user: Uuid) {
+        self.table().entries.retain(|(u, _), entry| match entry {
+            _ if *u != user => true,
+            Entry::Known { .. } => false,
+            Entry::Asking { revoked, .. } => {
+                *revoked = true;
+                true
+            }
+        });
     }
 }
 
@@ -178,10 +194,10 @@ fn lock(table: &Mutex<Table>) -> MutexGuard<'_, Table> {
 }
 
 /// One proxy thread: call, record, answer every waiter.
-fn work(calls: &Receiver<(Uuid, Uuid)>, table: &Mutex<Table>, stats: &ProxyStats, caller: &Caller, ttl: Duration) {
-    while let Ok((user, conversation)) = calls.recv() {
+fn work(calls: &Receiver<Call>, table: &Mutex<Table>, stats: &ProxyStats, caller: &Caller, ttl: Duration) {
+    while let Ok((user, conversation, asked)) = calls.recv() {
         stats.calls.fetch_add(1, Ordering::Relaxed);
-        let verdict = caller.call(user, conversation);
+        let verdict = caller.call(user, conversation, asked);
         if verdict == Err(Refusal::Unavailable) {
             stats.failures.fetch_add(1, Ordering::Relaxed);
         }
@@ -225,26 +241,36 @@ struct Caller {
     agent: ureq::Agent,
     url: String,
     authorization: String,
+    /// `NEXUS_JOIN_PROXY_TIMEOUT`, counted from when the join asked (time waiting for a
+    /// thread included), so no join waits longer.
+    timeout: Duration,
 }
 
 impl Caller {
     fn new(config: &ProxyConfig) -> Caller {
         let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(config.timeout))
             .http_status_as_error(false)
             .max_idle_connections(limits::JOIN_PROXY_WORKERS)
             .user_agent(concat!("nexus/", env!("CARGO_PKG_VERSION")))
             .build()
             .new_agent();
-        Caller { agent, url: config.url.clone(), authorization: format!("Bearer {}", config.secret.expose()) }
+        let authorization = format!("Bearer {}", config.secret.expose());
+        Caller { agent, url: config.url.clone(), authorization, timeout: config.timeout }
     }
 
-    fn call(&self, user: Uuid, conversation: Uuid) -> Result<(), Refusal> {
-        let body = format!(r#"{{"user_id":"{user}","conversation_id":"{conversation}"}}"#);
+    fn call(&self, user: Uuid, conversation: Uuid, asked: Instant) -> Result<(), Refusal> {
         let started = Instant::now();
+        let Some(budget) = self.timeout.checked_sub(started - asked).filter(|b| !b.is_zero()) else {
+            tracing::warn!(%user, %conversation, waited = ?(started - asked), "join proxy: timed out waiting for a thread");
+            return Err(Refusal::Unavailable);
+        };
+        let body = format!(r#"{{"user_id":"{user}","conversation_id":"{conversation}"}}"#);
         let response = self
             .agent
             .post(&self.url)
+            .config()
+            .timeout_global(Some(budget))
+            .build()
             .header("Authorization", &self.authorization)
             .header("Content-Type", "application/json")
             .send(body.as_str());

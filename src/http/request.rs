@@ -146,6 +146,9 @@ pub struct ApiRequest {
     pub action: ApiAction,
     /// Bearer key from `Authorization`.
     pub key: Option<String>,
+    /// The method is the action's (otherwise 405, said only after the key is checked: without
+    /// a key the server API does not exist, 404).
+    pub method_ok: bool,
 }
 
 /// The server API's actions (docs/protocol.md, "Server API").
@@ -245,10 +248,7 @@ fn bearer(head: &Head) -> Option<String> {
 }
 
 fn api(head: &Head, method: &str, action: ApiAction) -> Route {
-    if head.method != method {
-        return Route::ApiError(Status::METHOD_NOT_ALLOWED, "method not allowed");
-    }
-    Route::Api(ApiRequest { action, key: bearer(head) })
+    Route::Api(ApiRequest { action, key: bearer(head), method_ok: head.method == method })
 }
 
 fn route_conversations(head: &Head, rest: &str) -> Route {

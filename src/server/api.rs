@@ -20,29 +20,26 @@ use crate::ids::parse_canonical_uuid;
 use crate::limits;
 use crate::phoenix::{nests_deeper_than, string_field};
 
-/// What became of a request.
-pub(crate) enum Served {
-    /// Answered (or handed on; the answer follows).
-    Done,
-    /// The body is not all here yet: read more, then call again.
-    NeedBody,
-}
-
-/// Serves one server API request; `body` is what was read after the head.
-pub(crate) fn serve(core: &Core, conn: &Rc<Conn>, head: &Head, request: ApiRequest, body: &[u8]) -> Served {
+/// Serves one server API request; `body` is what was read after the head. A body not all
+/// here yet is waited for: the caller calls again with more.
+pub(crate) fn serve(core: &Core, conn: &Rc<Conn>, head: &Head, request: ApiRequest, body: &[u8]) {
     let Some(key) = &core.config().api_key else {
         core.answer_http(conn, response::json_error(Status::NOT_FOUND, "not found"));
-        return Served::Done;
+        return;
     };
     let given = request.key.as_deref().unwrap_or("");
     if !bool::from(given.as_bytes().ct_eq(key.expose().as_bytes())) {
         tracing::info!(core = core.id(), conn = conn.id, action = request.action.label(), "server API: key refused");
         core.answer_http(conn, response::json_error(Status::UNAUTHORIZED, "unauthorized"));
-        return Served::Done;
+        return;
+    }
+    if !request.method_ok {
+        core.answer_http(conn, response::json_error(Status::METHOD_NOT_ALLOWED, "method not allowed"));
+        return;
     }
     let answer = match request.action {
         ApiAction::PostMessage(conversation) => match message_body(head, body, core.config().max_frame_bytes) {
-            Ok(None) => return Served::NeedBody,
+            Ok(None) => return, // read more
             Ok(Some((sender, text))) => {
                 core.count_api(request.action);
                 core.submit_api(conn, conversation, sender, text);
@@ -62,11 +59,17 @@ pub(crate) fn serve(core: &Core, conn: &Rc<Conn>, head: &Head, request: ApiReque
     if let Some(bytes) = answer {
         core.answer_http(conn, bytes);
     }
-    Served::Done
 }
 
 /// Carries out `command` on every core of this node and, in cluster mode, on every other node.
 fn everywhere(core: &Core, command: Command) -> Vec<u8> {
+    // The join proxy's answers are forgotten before the answer (the cores forget them again
+    // as the command reaches them, as for a command from another node).
+    let access = &core.shared().access;
+    match command {
+        Command::RemoveMember { conversation, user } => access.revoke(user, conversation),
+        Command::Disconnect { user } => access.revoke_user(user),
+    }
     for id in 0..core.shared().mailboxes.len() {
         core.send_to(id, command_msg(command));
     }

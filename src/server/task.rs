@@ -262,10 +262,7 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
         Route::ApiError(status, why) => return answer_bytes(core, conn, response::json_error(status, why)),
         Route::History(h) => return history(core, conn, h),
         // Called again as more of the body arrives (the head is parsed again: it is small).
-        Route::Api(request) => {
-            let _ = api::serve(core, conn, &head, request, &local.inbuf.bytes()[used..]);
-            return;
-        }
+        Route::Api(request) => return api::serve(core, conn, &head, request, &local.inbuf.bytes()[used..]),
         Route::Upgrade(_) if shared.is_draining() => {
             core.count(Counter::RefusedDraining);
             return answer(core, conn, response::Status::UNAVAILABLE, "draining");

@@ -49,7 +49,12 @@ impl Core {
         let conversation = query.conversation;
         if self.ask(user, conversation, AuthWait::History { conn: conn.clone(), query }).is_none() {
             conn.set_phase(Phase::Waiting);
-            conn.set_deadline_ms(self.deadline_after_ms(crate::limits::JOIN_PROXY_TIMEOUT_MAX));
+            // The proxy answers within its timeout; the margin covers the mailbox and the sweep.
+            let timeout = match &self.config().join_policy {
+                crate::config::JoinPolicy::Proxy(proxy) => proxy.timeout,
+                _ => std::time::Duration::ZERO,
+            };
+            conn.set_deadline_ms(self.deadline_after_ms(timeout + crate::limits::HANDSHAKE_TIMEOUT));
         }
     }
 
@@ -115,6 +120,9 @@ impl Core {
 
     /// Server API: close `user`'s sockets on this core.
     pub(super) fn on_disconnect(&self, user: Uuid) {
+        if self.id == 0 {
+            self.shared.access.revoke_user(user); // once per node
+        }
         let sockets = self.sockets_of(user);
         for conn in &sockets {
             conn.request_close(Close::Disconnected);
