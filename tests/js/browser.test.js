@@ -531,3 +531,41 @@ test("past NEXUS_RECOVERY_MAX the rejoin does not recover: the page fills the ga
     await small.stop();
   }
 });
+
+test("a refused join shows its reason, and a removal by the app backend shows on the page", BOUNDED, async () => {
+  const key = "browser-test-api-key-0123456789";
+  const strict = await startServer({
+    workers: 2,
+    env: { NEXUS_DEV_TOKENS: "1", NEXUS_JOIN_POLICY: "token", NEXUS_API_KEY: key },
+  });
+  const open = await startServer({ workers: 2, env: { NEXUS_DEV_TOKENS: "1", NEXUS_API_KEY: key } });
+  try {
+    // Under the token policy a dev token grants nothing: the page says why it is not in.
+    const context = await browser.newContext();
+    const page = await context.newPage();
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    await page.goto(`${strict.httpUrl}/#${randomUUID()}`);
+    await page.click("#dev-token");
+    await waitForStatus(page, /^join refused: unauthorized$/);
+    await page.waitForSelector("#timeline .notice:text('could not join: unauthorized')", { timeout: WAIT });
+    await context.close();
+
+    // Under open, the backend removes the member: the page says so.
+    const conv = randomUUID();
+    const ann = await openUser(conv, { srv: open });
+    await waitForOnline(ann.page, 1);
+    const [user] = await online(ann.page);
+    const res = await fetch(`${open.httpUrl}/api/conversations/${conv}/members/${user}`, {
+      method: "DELETE",
+      headers: { authorization: `Bearer ${key}` },
+    });
+    assert.equal(res.status, 204);
+    await waitForStatus(ann.page, /^removed from this conversation$/);
+    assert.deepEqual([...errors, ...ann.errors], [], "no page errors");
+    await ann.context.close();
+  } finally {
+    await strict.stop();
+    await open.stop();
+  }
+});
