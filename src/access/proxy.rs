@@ -97,17 +97,13 @@ impl Proxy {
 
     /// The cached answer for the pair, or [`Decision::Ask`].
     pub fn cached(&self, user: Uuid, conversation: Uuid) -> Decision {
-        match self.table().entries.get(&(user, conversation)) {
-            Some(Entry::Known { allowed, until }) if *until > Instant::now() => {
-                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-                if *allowed {
-                    Decision::Allow
-                } else {
-                    Decision::Refuse(Refusal::Unauthorized)
-                }
-            }
-            _ => Decision::Ask,
-        }
+        let known = self.table().known(&(user, conversation));
+        known.map_or(Decision::Ask, |verdict| self.hit(verdict).into())
+    }
+
+    fn hit(&self, verdict: Result<(), Refusal>) -> Result<(), Refusal> {
+        self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+        verdict
     }
 
     /// Asks the backend, or joins the call in flight for the pair; `Some` when the verdict is
@@ -115,17 +111,13 @@ impl Proxy {
     pub fn ask(&self, user: Uuid, conversation: Uuid, answer: impl FnOnce() -> Answer) -> Option<Result<(), Refusal>> {
         let key = (user, conversation);
         let mut table = self.table();
-        match table.entries.get_mut(&key) {
-            Some(Entry::Known { allowed, until }) if *until > Instant::now() => {
-                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-                return Some(if *allowed { Ok(()) } else { Err(Refusal::Unauthorized) });
-            }
-            Some(Entry::Asking { waiters, .. }) => {
-                self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
-                waiters.push(answer());
-                return None;
-            }
-            _ => {}
+        if let Some(verdict) = table.known(&key) {
+            return Some(self.hit(verdict));
+        }
+        if let Some(Entry::Asking { waiters, .. }) = table.entries.get_mut(&key) {
+            self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+            waiters.push(answer());
+            return None;
         }
         if let Err(e) = self.calls.try_send((user, conversation, Instant::now())) {
             if matches!(e, TrySendError::Full(_)) {
@@ -165,6 +157,15 @@ impl Proxy {
 }
 
 impl Table {
+    /// The pair's cached answer, if still fresh.
+    fn known(&self, key: &(Uuid, Uuid)) -> Option<Result<(), Refusal>> {
+        match self.entries.get(key) {
+            Some(Entry::Known { allowed: true, until }) if *until > Instant::now() => Some(Ok(())),
+            Some(Entry::Known { allowed: false, until }) if *until > Instant::now() => Some(Err(Refusal::Unauthorized)),
+            _ => None,
+        }
+    }
+
     /// Keeps the table under [`limits::JOIN_PROXY_CACHE_ENTRIES_MAX`]: expired answers go
     /// first, then arbitrary answers (calls in flight stay: they are bounded by the queue).
     fn make_room(&mut self) {
@@ -292,5 +293,64 @@ impl Caller {
                 Err(Refusal::Unavailable)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn known(allowed: bool, until: Instant) -> Entry {
+        Entry::Known { allowed, until }
+    }
+
+    #[test]
+    fn a_full_table_drops_expired_answers_first_then_a_tenth() {
+        let now = Instant::now();
+        let mut table = Table::default();
+        let max = limits::JOIN_PROXY_CACHE_ENTRIES_MAX as u128;
+        for i in 0..max {
+            let until = if i % 2 == 0 { now } else { now + Duration::from_secs(60) };
+            table.entries.insert((Uuid::from_u128(i), Uuid::nil()), known(true, until));
+        }
+        table.make_room();
+        assert_eq!(table.entries.len() as u128, max / 2, "the expired half went");
+        for i in max..2 * max {
+            table.entries.insert((Uuid::from_u128(i), Uuid::nil()), known(true, now + Duration::from_secs(60)));
+            table.make_room();
+        }
+        assert!(table.entries.len() <= limits::JOIN_PROXY_CACHE_ENTRIES_MAX);
+        table.entries.insert((Uuid::max(), Uuid::nil()), Entry::Asking { waiters: Vec::new(), revoked: false });
+        assert_eq!(table.known(&(Uuid::max(), Uuid::nil())), None, "a call in flight is no answer");
+    }
+
+    #[test]
+    fn revoking_a_user_forgets_its_answers_and_spoils_its_calls() {
+        let config = ProxyConfig {
+            url: "http://127.0.0.1:9/unused".into(),
+            secret: crate::config::Secret::new("s"),
+            timeout: Duration::from_secs(1),
+            cache_ttl: Duration::from_secs(60),
+        };
+        let proxy = Proxy::start(config).expect("start");
+        let (user, other) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let later = Instant::now() + Duration::from_secs(60);
+        {
+            let mut table = proxy.table();
+            table.entries.insert((user, Uuid::from_u128(10)), known(true, later));
+            table.entries.insert((user, Uuid::from_u128(11)), known(false, later));
+            table.entries.insert((user, Uuid::from_u128(12)), Entry::Asking { waiters: Vec::new(), revoked: false });
+            table.entries.insert((other, Uuid::from_u128(10)), known(true, later));
+        }
+        assert_eq!(proxy.cached(user, Uuid::from_u128(10)), Decision::Allow);
+        assert_eq!(proxy.cached(user, Uuid::from_u128(11)), Decision::Refuse(Refusal::Unauthorized));
+        proxy.revoke_user(user);
+        assert_eq!(proxy.cached(user, Uuid::from_u128(10)), Decision::Ask);
+        assert_eq!(proxy.cached(user, Uuid::from_u128(11)), Decision::Ask);
+        assert!(matches!(
+            proxy.table().entries.get(&(user, Uuid::from_u128(12))),
+            Some(Entry::Asking { revoked: true, .. })
+        ));
+        assert_eq!(proxy.cached(other, Uuid::from_u128(10)), Decision::Allow, "other users keep theirs");
     }
 }

@@ -37,28 +37,23 @@ pub(crate) fn serve(core: &Core, conn: &Rc<Conn>, head: &Head, request: ApiReque
         core.answer_http(conn, response::json_error(Status::METHOD_NOT_ALLOWED, "method not allowed"));
         return;
     }
-    let answer = match request.action {
-        ApiAction::PostMessage(conversation) => match message_body(head, body, core.config().max_frame_bytes) {
-            Ok(None) => return, // read more
-            Ok(Some((sender, text))) => {
-                core.count_api(request.action);
-                core.submit_api(conn, conversation, sender, text);
-                None
+    let command = match request.action {
+        ApiAction::PostMessage(conversation) => {
+            match message_body(head, body, core.config().max_frame_bytes) {
+                Ok(None) => {} // read more
+                Ok(Some((sender, text))) => {
+                    core.count_api(request.action);
+                    core.submit_api(conn, conversation, sender, text);
+                }
+                Err((status, why)) => core.answer_http(conn, response::json_error(status, why)),
             }
-            Err((status, why)) => Some(response::json_error(status, why)),
-        },
-        ApiAction::RemoveMember(conversation, user) => {
-            core.count_api(request.action);
-            Some(everywhere(core, Command::RemoveMember { conversation, user }))
+            return;
         }
-        ApiAction::Disconnect(user) => {
-            core.count_api(request.action);
-            Some(everywhere(core, Command::Disconnect { user }))
-        }
+        ApiAction::RemoveMember(conversation, user) => Command::RemoveMember { conversation, user },
+        ApiAction::Disconnect(user) => Command::Disconnect { user },
     };
-    if let Some(bytes) = answer {
-        core.answer_http(conn, bytes);
-    }
+    core.count_api(request.action);
+    core.answer_http(conn, everywhere(core, command));
 }
 
 /// Carries out `command` on every core of this node and, in cluster mode, on every other node.

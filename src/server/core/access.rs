@@ -38,16 +38,15 @@ impl Core {
     /// Asks the join proxy about a join; the socket reads nothing until the answer.
     pub(super) fn authorize_join(&self, conn: &Rc<Conn>, join: PendingJoin) {
         let (user, conversation) = (conn.user(), join.conversation);
-        if let Some(verdict) = self.ask(user, conversation, AuthWait::Join { conn: conn.clone(), join }) {
-            return verdict;
+        if !self.ask(user, conversation, AuthWait::Join { conn: conn.clone(), join }) {
+            conn.pause();
         }
-        conn.pause();
     }
 
     /// Asks the join proxy about a history read; the request waits parked.
     pub(crate) fn authorize_history(&self, conn: &Rc<Conn>, user: Uuid, query: HistoryQuery) {
         let conversation = query.conversation;
-        if self.ask(user, conversation, AuthWait::History { conn: conn.clone(), query }).is_none() {
+        if !self.ask(user, conversation, AuthWait::History { conn: conn.clone(), query }) {
             conn.set_phase(Phase::Waiting);
             // The proxy answers within its timeout; the margin covers the mailbox and the sweep.
             let timeout = match &self.config().join_policy {
@@ -58,8 +57,8 @@ impl Core {
         }
     }
 
-    /// Registers `wait` and asks; `Some(())` when it was answered (and handled) at once.
-    fn ask(&self, user: Uuid, conversation: Uuid, wait: AuthWait) -> Option<()> {
+    /// Registers `wait` and asks; `true` when it was answered (and handled) at once.
+    fn ask(&self, user: Uuid, conversation: Uuid, wait: AuthWait) -> bool {
         let ticket = self.auth_waits.borrow_mut().insert(wait);
         let ticket = u32::try_from(ticket).expect("waits are bounded by the connections");
         let mailboxes = self.shared.mailboxes.clone();
@@ -67,9 +66,9 @@ impl Core {
         let answer = move || -> crate::access::proxy::Answer {
             Box::new(move |verdict| mailboxes[core].push_blocking(CoreMsg::Authorized { ticket, verdict }))
         };
-        let verdict = self.shared.access.ask(user, conversation, answer)?;
+        let Some(verdict) = self.shared.access.ask(user, conversation, answer) else { return false };
         self.on_authorized(ticket, verdict);
-        Some(())
+        true
     }
 
     /// The join proxy answered the wait `ticket`.
