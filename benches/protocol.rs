@@ -175,5 +175,47 @@ fn jwt_verify(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, phoenix_decode, phoenix_encode, ws_decode, jwt_verify);
+/// The join policy's decision for one join, as a core makes it: `open`, `token` with a grant
+/// in the socket token, `token` with a join token in the payload (one HS256 check), and
+/// `proxy` looking in its cache (a miss here, which costs what a hit does: one lock, one
+/// lookup).
+fn join_policy(c: &mut Criterion) {
+    use nexus::access::{Access, Decision};
+    use nexus::config::{JoinPolicy, ProxyConfig, Secret};
+    let user = Uuid::from_u128(0x0192_b3c4_d5e6_7f80_9a1b_2c3d_4e5f_6a7d);
+    let chat = Uuid::from_u128(0x0195_f1b2_7c3a_7d4e_8f00_1234_5678_9abc);
+    let grants = [Uuid::from_u128(1), Uuid::from_u128(2), chat];
+    let join_token =
+        mint(SECRET, user, Duration::from_secs(300), &nexus::auth::Grant { chats: vec![], chat: Some(chat) })
+            .expect("mint");
+    let payload = format!(r#"{{"token":"{join_token}"}}"#);
+    let open = Access::start(&JoinPolicy::Open, SECRET, 0).expect("open");
+    let token = Access::start(&JoinPolicy::Token, SECRET, 0).expect("token");
+    let proxy = Access::start(
+        &JoinPolicy::Proxy(ProxyConfig {
+            url: "http://127.0.0.1:9/unused".into(),
+            secret: Secret::new("s"),
+            timeout: Duration::from_secs(1),
+            cache_ttl: Duration::from_secs(3600),
+        }),
+        SECRET,
+        0,
+    )
+    .expect("proxy");
+    assert_eq!(open.join(user, chat, "{}", &[]), Decision::Allow);
+    assert_eq!(token.join(user, chat, "{}", &grants), Decision::Allow);
+    assert_eq!(token.join(user, chat, &payload, &[]), Decision::Allow);
+
+    let mut group = c.benchmark_group("join_policy");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("open", |b| b.iter(|| black_box(open.join(user, chat, black_box("{}"), &[]))));
+    group.bench_function("token_grant", |b| b.iter(|| black_box(token.join(user, chat, black_box("{}"), &grants))));
+    group
+        .bench_function("token_join_token", |b| b.iter(|| black_box(token.join(user, chat, black_box(&payload), &[]))));
+    assert_eq!(proxy.join(user, chat, "{}", &[]), Decision::Ask);
+    group.bench_function("proxy_cache_lookup", |b| b.iter(|| black_box(proxy.join(user, chat, black_box("{}"), &[]))));
+    group.finish();
+}
+
+criterion_group!(benches, phoenix_decode, phoenix_encode, ws_decode, jwt_verify, join_policy);
 criterion_main!(benches);
