@@ -177,34 +177,46 @@ fn jwt_verify(c: &mut Criterion) {
 
 /// The join policy's decision for one join, as a core makes it: `open`, `token` with a grant
 /// in the socket token, `token` with a join token in the payload (one HS256 check), and
-/// `proxy` looking in its cache (a miss here, which costs what a hit does: one lock, one
-/// lookup).
+/// `proxy` answered from its cache (filled with 10,000 answers by a backend on a thread).
 fn join_policy(c: &mut Criterion) {
     use nexus::access::{Access, Decision};
     use nexus::config::{JoinPolicy, ProxyConfig, Secret};
     let user = Uuid::from_u128(0x0192_b3c4_d5e6_7f80_9a1b_2c3d_4e5f_6a7d);
     let chat = Uuid::from_u128(0x0195_f1b2_7c3a_7d4e_8f00_1234_5678_9abc);
     let grants = [Uuid::from_u128(1), Uuid::from_u128(2), chat];
-    let join_token =
-        mint(SECRET, user, Duration::from_secs(300), &nexus::auth::Grant { chats: vec![], chat: Some(chat) })
-            .expect("mint");
+    let grant = nexus::auth::Grant { chats: vec![], chat: Some(chat) };
+    let join_token = mint(SECRET, user, Duration::from_secs(300), &grant).expect("mint");
     let payload = format!(r#"{{"token":"{join_token}"}}"#);
     let open = Access::start(&JoinPolicy::Open, SECRET, 0).expect("open");
     let token = Access::start(&JoinPolicy::Token, SECRET, 0).expect("token");
-    let proxy = Access::start(
-        &JoinPolicy::Proxy(ProxyConfig {
-            url: "http://127.0.0.1:9/unused".into(),
-            secret: Secret::new("s"),
-            timeout: Duration::from_secs(1),
-            cache_ttl: Duration::from_secs(3600),
-        }),
-        SECRET,
-        0,
-    )
-    .expect("proxy");
+    let config = ProxyConfig {
+        url: format!("http://{}/authorize", allowing_backend()),
+        secret: Secret::new("s"),
+        timeout: Duration::from_secs(5),
+        cache_ttl: Duration::from_secs(3600),
+    };
+    let proxy = Access::start(&JoinPolicy::Proxy(config), SECRET, 0).expect("proxy");
+    const CACHED: u128 = 10_000;
+    let cache = proxy.proxy().expect("proxy policy");
+    // In chunks the call queue takes whole.
+    for chunk in (0..CACHED).collect::<Vec<_>>().chunks(1_000) {
+        for &i in chunk {
+            assert_eq!(proxy.ask(Uuid::from_u128(i), chat, || Box::new(|_| {})), None, "queued");
+        }
+        while cache.queued() > 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     assert_eq!(open.join(user, chat, "{}", &[]), Decision::Allow);
     assert_eq!(token.join(user, chat, "{}", &grants), Decision::Allow);
     assert_eq!(token.join(user, chat, &payload, &[]), Decision::Allow);
+    let cached_user = Uuid::from_u128(CACHED / 2);
+    while proxy.join(cached_user, chat, "{}", &[]) != Decision::Allow {
+        std::thread::sleep(Duration::from_millis(5)); // its answer is being recorded
+    }
+    while cache.stats().calls.load(std::sync::atomic::Ordering::Relaxed) < CACHED as u64 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
 
     let mut group = c.benchmark_group("join_policy");
     group.throughput(Throughput::Elements(1));
@@ -212,9 +224,47 @@ fn join_policy(c: &mut Criterion) {
     group.bench_function("token_grant", |b| b.iter(|| black_box(token.join(user, chat, black_box("{}"), &grants))));
     group
         .bench_function("token_join_token", |b| b.iter(|| black_box(token.join(user, chat, black_box(&payload), &[]))));
-    assert_eq!(proxy.join(user, chat, "{}", &[]), Decision::Ask);
-    group.bench_function("proxy_cache_lookup", |b| b.iter(|| black_box(proxy.join(user, chat, black_box("{}"), &[]))));
+    group.bench_function("proxy_cached", |b| b.iter(|| black_box(proxy.join(cached_user, chat, black_box("{}"), &[]))));
     group.finish();
+}
+
+/// A backend on loopback that allows everything (HTTP/1.1 keep-alive, one thread per
+/// connection); its address.
+fn allowing_backend() -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut out = stream;
+                loop {
+                    let mut length = 0;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err()
+                        || out.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
 }
 
 criterion_group!(benches, phoenix_decode, phoenix_encode, ws_decode, jwt_verify, join_policy);
