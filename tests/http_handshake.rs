@@ -1,6 +1,7 @@
 //! HTTP side of the server: `/healthz`, 404 for other paths, method / origin / vsn / upgrade
-//! header checks on `/socket/websocket`, the exact 101 answer, request-head size bound and a
-//! handshake that arrives in many small TCP writes.
+//! header checks on `/socket/websocket` (a bad version names 13), exactly one `Host` on
+//! HTTP/1.1, `/favicon.ico`, the exact 101 answer, request-head size bound and a handshake that
+//! arrives in many small TCP writes.
 
 mod common;
 
@@ -70,7 +71,43 @@ fn missing_or_invalid_upgrade_headers_are_400() {
         assert_ne!(request, base, "case {name} did not change the request");
         let mut resp = http_raw(port, request.as_bytes());
         assert_eq!(resp.status, 400, "{name}: {:?}", resp.status_line);
+        // RFC 6455 §4.4: a version refusal names the version the server speaks.
+        let names_13 = name.contains("Version");
+        assert_eq!(resp.header("sec-websocket-version"), names_13.then_some("13"), "{name}");
         resp.assert_error(400);
+    }
+}
+
+#[test]
+fn an_http_1_1_request_needs_exactly_one_host() {
+    let server = start_server(&[]);
+    let port = server.port;
+    let cases: [(&str, &[u8], &str); 3] = [
+        ("no Host", b"GET /healthz HTTP/1.1\r\n\r\n", "missing Host header"),
+        ("two Hosts", b"GET /healthz HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", "more than one Host header"),
+        (
+            "an upgrade without Host",
+            b"GET /socket/websocket?vsn=2.0.0 HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            "missing Host header",
+        ),
+    ];
+    for (name, request, why) in cases {
+        let mut resp = http_raw(port, request);
+        assert_eq!((resp.status, resp.body_text()), (400, why.to_string()), "{name}");
+        resp.assert_error(400);
+    }
+    // HTTP/1.0 has no Host requirement.
+    assert_eq!(http_raw(port, b"GET /healthz HTTP/1.0\r\n\r\n").status, 200);
+}
+
+#[test]
+fn favicon_answers_without_a_404() {
+    let server = start_server(&[]);
+    for method in ["GET", "HEAD"] {
+        let resp = http_raw(server.port, format!("{method} /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+        assert_eq!(resp.status, 204, "{method}");
+        assert_eq!(resp.header("cache-control"), Some("public, max-age=86400"));
+        assert!(resp.body.is_empty());
     }
 }
 

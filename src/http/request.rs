@@ -58,6 +58,8 @@ pub struct Head {
     pub origin: Option<String>,
     /// `Authorization` header.
     pub authorization: Option<String>,
+    /// How many `Host` headers (HTTP/1.1 needs exactly one, RFC 9112 §3.2).
+    pub hosts: usize,
     /// `Content-Length` header.
     pub content_length: Option<String>,
     /// `Transfer-Encoding` header.
@@ -95,6 +97,10 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
         ..Head::default()
     };
     for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("host") {
+            head.hosts += 1;
+            continue;
+        }
         let slot = match h.name.to_ascii_lowercase().as_str() {
             "upgrade" => &mut head.upgrade,
             "connection" => &mut head.connection,
@@ -121,6 +127,8 @@ pub enum Route {
     Health,
     /// `GET /metrics` (Prometheus text format).
     Metrics,
+    /// `GET /favicon.ico`: answered with nothing (no 404 in every browser console).
+    Favicon,
     /// `GET` of an embedded file (the demo page).
     Asset(super::assets::Asset),
     /// `POST /dev/token`: mint a token for `sub` (a random user if `None`); 404 unless the
@@ -206,6 +214,10 @@ pub const SOCKET_PATH: &str = "/socket/websocket";
 pub const HEALTH_PATH: &str = "/healthz";
 /// Prometheus scrape endpoint.
 pub const METRICS_PATH: &str = "/metrics";
+/// Where browsers look for a page's icon.
+pub const FAVICON_PATH: &str = "/favicon.ico";
+/// Why an upgrade with another `Sec-WebSocket-Version` is refused (400 naming version 13).
+pub const BAD_WS_VERSION: &str = "Sec-WebSocket-Version must be 13";
 /// Development token endpoint (only with `--dev-tokens`).
 pub const DEV_TOKEN_PATH: &str = "/dev/token";
 /// phoenix.js 1.8 `authToken` subprotocol prefix.
@@ -213,11 +225,17 @@ pub const AUTH_TOKEN_PREFIX: &str = "base64url.bearer.phx.";
 
 /// Routes a parsed head.
 pub fn route(head: &Head, origins: &OriginPolicy) -> Route {
+    // RFC 9112 §3.2: an HTTP/1.1 request without exactly one Host is refused.
+    if head.minor_version >= 1 && head.hosts != 1 {
+        let why = if head.hosts == 0 { "missing Host header" } else { "more than one Host header" };
+        return Route::Reject(Status::BAD_REQUEST, why);
+    }
     match head.path.as_str() {
         HEALTH_PATH if head.method == "GET" || head.method == "HEAD" => Route::Health,
         HEALTH_PATH => Route::Reject(Status::METHOD_NOT_ALLOWED, "method not allowed"),
         METRICS_PATH if head.method == "GET" => Route::Metrics,
         METRICS_PATH => Route::Reject(Status::METHOD_NOT_ALLOWED, "method not allowed"),
+        FAVICON_PATH if head.method == "GET" || head.method == "HEAD" => Route::Favicon,
         DEV_TOKEN_PATH if head.method == "POST" => route_dev_token(head),
         DEV_TOKEN_PATH => Route::Reject(Status::METHOD_NOT_ALLOWED, "method not allowed"),
         SOCKET_PATH => route_socket(head, origins),
@@ -400,7 +418,7 @@ fn accept_key(head: &Head) -> Result<String, &'static str> {
         return Err("missing Connection: Upgrade");
     }
     if head.ws_version.as_deref() != Some("13") {
-        return Err("Sec-WebSocket-Version must be 13");
+        return Err(BAD_WS_VERSION);
     }
     let key = head.ws_key.as_deref().ok_or("missing Sec-WebSocket-Key")?;
     match base64::engine::general_purpose::STANDARD.decode(key) {
@@ -461,7 +479,8 @@ mod tests {
         assert!(matches!(route(&parse(&other), &p), Route::Reject(s, _) if s == Status::NOT_FOUND));
         let proto = UPGRADE.replace("Host: x\r\n", "Host: x\r\nSec-WebSocket-Protocol: mqtt\r\n");
         assert!(matches!(route(&parse(&proto), &p), Route::Reject(s, _) if s == Status::FORBIDDEN));
-        let bad_b64 = UPGRADE.replace("Host: x\r\n", "Sec-WebSocket-Protocol: phoenix, base64url.bearer.phx.%%%\r\n");
+        let bad_b64 =
+            UPGRADE.replace("Host: x\r\n", "Host: x\r\nSec-WebSocket-Protocol: phoenix, base64url.bearer.phx.%%%\r\n");
         assert!(matches!(route(&parse(&bad_b64), &p), Route::Reject(s, _) if s == Status::FORBIDDEN));
         let no_key = UPGRADE.replace("Sec-WebSocket-Key", "X-Key");
         let Route::Upgrade(up) = route(&parse(&no_key), &p) else { panic!() };
@@ -472,7 +491,8 @@ mod tests {
     fn history_route() {
         let p = OriginPolicy::default();
         let id = "0195f1b2-7c3a-7d4e-8f00-123456789abc";
-        let get = |target: &str| parse(&format!("GET {target} HTTP/1.1\r\nAuthorization: Bearer t0k\r\n\r\n"));
+        let get =
+            |target: &str| parse(&format!("GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0k\r\n\r\n"));
         let Route::History(h) = route(&get(&format!("/api/conversations/{id}/messages?limit=5&before={id}")), &p)
         else {
             panic!()

@@ -38,8 +38,13 @@ pub fn no_content() -> Vec<u8> {
 
 /// A complete `text/plain` response that closes the connection.
 pub fn plain(status: Status, body: &str) -> Vec<u8> {
+    plain_with(status, body, "")
+}
+
+/// [`plain`] with extra header lines (each ending in CRLF).
+fn plain_with(status: Status, body: &str, headers: &str) -> Vec<u8> {
     format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{headers}\
          connection: close\r\n\r\n{}",
         status.0,
         status.1,
@@ -47,6 +52,17 @@ pub fn plain(status: Status, body: &str) -> Vec<u8> {
         body
     )
     .into_bytes()
+}
+
+/// The 400 for a WebSocket version other than 13, naming the one supported (RFC 6455 §4.4).
+pub fn unsupported_ws_version(body: &str) -> Vec<u8> {
+    plain_with(Status::BAD_REQUEST, body, "sec-websocket-version: 13\r\n")
+}
+
+/// The answer to `GET /favicon.ico`: nothing, cacheable for a day (browsers ask every page
+/// load otherwise, and log the 404).
+pub fn no_favicon() -> Vec<u8> {
+    b"HTTP/1.1 204 No Content\r\ncache-control: public, max-age=86400\r\nconnection: close\r\n\r\n".to_vec()
 }
 
 /// A complete `200` Prometheus exposition that closes the connection.

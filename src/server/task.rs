@@ -249,6 +249,7 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
     let upgrade = match http::route(&head, &core.config().origins) {
         Route::Health if shared.is_draining() => return answer(core, conn, response::Status::UNAVAILABLE, "draining"),
         Route::Health => return answer(core, conn, response::Status::OK, "ok"),
+        Route::Favicon => return answer_bytes(core, conn, response::no_favicon()),
         Route::Metrics => {
             core.publish();
             return answer_bytes(core, conn, response::metrics(&metrics::render(shared, core.store())));
@@ -284,6 +285,9 @@ fn on_handshake_bytes(core: &Core, conn: &Rc<Conn>, local: &mut Local) {
     };
     let accept = match upgrade.accept {
         Ok(accept) => accept,
+        Err(why) if why == http::request::BAD_WS_VERSION => {
+            return answer_bytes(core, conn, response::unsupported_ws_version(why))
+        }
         Err(why) => return answer(core, conn, response::Status::BAD_REQUEST, why),
     };
     conn.push_final(Bytes::from(response::switching_protocols(&accept, upgrade.protocol_phoenix)));
