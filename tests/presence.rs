@@ -639,6 +639,30 @@ fn joiner_gets_a_state_with_itself_and_its_own_join_diff() {
     }
 }
 
+/// The window coalesces changes that follow a flush, not the first one: a join into a quiet room
+/// gets its `presence_state` at once even with a one-second window (waiting for the window would
+/// take the whole second; half of it is the bound checked here).
+#[test]
+fn a_quiet_rooms_joiner_does_not_wait_for_the_window() {
+    let server = start(&[("NEXUS_PRESENCE_BATCH_MS", "1000")]);
+    for i in 0..4 {
+        let (sub, topic, jr) = (new_sub(), new_topic(), format!("{}", 3 + i));
+        let mut c = open(server.port, &sub);
+        c.send_text(&v2(Some(&jr), Some(&jr), &topic, "phx_join", "{}"));
+        expect_exact(&mut c, &topic, &v2_ok(Some(&jr), &jr, &topic), "join reply");
+        let replied = Instant::now();
+        match next(&mut c, &topic, replied + WAIT, "presence_state") {
+            Frame::State { .. } => {}
+            other => panic!("expected the presence_state first, got {other:?}"),
+        }
+        let waited = replied.elapsed();
+        assert!(
+            waited < Duration::from_millis(500),
+            "join {i}: presence_state after {waited:?}: it waited for the window"
+        );
+    }
+}
+
 #[test]
 fn members_see_each_join_and_a_joiner_sees_everyone() {
     const N: usize = 20;

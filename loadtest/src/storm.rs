@@ -5,6 +5,9 @@
 //!
 //! One thread reads all sockets with epoll and counts WebSocket frames per socket; the run ends
 //! when nothing arrived for `--quiet` after the last join was sent (bounded by `--timeout`).
+//! It also reports how long each member waited from its join to its `presence_state` (its
+//! second frame, after the join reply); with `--interval` the joins are paced, one per
+//! interval, which measures that wait in a quiet room.
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -32,6 +35,9 @@ pub(crate) struct Args {
     /// Hard bound on the whole storm.
     #[arg(long, default_value = "300", value_parser = crate::parse_secs)]
     timeout: Duration,
+    /// Time between joins, in ms (0: as fast as the client can send them, 64 at a time).
+    #[arg(long, default_value_t = 0)]
+    interval: u64,
     /// Print one JSON object instead of the summary.
     #[arg(long)]
     json: bool,
@@ -45,6 +51,10 @@ struct Counter {
     frames: u64,
     bytes: u64,
     closed: bool,
+    /// When the join was sent.
+    joined: Option<Instant>,
+    /// When the second frame (the `presence_state`, after the join reply) began to arrive.
+    state: Option<Instant>,
 }
 
 impl Counter {
@@ -110,21 +120,33 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
         frame
     };
     let started = Instant::now();
+    let interval = Duration::from_millis(args.interval);
     let mut next_join = 0;
     let mut last_byte = started;
     let mut buf = vec![0u8; 256 * 1024];
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
     loop {
-        // Send joins in slices so reading keeps up (members' queues are bounded server-side).
-        let until = (next_join + 64).min(socks.len());
+        // Send joins in slices so reading keeps up (members' queues are bounded server-side),
+        // or one per interval.
+        let until = if interval.is_zero() {
+            (next_join + 64).min(socks.len())
+        } else {
+            let due = (started.elapsed().as_nanos() / interval.as_nanos()) as usize + 1;
+            due.min(socks.len())
+        };
         while next_join < until {
             socks[next_join].write_all(&join(next_join)).map_err(|e| format!("join {next_join}: {e}"))?;
+            counters[next_join].joined = Some(Instant::now());
             next_join += 1;
         }
         let all_sent = next_join == socks.len();
+        let wait_ms = match (all_sent, interval.is_zero()) {
+            (true, _) => 50,
+            (false, true) => 0,
+            (false, false) => 1,
+        };
         // SAFETY: events has room for its length.
-        let n =
-            unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, if all_sent { 50 } else { 0 }) };
+        let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, wait_ms) };
         for ev in events.iter().take(n.max(0) as usize) {
             let i = ev.u64 as usize;
             loop {
@@ -136,8 +158,12 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
                         break;
                     }
                     Ok(k) => {
-                        counters[i].feed(&buf[..k]);
+                        let c = &mut counters[i];
+                        c.feed(&buf[..k]);
                         last_byte = Instant::now();
+                        if c.frames >= 2 && c.state.is_none() {
+                            c.state = Some(last_byte);
+                        }
                     }
                     Err(_) => break,
                 }
@@ -156,10 +182,15 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     let closed = counters.iter().filter(|c| c.closed).count();
     // Every member must at least have its join reply and its presence_state.
     let min_frames = counters.iter().map(|c| c.frames).min().unwrap_or(0);
+    let mut waits: Vec<f64> =
+        counters.iter().filter_map(|c| Some((c.state? - c.joined?).as_secs_f64() * 1e3)).collect();
+    waits.sort_by(f64::total_cmp);
+    let pct = |p: f64| waits.get(((waits.len() as f64 * p) as usize).min(waits.len().saturating_sub(1))).copied();
+    let (p50, p99, max) = (pct(0.50).unwrap_or(f64::NAN), pct(0.99).unwrap_or(f64::NAN), pct(1.0).unwrap_or(f64::NAN));
     if args.json {
         println!(
-            "{{\"scenario\":\"storm\",\"members\":{},\"frames\":{frames},\"bytes\":{bytes},\"secs\":{secs:.2},\"closed\":{closed},\"min_frames_per_member\":{min_frames}}}",
-            args.members
+            "{{\"scenario\":\"storm\",\"members\":{},\"interval_ms\":{},\"frames\":{frames},\"bytes\":{bytes},\"secs\":{secs:.2},\"closed\":{closed},\"min_frames_per_member\":{min_frames},\"state_ms_p50\":{p50:.3},\"state_ms_p99\":{p99:.3},\"state_ms_max\":{max:.3}}}",
+            args.members, args.interval
         );
     } else {
         println!("storm: {} members joined one topic", args.members);
@@ -167,6 +198,7 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
             "  delivered {frames} frames, {:.1} MB, last byte after {secs:.2} s, {closed} closed by the server",
             bytes as f64 / 1e6
         );
+        println!("  join -> presence_state: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms");
     }
     Ok(())
 }

@@ -26,18 +26,11 @@ pub struct PresenceShard<J> {
     pending: HashMap<Uuid, Diff>,
     /// Joiners waiting for a state, per topic.
     waiting: HashMap<Uuid, Vec<J>>,
-    /// A flush is scheduled (changes since the last flush exist).
-    flush_scheduled: bool,
 }
 
 impl<J> Default for PresenceShard<J> {
     fn default() -> PresenceShard<J> {
-        PresenceShard {
-            topics: HashMap::new(),
-            pending: HashMap::new(),
-            waiting: HashMap::new(),
-            flush_scheduled: false,
-        }
+        PresenceShard { topics: HashMap::new(), pending: HashMap::new(), waiting: HashMap::new() }
     }
 }
 
@@ -58,20 +51,19 @@ impl<J> PresenceShard<J> {
     }
 
     /// A joiner's meta: added now, its state and the diff go out at the next flush (state
-    /// first). Returns `true` when the caller must schedule that flush.
-    pub fn track(&mut self, conversation: Uuid, user: Uuid, meta: Meta, joiner: J) -> bool {
+    /// first), which the caller schedules.
+    pub fn track(&mut self, conversation: Uuid, user: Uuid, meta: Meta, joiner: J) {
         self.add(conversation, user, meta, Some(joiner))
     }
 
     /// A meta joined: added now, the diff (and the state of its joiner, if it has one here)
-    /// go out at the next flush. Returns `true` when the caller must schedule that flush.
-    pub fn add(&mut self, conversation: Uuid, user: Uuid, meta: Meta, joiner: Option<J>) -> bool {
+    /// go out at the next flush, which the caller schedules.
+    pub fn add(&mut self, conversation: Uuid, user: Uuid, meta: Meta, joiner: Option<J>) {
         self.topics.entry(conversation).or_default().track(user, meta);
         if let Some(joiner) = joiner {
             self.waiting.entry(conversation).or_default().push(joiner);
         }
         self.pending.entry(conversation).or_default().join(user, meta);
-        self.schedule()
     }
 
     /// A meta that was already there before anyone here watched the topic (a replica's first
@@ -88,7 +80,7 @@ impl<J> PresenceShard<J> {
     }
 
     /// A meta left (leave, rejoin, close); the table of a topic goes with its last meta.
-    /// Returns `true` when the caller must schedule a flush.
+    /// Returns `true` when it was there (a change: the caller schedules a flush).
     pub fn untrack(&mut self, conversation: Uuid, user: Uuid, phx_ref: &PhxRef) -> bool {
         let Some(topic) = self.topics.get_mut(&conversation) else { return false };
         let left = topic.untrack(user, phx_ref);
@@ -98,20 +90,15 @@ impl<J> PresenceShard<J> {
         match left {
             Some(meta) => {
                 self.pending.entry(conversation).or_default().leave(user, meta);
-                self.schedule()
+                true
             }
             None => false,
         }
     }
 
-    fn schedule(&mut self) -> bool {
-        !std::mem::replace(&mut self.flush_scheduled, true)
-    }
-
     /// Everything to send now: the states the joiners wait for, then every non-empty diff.
     /// Per destination core the caller must send them in this order (state before diff).
     pub fn flush(&mut self) -> Flush<J> {
-        self.flush_scheduled = false;
         let states = std::mem::take(&mut self.waiting)
             .into_iter()
             .map(|(conversation, joiners)| {
@@ -143,8 +130,8 @@ mod tests {
     fn coalesces_until_flushed_and_states_include_the_joiner() {
         let mut shard = PresenceShard::<&str>::default();
         let (topic, ann, bob) = (Uuid::from_u128(7), Uuid::from_u128(1), Uuid::from_u128(2));
-        assert!(shard.track(topic, ann, meta(b'a'), "ann's socket"), "first change schedules a flush");
-        assert!(!shard.track(topic, bob, meta(b'b'), "bob's socket"), "already scheduled");
+        shard.track(topic, ann, meta(b'a'), "ann's socket");
+        shard.track(topic, bob, meta(b'b'), "bob's socket");
         let flush = shard.flush();
         assert_eq!(flush.states.len(), 1);
         let (t, state, joiners) = &flush.states[0];
@@ -159,8 +146,8 @@ mod tests {
         assert_eq!(shard.sizes(), (1, 2));
 
         // A meta that joins and leaves within one window never shows up in a diff.
-        assert!(shard.track(topic, ann, meta(b'c'), "ann's 2nd socket"));
-        assert!(!shard.untrack(topic, ann, &[b'c'; 16]));
+        shard.track(topic, ann, meta(b'c'), "ann's 2nd socket");
+        assert!(shard.untrack(topic, ann, &[b'c'; 16]), "a change, though it cancels out");
         let flush = shard.flush();
         assert!(flush.diffs.is_empty(), "nothing changed for the members: {:?}", flush.diffs);
         assert_eq!(flush.states.len(), 1, "the joiner still gets its state");
@@ -168,7 +155,7 @@ mod tests {
         assert!(shard.untrack(topic, ann, &[b'a'; 16]));
         assert!(!shard.untrack(topic, ann, &[b'a'; 16]), "unknown meta: nothing to do");
         assert!(!shard.untrack(Uuid::from_u128(99), ann, &[b'a'; 16]), "unknown topic");
-        assert!(!shard.untrack(topic, bob, &[b'b'; 16]), "flush still scheduled");
+        assert!(shard.untrack(topic, bob, &[b'b'; 16]));
         let flush = shard.flush();
         assert!(flush.states.is_empty());
         let diff = String::from_utf8(flush.diffs[0].1.to_vec()).expect("utf8");

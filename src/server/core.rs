@@ -131,6 +131,9 @@ pub(crate) struct Core {
     presence: RefCell<PresenceShard<Joiner>>,
     /// A presence flush is scheduled.
     presence_flush: Cell<bool>,
+    /// Conversations flushed within the last presence window, and when that window ends: their
+    /// changes until then wait for a scheduled flush; a conversation absent here flushes at once.
+    presence_windows: RefCell<std::collections::HashMap<Uuid, Instant>>,
     /// Messages for other cores whose mailbox was full, retried in order.
     overflow: RefCell<Overflow>,
     retry_scheduled: Cell<bool>,
@@ -174,6 +177,7 @@ impl Core {
             refs: RefCell::new(RefMaker::new(core_id)),
             presence: RefCell::new(PresenceShard::default()),
             presence_flush: Cell::new(false),
+            presence_windows: RefCell::new(std::collections::HashMap::new()),
             overflow: RefCell::new(Overflow::new(cores, limits::CROSS_CORE_OVERFLOW_MSGS_MAX)),
             retry_scheduled: Cell::new(false),
             counters: Counters::default(),
@@ -608,9 +612,8 @@ impl Core {
         if self.shared.fabric.is_some() {
             return self.track_replicated(conversation, user, meta, joiner);
         }
-        if self.presence.borrow_mut().track(conversation, user, meta, joiner) {
-            self.schedule_presence_flush();
-        }
+        self.presence.borrow_mut().track(conversation, user, meta, joiner);
+        self.schedule_presence_flush(conversation);
     }
 
     /// Owner: a meta left.
@@ -619,22 +622,29 @@ impl Core {
             return self.untrack_replicated(conversation, phx_ref);
         }
         if self.presence.borrow_mut().untrack(conversation, user, &phx_ref) {
-            self.schedule_presence_flush();
+            self.schedule_presence_flush(conversation);
         }
     }
 
-    /// Flushes the presence changes at the end of the batch window (at once without one).
-    fn schedule_presence_flush(&self) {
+    /// Flushes presence changes adaptively, per conversation: the first change of a quiet
+    /// conversation goes out at once (a join into a quiet room gets its `presence_state`
+    /// without waiting), and the changes that follow within the window after a flush wait for
+    /// the window's end and go out together (a join storm still costs one diff per window).
+    /// Without a window every change flushes at once.
+    fn schedule_presence_flush(&self, conversation: Uuid) {
         let window = self.config().presence_batch;
         if window.is_zero() {
             return self.flush_presence();
         }
+        let now = Instant::now();
+        let end = self.presence_windows.borrow().get(&conversation).copied().filter(|end| now < *end);
+        let Some(end) = end else { return self.flush_presence() };
         if self.presence_flush.replace(true) {
-            return;
+            return; // the scheduled flush carries this change
         }
         if let Some(me) = self.me.upgrade() {
             monoio::spawn(async move {
-                monoio::time::sleep(window).await;
+                monoio::time::sleep(end - now).await;
                 me.presence_flush.set(false);
                 me.flush_presence();
             });
@@ -646,6 +656,14 @@ impl Core {
     fn flush_presence(&self) {
         self.send_presence_changes();
         let flush = self.presence.borrow_mut().flush();
+        // Each conversation flushed now opens a window (see `schedule_presence_flush`).
+        let now = Instant::now();
+        let mut windows = self.presence_windows.borrow_mut();
+        windows.retain(|_, end| *end > now);
+        let window_end = now + self.config().presence_batch;
+        windows.extend(flush.diffs.iter().map(|(conversation, _)| (*conversation, window_end)));
+        windows.extend(flush.states.iter().map(|(conversation, _, _)| (*conversation, window_end)));
+        drop(windows);
         for (conversation, state, joiners) in flush.states {
             for j in joiners {
                 let msg =

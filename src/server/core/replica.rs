@@ -76,7 +76,8 @@ impl Replica {
                         if first && joiner.is_none() {
                             shard.add_present(conversation, user, meta);
                         } else {
-                            flush |= shard.add(conversation, user, meta, joiner);
+                            shard.add(conversation, user, meta, joiner);
+                            flush = true;
                         }
                     }
                 }
@@ -130,7 +131,7 @@ impl Core {
         if new {
             self.resync_replica(conversation, false);
         } else {
-            self.schedule_presence_flush();
+            self.schedule_presence_flush(conversation);
         }
     }
 
@@ -142,7 +143,7 @@ impl Core {
         replica.joiners.remove(&phx_ref);
         replica.queued.push(Change::Leave(phx_ref));
         drop(replicas);
-        self.schedule_presence_flush();
+        self.schedule_presence_flush(conversation);
     }
 
     /// At a presence flush: sends each replica's queued changes to Redis (one call per
@@ -205,7 +206,7 @@ impl Core {
         match outcome {
             Applied::Done { flush } => {
                 if flush {
-                    self.schedule_presence_flush();
+                    self.schedule_presence_flush(conversation);
                 }
             }
             Applied::Gap => self.resync_replica(conversation, true),
@@ -221,7 +222,7 @@ impl Core {
             replica.apply(&mut self.presence.borrow_mut(), conversation, changes)
         };
         if flush {
-            self.schedule_presence_flush();
+            self.schedule_presence_flush(conversation);
         }
     }
 
@@ -274,7 +275,7 @@ impl Core {
                 drop(shard);
                 drop(replicas);
                 if flush {
-                    self.schedule_presence_flush();
+                    self.schedule_presence_flush(conversation);
                 }
                 return;
             };
@@ -303,7 +304,7 @@ impl Core {
             self.resync_replica(conversation, true);
         }
         if flush {
-            self.schedule_presence_flush();
+            self.schedule_presence_flush(conversation);
         }
     }
 }
