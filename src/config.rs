@@ -80,8 +80,9 @@ pub struct ServerArgs {
     /// empty = any origin (token auth, not cookies).
     #[arg(long, env = "NEXUS_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
-    /// Window in ms over which presence joins/leaves of one topic are coalesced into one
-    /// `presence_diff` (0 = a diff per join/leave).
+    /// Window in ms after a topic's presence flush over which its joins/leaves are coalesced
+    /// into one `presence_diff` (a quiet topic's first change goes out at once); 0 = a diff per
+    /// change.
     #[arg(long, env = "NEXUS_PRESENCE_BATCH_MS", default_value_t = limits::PRESENCE_BATCH_MS_DEFAULT)]
     pub presence_batch_ms: u64,
     /// Most open connections (beyond it: 503) [default: what the open-file limit allows].
