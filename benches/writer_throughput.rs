@@ -84,8 +84,10 @@ fn run(conversations: usize, batch: usize, prefill: usize, secs: u64, sync: Sync
     let mut store: Box<dyn Store> = match &pg_url {
         Some(url) => pg_store(url),
         None => {
-            let store = SqliteStore::new(open_writer(&path, sync, None).expect("open")).expect("store");
-            nexus::store::schema::spawn_checkpointer(&path).expect("checkpointer");
+            let mut db = open_writer(&path, sync, None).expect("open");
+            let wal = nexus::store::schema::watch_wal(&mut db, &path).expect("WAL hook");
+            let store = SqliteStore::new(db).expect("store");
+            nexus::store::schema::spawn_checkpointer(&path, wal).expect("checkpointer");
             Box::new(store)
         }
     };

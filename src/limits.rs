@@ -157,18 +157,27 @@ pub const LISTEN_BACKLOG: i32 = 4_096;
 /// long without requests.
 pub const WRITER_IDLE: Duration = Duration::from_millis(200);
 
-/// Most conversations one merge step moves from memory into the indexed history. With a step
-/// per writer batch, this sets how often each conversation's index leaf is rewritten (once per
-/// sweep) and so how many rows share each leaf write.
+/// Conversations one merge step moves from memory into the indexed history per
+/// [`MERGE_SLICE_PACE`] since the previous step. With a step per writer batch, this sets how
+/// often each conversation's index leaf is rewritten (once per sweep) and so how many rows
+/// share each leaf write.
 pub const MERGE_STEP_CONVERSATIONS: usize = 16;
+
+/// See [`MERGE_STEP_CONVERSATIONS`]: the sweep covers 16 conversations per 5 ms, however the
+/// steps fall (10,000 conversations ≈ 3 s).
+pub const MERGE_SLICE_PACE: Duration = Duration::from_millis(5);
+
+/// Most conversations in one step (a rare step at a low rate), within [`MERGE_STEP_ROWS`].
+pub const MERGE_SLICE_CONVERSATIONS_MAX: usize = 4_096;
 
 /// Committed rows per merge step while busy: ties the sweep's pace to the message rate, not to
 /// how many (possibly tiny) batches carried them.
 pub const MERGE_STEP_EVERY_ROWS: usize = 1_024;
 
-/// A merge step runs at least this often while rows wait, so at low rates a sweep still ends
-/// within a few seconds (10,000 conversations / 16 per step × 5 ms ≈ 3 s).
-pub const MERGE_STEP_EVERY: Duration = Duration::from_millis(5);
+/// A merge step runs at least this often while rows wait. Each step is a transaction (WAL
+/// pages to write and, later, checkpoint), so at low rates steps are rare and large (see
+/// [`MERGE_SLICE_PACE`]): at 100 msg/s one step a second, not one per commit.
+pub const MERGE_STEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Most rows one merge step moves: bounds the step's time, so commits keep their latency.
 pub const MERGE_STEP_ROWS: usize = 4_096;
@@ -196,12 +205,21 @@ pub const HISTORY_LIMIT_MAX: usize = 200;
 /// number in it equal to the constant).
 pub const HISTORY_LIMIT_INVALID: &str = "limit must be an integer from 1 to 200";
 
-/// How often the checkpointer copies committed WAL pages into the database file. Often, so
-/// that when the WAL reaches [`WAL_AUTOCHECKPOINT_PAGES`] and the writer checkpoints itself
-/// (which also lets the WAL restart), little is left to copy: 50 ms left ~3 ms commits in the
-/// writer several times a second at 75k msg/s; 10 ms took ack p99 from 8.9 to 5.0 ms there,
-/// and the writer alone from 231k to 241k rows/s (commit p99 15 → 9 ms).
+/// How often the checkpointer looks at the WAL. Often, so that under load it copies committed
+/// pages into the database file before the WAL reaches [`WAL_AUTOCHECKPOINT_PAGES`] and the
+/// writer checkpoints itself: 50 ms left ~3 ms commits in the writer several times a second at
+/// 75k msg/s; 10 ms took ack p99 from 8.9 to 5.0 ms there, and the writer alone from 231k to
+/// 241k rows/s (commit p99 15 → 9 ms).
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(10);
+
+/// New WAL frames (pages) that make a checkpoint due: 256 pages = 1 MiB, a few milliseconds
+/// of writing at full load (so saturated runs checkpoint every look, as before), minutes at a
+/// few messages a second.
+pub const CHECKPOINT_MIN_FRAMES: u64 = 256;
+
+/// Longest a written frame waits for its checkpoint (the backstop at low rates): about one
+/// checkpoint, one pair of fsyncs, a second while anything is written.
+pub const CHECKPOINT_BACKSTOP: Duration = Duration::from_secs(1);
 
 /// WAL size (pages of [`DB_PAGE_BYTES`]) at which the writer checkpoints by itself: a safety
 /// net if the checkpointer thread falls behind. 2,000 pages ≈ 8 MiB of WAL.

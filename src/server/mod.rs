@@ -205,11 +205,12 @@ fn open_storage(config: &Config, node: &str) -> Result<Storage, ServerError> {
         return Ok(Storage { lanes, commit_gap: config.db_commit_gap, reader, target: Some(target), shown });
     }
     let sync = if config.sync_full { schema::Sync::Full } else { schema::Sync::Normal };
-    let db = schema::open_writer(&config.database_path, sync, config.db_max_bytes)?;
+    let mut db = schema::open_writer(&config.database_path, sync, config.db_max_bytes)?;
+    let wal = schema::watch_wal(&mut db, &config.database_path)?;
     let store = SqliteStore::new(db)
         .map_err(|source| schema::OpenError::Sqlite { path: config.database_path.display().to_string(), source })?;
     let (reader, _reader_thread) = spawn_reader(&config.database_path)?;
-    schema::spawn_checkpointer(&config.database_path)?;
+    schema::spawn_checkpointer(&config.database_path, wal)?;
     let sync = if config.sync_full { "full" } else { "normal" };
     let shown = format!("database={} sync={sync}", config.database_path.display());
     Ok(Storage { lanes: vec![Box::new(store)], commit_gap: Duration::ZERO, reader, target: None, shown })

@@ -16,6 +16,9 @@
 
 use std::path::Path;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use rusqlite::{Connection, OpenFlags};
 
 use crate::limits;
@@ -143,20 +146,65 @@ pub fn open_writer(path: &Path, sync: Sync, max_bytes: Option<u64>) -> Result<Co
     Ok(conn)
 }
 
+/// How many frames the writer's WAL holds, as of the writer's last commit (shared with the
+/// checkpointer, which checkpoints in proportion to what was written).
+#[derive(Debug, Clone, Default)]
+pub struct WalFrames(Arc<AtomicU64>);
+
+impl WalFrames {
+    /// Frames in the WAL after the last commit.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Has the writer's connection report its WAL's size after each commit (SQLite's WAL hook,
+/// which replaces `wal_autocheckpoint`: the hook keeps that safety net itself, checkpointing
+/// in the writer once the WAL reaches [`limits::WAL_AUTOCHECKPOINT_PAGES`]).
+pub fn watch_wal(conn: &mut Connection, path: &Path) -> Result<WalFrames, OpenError> {
+    let frames = WalFrames::default();
+    let seen = frames.clone();
+    let hook = move |wal: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
+        seen.0.store(u64::try_from(pages).unwrap_or(0), Ordering::Relaxed);
+        if i64::from(pages) >= limits::WAL_AUTOCHECKPOINT_PAGES {
+            wal.checkpoint()?; // PASSIVE, as SQLite's own autocheckpoint
+        }
+        Ok(())
+    };
+    conn.wal_hook(Some(hook)).map_err(|source| OpenError::Sqlite { path: path.display().to_string(), source })?;
+    Ok(frames)
+}
+
 /// Starts the checkpointer: a thread with its own connection that copies committed WAL pages
-/// into the database file (`PRAGMA wal_checkpoint(PASSIVE)`) every
-/// [`limits::CHECKPOINT_INTERVAL`], so the writer's commits never carry a checkpoint (profiled:
-/// a quarter of the writer's time when it checkpointed itself). PASSIVE never blocks the writer
-/// or readers.
-pub fn spawn_checkpointer(path: &Path) -> Result<(), OpenError> {
+/// into the database file (`PRAGMA wal_checkpoint(PASSIVE)`), so the writer's commits never
+/// carry a checkpoint (profiled: a quarter of the writer's time when it checkpointed itself).
+/// PASSIVE never blocks the writer or readers. It looks every [`limits::CHECKPOINT_INTERVAL`]
+/// and checkpoints once [`limits::CHECKPOINT_MIN_FRAMES`] new frames were written, or after
+/// [`limits::CHECKPOINT_BACKSTOP`] with any: under load as often as before, while an almost
+/// idle server checkpoints (and fsyncs) about once a second instead of after every commit.
+pub fn spawn_checkpointer(path: &Path, wal: WalFrames) -> Result<(), OpenError> {
     let err = |source| OpenError::Sqlite { path: path.display().to_string(), source };
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
         .map_err(err)?;
     conn.busy_timeout(limits::CHECKPOINT_BUSY_TIMEOUT).map_err(err)?;
-    let spawned = std::thread::Builder::new().name("checkpointer".into()).spawn(move || loop {
-        std::thread::sleep(limits::CHECKPOINT_INTERVAL);
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::debug!(error = %e, "checkpoint skipped");
+    let spawned = std::thread::Builder::new().name("checkpointer".into()).spawn(move || {
+        // Frames of the current WAL already copied, and when the last checkpoint ran.
+        let (mut copied, mut last) = (0u64, std::time::Instant::now());
+        loop {
+            std::thread::sleep(limits::CHECKPOINT_INTERVAL);
+            let frames = wal.get();
+            // Fewer frames than copied: the WAL was restarted from its beginning.
+            let new = if frames >= copied { frames - copied } else { frames };
+            let due =
+                new >= limits::CHECKPOINT_MIN_FRAMES || (new > 0 && last.elapsed() >= limits::CHECKPOINT_BACKSTOP);
+            if !due {
+                continue;
+            }
+            last = std::time::Instant::now();
+            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(2)) {
+                Ok(done) => copied = u64::try_from(done).unwrap_or(0),
+                Err(e) => tracing::debug!(error = %e, "checkpoint skipped"),
+            }
         }
     });
     spawned.map(|_| ()).map_err(|source| OpenError::Thread { name: "checkpointer", source })

@@ -168,15 +168,24 @@ impl SqliteStore {
     }
 
     /// The next slice of the sweep: conversations after the cursor, up to the step limits.
+    /// The conversations of the next step: [`limits::MERGE_STEP_CONVERSATIONS`] per
+    /// [`limits::MERGE_SLICE_PACE`] since the last step, so the sweep keeps the same pace in
+    /// conversations per second whether steps are frequent (under load) or rare (at low rates,
+    /// where each step is one more transaction to write), within the row bound.
     fn next_slice(&self) -> Vec<Uuid> {
         let from = match self.cursor {
             Some(c) => Bound::Excluded(c),
             None => Bound::Unbounded,
         };
+        let paces = (self.last_step.elapsed().as_micros() / limits::MERGE_SLICE_PACE.as_micros()).max(1);
+        let conversations = usize::try_from(paces)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(limits::MERGE_STEP_CONVERSATIONS)
+            .min(limits::MERGE_SLICE_CONVERSATIONS_MAX);
         let mut keys = Vec::new();
         let mut rows = 0;
         for (k, v) in self.pending.range((from, Bound::Unbounded)) {
-            if keys.len() >= limits::MERGE_STEP_CONVERSATIONS || rows >= limits::MERGE_STEP_ROWS {
+            if keys.len() >= conversations || rows >= limits::MERGE_STEP_ROWS {
                 break;
             }
             keys.push(*k);
@@ -278,8 +287,8 @@ impl SqliteStore {
     /// Runs a step; returns whether another one may follow now (something was done and no
     /// request is waiting).
     fn step_logged(&mut self) -> bool {
-        self.last_step = Instant::now();
         let step = self.merge_step();
+        self.last_step = Instant::now();
         if let Ok(Step::Done | Step::Preempted(_)) = &step {
             if self.merge_failures > 0 {
                 tracing::info!(failures = self.merge_failures, "moving recent rows into history works again");
