@@ -183,10 +183,35 @@ pub struct ServerArgs {
     /// user and conversation (0 = ask every time). Seconds, or `60s`, `5m`.
     #[arg(long, env = "NEXUS_JOIN_PROXY_CACHE", default_value_t = Secs(limits::JOIN_PROXY_CACHE_DEFAULT))]
     pub join_proxy_cache: Secs,
+    /// Log lines on stderr: `text` (for people) or `json` (one JSON object per line: timestamp,
+    /// level, target, message and the event's fields, for log shippers).
+    #[arg(long, env = "NEXUS_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
     /// Bearer key of the server API (`/api/conversations/<id>/messages` POST, members DELETE,
     /// `/api/users/<id>/disconnect`); unset = the server API is off (404). Never logged.
     #[arg(long, env = "NEXUS_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+}
+
+/// How log lines are written (`NEXUS_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// Checks `NEXUS_LOG_FORMAT`. Read before the rest of the configuration, which is reported
+    /// in that format.
+    pub fn from_args(args: &ServerArgs) -> Result<LogFormat, ConfigError> {
+        match args.log_format.trim() {
+            "text" | "" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(invalid("NEXUS_LOG_FORMAT", "must be text or json")),
+        }
+    }
 }
 
 /// A configuration error, reported as one line before exit code 2.
@@ -613,6 +638,7 @@ mod tests {
             ("join_policy", "open"),
             ("join_proxy_timeout", "2"),
             ("join_proxy_cache", "60"),
+            ("log_format", "text"),
         ];
         for (id, value) in expected {
             assert_eq!(default_of(id), value, "default of {id}");

