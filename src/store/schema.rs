@@ -179,30 +179,40 @@ pub fn watch_wal(conn: &mut Connection, path: &Path) -> Result<WalFrames, OpenEr
 /// into the database file (`PRAGMA wal_checkpoint(PASSIVE)`), so the writer's commits never
 /// carry a checkpoint (profiled: a quarter of the writer's time when it checkpointed itself).
 /// PASSIVE never blocks the writer or readers. It looks every [`limits::CHECKPOINT_INTERVAL`]
-/// and checkpoints once [`limits::CHECKPOINT_MIN_FRAMES`] new frames were written, or after
-/// [`limits::CHECKPOINT_BACKSTOP`] with any: under load as often as before, while an almost
-/// idle server checkpoints (and fsyncs) about once a second instead of after every commit.
+/// and checkpoints once [`limits::CHECKPOINT_MIN_FRAMES`] new frames were written, after
+/// [`limits::CHECKPOINT_BACKSTOP`] with any, and again at once while a checkpoint left frames
+/// behind: under load as often as before, while an almost idle server checkpoints (and
+/// fsyncs) about once a second instead of after every commit.
 pub fn spawn_checkpointer(path: &Path, wal: WalFrames) -> Result<(), OpenError> {
     let err = |source| OpenError::Sqlite { path: path.display().to_string(), source };
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
         .map_err(err)?;
     conn.busy_timeout(limits::CHECKPOINT_BUSY_TIMEOUT).map_err(err)?;
     let spawned = std::thread::Builder::new().name("checkpointer".into()).spawn(move || {
-        // Frames of the current WAL already copied, and when the last checkpoint ran.
-        let (mut copied, mut last) = (0u64, std::time::Instant::now());
+        // Frames of the current WAL already copied; whether the last checkpoint left some
+        // behind (written while it ran); when it ran.
+        let (mut copied, mut behind, mut last) = (0u64, false, std::time::Instant::now());
         loop {
             std::thread::sleep(limits::CHECKPOINT_INTERVAL);
             let frames = wal.get();
             // Fewer frames than copied: the WAL was restarted from its beginning.
             let new = if frames >= copied { frames - copied } else { frames };
-            let due =
-                new >= limits::CHECKPOINT_MIN_FRAMES || (new > 0 && last.elapsed() >= limits::CHECKPOINT_BACKSTOP);
+            // Catching up matters: only a WAL copied to its end is restarted by the writer
+            // (otherwise it grows until the writer checkpoints it itself).
+            let due = behind
+                || new >= limits::CHECKPOINT_MIN_FRAMES
+                || (new > 0 && last.elapsed() >= limits::CHECKPOINT_BACKSTOP);
             if !due {
                 continue;
             }
             last = std::time::Instant::now();
-            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(2)) {
-                Ok(done) => copied = u64::try_from(done).unwrap_or(0),
+            let result = conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)));
+            match result {
+                Ok((log, done)) => {
+                    copied = u64::try_from(done).unwrap_or(0);
+                    behind = done < log;
+                }
                 Err(e) => tracing::debug!(error = %e, "checkpoint skipped"),
             }
         }
