@@ -1,6 +1,8 @@
 //! Scenario `churn`: C clients over T topics join, leave, drop their sockets and reconnect at a
 //! given rate while every joined client keeps its own presence view from `presence_state` and
-//! `presence_diff` (the way the Phoenix JS `Presence` helper does). When the churn stops, every
+//! `presence_diff` (the way the Phoenix JS `Presence` helper does: diffs that arrive before the
+//! current join's `presence_state`, as Phoenix may send them, wait and are applied after it;
+//! Nexus sends the state first). When the churn stops, every
 //! joined client's view must converge to the truth the generator knows: for its topic, each
 //! user with exactly as many metas as that user has joined sockets. Users are shared by two
 //! clients each, so multi-meta users are covered.
@@ -12,7 +14,6 @@ use sonic_rs::{JsonContainerTrait, JsonValueTrait};
 use uuid::Uuid;
 
 use crate::reactor::{self, Frame, Poller, Sock};
-use crate::wire::token;
 
 /// Arguments of `nexus-load churn`.
 #[derive(clap::Args)]
@@ -55,6 +56,10 @@ struct Client {
     joined: bool,
     /// The presence view; `None` until this join's `presence_state` arrived.
     view: Option<View>,
+    /// `presence_diff`s that arrived for this join before its `presence_state`, in order.
+    early: Vec<sonic_rs::Value>,
+    /// The ref of a `phx_leave` not yet answered: diffs until its reply are the old join's.
+    leaving: Option<u64>,
 }
 
 #[derive(Default)]
@@ -84,7 +89,7 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     if args.clients < 2 || args.clients > 10_000 || args.topics == 0 || args.rate == 0 {
         return Err("--clients must be 2..=10000, --topics and --rate at least 1".into());
     }
-    let topics: Vec<String> = (0..args.topics).map(|_| format!("chat:{}", Uuid::new_v4())).collect();
+    let topics: Vec<String> = (0..args.topics).map(|_| args.target.topic(Uuid::new_v4())).collect();
     let users: Vec<Uuid> = (0..args.clients.div_ceil(2)).map(|_| Uuid::new_v4()).collect();
     let mut clients: Vec<Client> = (0..args.clients)
         .map(|i| Client {
@@ -94,6 +99,8 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
             join_ref: None,
             joined: false,
             view: None,
+            early: Vec::new(),
+            leaving: None,
         })
         .collect();
     let mut poller = Poller::new()?;
@@ -102,9 +109,9 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     let mut next_ref = 1u64;
     let mut scratch = vec![0u8; 256 * 1024];
     let connect = |c: &mut Client, i: usize, poller: &Poller| -> Result<(), String> {
-        let sock = reactor::open(addr, 2 + (i % 20) as u8, &token(&args.target.secret, c.user)?)?;
+        let sock = reactor::open(addr, 2 + (i % 20) as u8, &args.target.socket_path(c.user)?)?;
         poller.add(sock.fd(), i)?;
-        c.sock = Some(sock);
+        (c.sock, c.leaving) = (Some(sock), None);
         Ok(())
     };
     let send_join = |c: &mut Client, next_ref: &mut u64, topics: &[String]| -> Result<(), String> {
@@ -113,6 +120,7 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
         let frame = format!(r#"["{r}","{r}","{}","phx_join",{{}}]"#, topics[c.topic]);
         c.sock.as_mut().ok_or("not connected")?.send_text(frame.as_bytes()).map_err(|e| e.to_string())?;
         (c.join_ref, c.joined, c.view) = (Some(r), false, None);
+        c.early.clear();
         Ok(())
     };
 
@@ -137,11 +145,12 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
                 }
                 (Some(_), Some(jr)) if roll < 6 => {
                     let frame = format!(r#"["{jr}","{}","{}","phx_leave",{{}}]"#, next_ref, topics[c.topic]);
-                    next_ref += 1;
                     if let Some(s) = c.sock.as_mut() {
                         s.send_text(frame.as_bytes()).map_err(|e| e.to_string())?;
                     }
-                    (c.join_ref, c.joined, c.view) = (None, false, None);
+                    (c.join_ref, c.joined, c.view, c.leaving) = (None, false, None, Some(next_ref));
+                    c.early.clear();
+                    next_ref += 1;
                     counts.leaves += 1;
                 }
                 (Some(_), Some(_)) => {
@@ -149,6 +158,7 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
                         poller.remove(s.fd());
                     }
                     (c.join_ref, c.joined, c.view) = (None, false, None);
+                    c.early.clear();
                     counts.drops += 1;
                 }
             }
@@ -236,18 +246,21 @@ fn read_round(
     Ok(())
 }
 
-/// One server frame for a client: its join reply, its presence_state, or a presence_diff.
+/// One server frame for a client: its join reply, its presence_state, a presence_diff, or the
+/// reply to its leave. A diff before the current join's state waits for it (phoenix.js does the
+/// same); diffs while no join is current, or before the reply to a leave, belong to an old join
+/// and are dropped.
 fn apply(c: &mut Client, frame: &[u8], counts: &mut Counts) -> Result<(), String> {
     let v: sonic_rs::Value = sonic_rs::from_slice(frame).map_err(|e| format!("bad frame: {e}"))?;
     let Some(a) = v.as_array() else { return Err("frame is not an array".into()) };
-    let join_ref = a.first().and_then(|x| x.as_str()).and_then(|s| s.parse::<u64>().ok());
+    let num = |i: usize| a.get(i).and_then(|x| x.as_str()).and_then(|s| s.parse::<u64>().ok());
+    let (join_ref, reference) = (num(0), num(1));
     let event = a.get(3).and_then(|x| x.as_str()).unwrap_or_default();
     let Some(payload) = a.get(4) else { return Ok(()) };
     let current = c.join_ref.is_some() && join_ref == c.join_ref;
     match event {
-        "phx_reply"
-            if current && a.get(1).and_then(|x| x.as_str()).and_then(|s| s.parse::<u64>().ok()) == c.join_ref =>
-        {
+        "phx_reply" if reference.is_some() && reference == c.leaving => c.leaving = None,
+        "phx_reply" if current && reference == c.join_ref => {
             if payload.get("status").and_then(|s| s.as_str()) == Some("ok") {
                 c.joined = true;
             } else {
@@ -257,21 +270,29 @@ fn apply(c: &mut Client, frame: &[u8], counts: &mut Counts) -> Result<(), String
         "presence_state" if current => {
             let mut view = View::new();
             merge(&mut view, payload, true);
+            for diff in std::mem::take(&mut c.early) {
+                apply_diff(&mut view, &diff);
+            }
             c.view = Some(view);
         }
-        "presence_diff" => {
-            if let Some(view) = c.view.as_mut() {
-                if let Some(joins) = payload.get("joins") {
-                    merge(view, joins, true);
-                }
-                if let Some(leaves) = payload.get("leaves") {
-                    merge(view, leaves, false);
-                }
-            }
-        }
+        "presence_diff" => match c.view.as_mut() {
+            Some(view) => apply_diff(view, payload),
+            None if c.join_ref.is_some() && c.leaving.is_none() => c.early.push(payload.clone()),
+            None => {}
+        },
         _ => {}
     }
     Ok(())
+}
+
+/// Applies one `presence_diff` payload: its joins, then its leaves.
+fn apply_diff(view: &mut View, diff: &sonic_rs::Value) {
+    if let Some(joins) = diff.get("joins") {
+        merge(view, joins, true);
+    }
+    if let Some(leaves) = diff.get("leaves") {
+        merge(view, leaves, false);
+    }
 }
 
 /// Adds (or removes) the metas of `{user: {"metas": [{"phx_ref": ..}, ..]}, ..}`.

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::reactor::{self, event_is, is_ok_reply, rss_bytes, v2_ref, Frame, Poller, Sock};
+use crate::reactor::{self, rss_bytes, Frame, Poller, Sock};
 use crate::stats::percentiles;
-use crate::wire::token;
+use crate::v2;
 
 /// Arguments of `nexus-load connect`.
 #[derive(clap::Args)]
@@ -135,10 +135,10 @@ fn hold(
         let source = (first_source + i % args.sources as usize) as u8;
         let topic = &topics[(child + i * args.processes) % topics.len()];
         h.join_sent.push(Instant::now());
-        let opened = token(&args.target.secret, Uuid::new_v4()).and_then(|t| reactor::open(addr, source, &t));
+        let opened = args.target.socket_path(Uuid::new_v4()).and_then(|p| reactor::open(addr, source, &p));
         match opened {
             Ok(mut sock) => {
-                let join = format!(r#"["1","1","chat:{topic}","phx_join",{{}}]"#);
+                let join = format!(r#"["1","1","{}","phx_join",{{}}]"#, args.target.topic(topic));
                 h.join_sent[i] = Instant::now();
                 let sent = sock.send_text(join.as_bytes()).map_err(|e| e.to_string());
                 if let Err(e) = sent.and_then(|()| h.poller.add(sock.fd(), i)) {
@@ -208,15 +208,12 @@ impl Holder {
             let mut join_reply = None;
             let mut heartbeats = 0;
             let _ = sock.read(&mut self.scratch, |f| {
-                if let Frame::Text(t) = f {
-                    if !event_is(t, b"phx_reply") {
-                        return;
-                    }
-                    match v2_ref(t) {
-                        Some(b"1") => join_reply = Some(is_ok_reply(t)),
-                        Some(_) if is_ok_reply(t) => heartbeats += 1,
-                        _ => {}
-                    }
+                let Frame::Text(t) = f else { return };
+                let Some(h) = v2::head(t).filter(|h| h.is("phx_reply")) else { return };
+                match h.reference {
+                    Some(r) if r.is("1") => join_reply = Some(h.ok()),
+                    Some(_) if h.ok() => heartbeats += 1,
+                    _ => {}
                 }
             });
             self.last_frame = Instant::now();
@@ -267,7 +264,8 @@ fn spawn_children(args: &Args, topics: &[String]) -> Result<(Held, Option<u64>, 
     let mut children = Vec::new();
     for i in 0..args.processes {
         let child = Command::new(&exe)
-            .args(["connect", "--addr", &args.target.addr, "--secret", &args.target.secret])
+            .arg("connect")
+            .args(args.target.to_args())
             .args(["--connections", &args.connections.to_string(), "--topics", &args.topics.to_string()])
             .args(["--rate", &args.rate.to_string(), "--sources", &args.sources.to_string()])
             .args(["--processes", &args.processes.to_string(), "--child", &i.to_string()])

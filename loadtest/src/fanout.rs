@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use uuid::Uuid;
 
-use crate::reactor::{self, event_is, is_ok_reply, json_str, v2_ref, Frame, Poller, Sock};
+use crate::reactor::{self, Frame, Poller, Sock};
 use crate::stats::{cpu_total, own_cpu_time};
-use crate::wire::token;
+use crate::v2;
 
 /// Arguments of `nexus-load fanout`.
 #[derive(clap::Args)]
@@ -130,17 +130,14 @@ impl Member {
 }
 
 impl Seen {
-    /// Checks one broadcast body `<sender>.<seq>.<t_us>...` against this member's history.
-    fn on_new_msg(&mut self, frame: &[u8], shared: &Shared, tally: &mut Tally, e2e: &mut Histogram<u64>) {
-        let Some(at) = memchr::memmem::find(frame, br#""text":"#) else {
+    /// Checks one broadcast body `<sender>.<seq>.<t_us>...` (the payload's `content.text`, or
+    /// `body`) against this member's history.
+    fn on_new_msg(&mut self, payload: &[u8], shared: &Shared, tally: &mut Tally, e2e: &mut Histogram<u64>) {
+        let Some(body) = v2::message_text(payload) else {
             tally.errors += 1;
             return;
         };
-        let Some(body) = json_str(&frame[at + 7..]) else {
-            tally.errors += 1;
-            return;
-        };
-        let mut parts = body.split(|b| *b == b'.');
+        let mut parts = body.raw().split(|b| *b == b'.');
         let mut num = || parts.next().and_then(|p| std::str::from_utf8(p).ok()).and_then(|p| p.parse::<u64>().ok());
         let (Some(sender), Some(seq), Some(sent)) = (num(), num(), num()) else {
             tally.errors += 1;
@@ -171,12 +168,12 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     if args.members + args.senders > 19_000 {
         return Err("--members + --senders must stay under one process's descriptors (19,000)".into());
     }
-    let topics: Vec<String> = (0..args.topics).map(|_| format!("chat:{}", Uuid::new_v4())).collect();
+    let topics: Vec<String> = (0..args.topics).map(|_| args.target.topic(Uuid::new_v4())).collect();
     let source = |i: usize| 2 + (i % args.sources as usize) as u8;
     let open = |i: usize| -> Result<Sock, String> {
         // Socket i is in topic i mod T; (i / T) mod nodes spreads each topic over every node.
         let addr = addrs[(i / args.topics) % addrs.len()];
-        reactor::open(addr, source(i), &token(&args.target.secret, Uuid::new_v4())?)
+        reactor::open(addr, source(i), &args.target.socket_path(Uuid::new_v4())?)
     };
     let mut members = Vec::with_capacity(args.members);
     for i in 0..args.members {
@@ -255,11 +252,11 @@ fn join_all<'a>(members: impl Iterator<Item = &'a mut Member>, topics: &[String]
             all[i]
                 .sock
                 .read(&mut scratch, |f| {
-                    if let Frame::Text(t) = f {
-                        if v2_ref(t) == Some(b"1") && event_is(t, b"phx_reply") {
-                            acked = is_ok_reply(t);
-                            refused = !acked;
-                        }
+                    let Frame::Text(t) = f else { return };
+                    let Some(h) = v2::head(t) else { return };
+                    if h.is("phx_reply") && h.reference.is_some_and(|r| r.is("1")) {
+                        acked = h.ok();
+                        refused = !acked;
                     }
                 })
                 .map_err(|e| format!("join read: {e}"))?;
@@ -348,20 +345,22 @@ fn send_loop(mut senders: Vec<Member>, plan: &SendPlan, shared: &Shared) -> Tall
                 let queue = &mut inflight[i];
                 let read = sock.read(&mut scratch, |f| {
                     let Frame::Text(t) = f else { return };
-                    if event_is(t, b"new_msg") {
-                        seen.on_new_msg(t, shared, &mut tally, &mut e2e_h);
+                    let Some(h) = v2::head(t) else {
+                        tally.errors += 1;
+                        return;
+                    };
+                    if h.is("new_msg") {
+                        seen.on_new_msg(h.payload, shared, &mut tally, &mut e2e_h);
                         delivered += 1;
                         return;
                     }
-                    if !event_is(t, b"phx_reply") {
+                    if !h.is("phx_reply") {
                         return;
                     }
-                    let Some(seq) = v2_ref(t).and_then(|r| std::str::from_utf8(r).ok()?.parse::<u64>().ok()) else {
-                        return;
-                    };
+                    let Some(seq) = h.ref_u64() else { return };
                     let Some(pos) = queue.iter().position(|(q, _)| *q == seq) else { return };
                     let Some((_, sent)) = queue.remove(pos) else { return };
-                    if is_ok_reply(t) {
+                    if h.ok() {
                         shared.acked[i].fetch_add(1, Ordering::AcqRel);
                         shared.acked_total.fetch_add(1, Ordering::Relaxed);
                         if shared.measuring.load(Ordering::Relaxed) {
@@ -426,11 +425,14 @@ fn read_ready(
     for i in poller.wait(timeout_ms) {
         let Member { sock, seen, .. } = &mut members[i];
         let res = sock.read(scratch, |f| {
-            if let Frame::Text(t) = f {
-                if event_is(t, b"new_msg") {
-                    seen.on_new_msg(t, shared, tally, e2e);
+            let Frame::Text(t) = f else { return };
+            match v2::head(t) {
+                Some(h) if h.is("new_msg") => {
+                    seen.on_new_msg(h.payload, shared, tally, e2e);
                     delivered += 1;
                 }
+                Some(_) => {}
+                None => tally.errors += 1,
             }
         });
         if res.is_err() || sock.closed {

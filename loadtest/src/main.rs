@@ -1,5 +1,6 @@
-//! `nexus-load`: a load generator for Nexus that speaks Phoenix V2 over WebSocket, mints its
-//! own tokens from `--secret`, and targets loopback only. Bounded in time and count.
+//! `nexus-load`: a load generator for Nexus (or any Phoenix Channels app that speaks the same
+//! chat events) that speaks Phoenix V2 over WebSocket, mints its own tokens from `--secret`,
+//! and targets loopback only. Bounded in time and count.
 //!
 //! Scenario `persist`: S senders, each in its own small room, keep a window of `new_msg`s in
 //! flight (closed loop); reports acknowledged messages/s, ack latency percentiles, errors,
@@ -28,12 +29,14 @@ mod reactor;
 mod rejoin;
 mod stats;
 mod storm;
+mod v2;
 mod wire;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use uuid::Uuid;
 
 #[derive(Parser)]
 #[command(name = "nexus-load", about = "Load generator for Nexus (loopback only)")]
@@ -58,16 +61,33 @@ enum Scenario {
     Rejoin(rejoin::Args),
 }
 
-/// The server every scenario talks to.
-#[derive(clap::Args)]
+/// The server every scenario talks to, and how its sockets are opened and its topics named.
+/// Nexus needs only `--addr` and `--secret`; the other flags fit another Phoenix Channels app
+/// (BENCHMARKS.md, "Compare with your Phoenix app").
+#[derive(clap::Args, Clone)]
 pub(crate) struct Target {
     /// Server address (loopback only); a comma list spreads the connections over several
     /// nodes of a cluster, round-robin.
     #[arg(long, default_value = "127.0.0.1:4000")]
     pub addr: String,
-    /// JWT secret of the server (tokens are minted here).
+    /// HS256 secret of the server: every connection gets its own JWT minted here (`sub` = the
+    /// connection's user id, a random UUID; `iat`; `exp` in 1 h), sent as `token=`.
     #[arg(long, env = "JWT_SECRET")]
-    pub secret: String,
+    pub secret: Option<String>,
+    /// A fixed token sent as `token=` by every connection instead of a minted one (an app with
+    /// tokens of its own, e.g. `Phoenix.Token`); wins over `--secret`.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// More query parameters for the socket URL (`a=1&b=2`); `{user}` becomes the connection's
+    /// user id (e.g. `user_id={user}` for an app that takes the user from its params).
+    #[arg(long, default_value = "")]
+    pub params: String,
+    /// Path of the socket (Phoenix: the endpoint's `socket` path + `/websocket`).
+    #[arg(long, default_value = "/socket/websocket")]
+    pub path: String,
+    /// Topics are `<prefix><uuid>` (a fresh UUID per topic and run).
+    #[arg(long, default_value = "chat:")]
+    pub topic_prefix: String,
 }
 
 impl Target {
@@ -75,6 +95,64 @@ impl Target {
     pub(crate) fn addrs(&self) -> Result<Vec<SocketAddr>, String> {
         self.addr.split(',').map(|a| loopback(a.trim())).collect()
     }
+
+    /// The topic named by `id`.
+    pub(crate) fn topic(&self, id: impl std::fmt::Display) -> String {
+        format!("{}{id}", self.topic_prefix)
+    }
+
+    /// The token a connection of `user` presents: `--token`, else one minted from `--secret`.
+    pub(crate) fn token(&self, user: Uuid) -> Result<Option<String>, String> {
+        match (&self.token, &self.secret) {
+            (Some(t), _) => Ok(Some(t.clone())),
+            (None, Some(secret)) => wire::token(secret, user).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The request target of the upgrade for a connection of `user`: path and query.
+    pub(crate) fn socket_path(&self, user: Uuid) -> Result<String, String> {
+        let mut url = format!("{}?vsn=2.0.0", self.path);
+        if let Some(token) = self.token(user)? {
+            url.push_str("&token=");
+            url.push_str(&query_escape(&token));
+        }
+        let params = self.params.trim_start_matches(['?', '&']);
+        if !params.is_empty() {
+            url.push('&');
+            url.push_str(&params.replace("{user}", &user.to_string()));
+        }
+        Ok(url)
+    }
+
+    /// The flags that rebuild this target in a child process.
+    pub(crate) fn to_args(&self) -> Vec<String> {
+        let mut out = vec!["--addr".into(), self.addr.clone()];
+        for (flag, value) in [("--secret", &self.secret), ("--token", &self.token)] {
+            if let Some(v) = value {
+                out.extend([flag.to_string(), v.clone()]);
+            }
+        }
+        for (flag, value) in
+            [("--params", &self.params), ("--path", &self.path), ("--topic-prefix", &self.topic_prefix)]
+        {
+            out.extend([flag.to_string(), value.clone()]);
+        }
+        out
+    }
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Refuses anything but loopback: load runs here never leave the machine.

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::stats::{cpu_total, percentiles};
-use crate::wire::{token, Client};
+use crate::wire::Client;
+use crate::Target;
 
 /// Arguments of `nexus-load persist`.
 #[derive(clap::Args)]
@@ -68,6 +69,13 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     if args.senders == 0 || args.senders > 10_000 || args.window == 0 || args.window > 10_000 {
         return Err("--senders and --window must be 1..=10000".into());
     }
+    let history_secret = match (args.history, &args.target.secret) {
+        (false, _) => None,
+        (true, Some(secret)) => Some(secret.clone()),
+        (true, None) => {
+            return Err("--history reads Nexus's HTTP history with a minted token: it needs --secret".into())
+        }
+    };
     let body = "x".repeat(args.body_bytes);
     let n_topics = args.topics.unwrap_or(args.senders);
     if n_topics < args.senders || n_topics > 1_000_000 {
@@ -80,16 +88,15 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     let mut handles = Vec::new();
     for (i, share) in deal(&topics, args.senders).into_iter().enumerate() {
         let addr = addrs[i % addrs.len()];
-        let (secret, body, start) = (args.target.secret.clone(), body.clone(), start.clone());
+        let (target, body, start) = (args.target.clone(), body.clone(), start.clone());
         let (window, duration) = (args.window, args.duration);
         // Each sender's share of the rate, as the gap between its sends.
         let gap = (args.rate > 0).then(|| Duration::from_secs_f64(args.senders as f64 / args.rate as f64));
         let pace = Pace { window, gap, duration };
-        handles.push(std::thread::spawn(move || sender(addr, &secret, &share, &body, pace, &start)));
+        handles.push(std::thread::spawn(move || sender(addr, &target, &share, &body, pace, &start)));
     }
-    let history = args.history.then(|| {
-        let (secret, topic, duration) = (args.target.secret.clone(), topics[0], args.duration);
-        let addr = addrs[0];
+    let history = history_secret.map(|secret| {
+        let (topic, duration, addr) = (topics[0], args.duration, addrs[0]);
         std::thread::spawn(move || history_reader(addr, &secret, topic, duration))
     });
     start.wait();
@@ -170,12 +177,12 @@ fn deal(topics: &[Uuid], senders: usize) -> Vec<Vec<Uuid>> {
     (0..senders).map(|i| topics.iter().skip(i).step_by(senders).copied().collect()).collect()
 }
 
-fn sender(addr: SocketAddr, secret: &str, topics: &[Uuid], body: &str, pace: Pace, start: &Barrier) -> SenderResult {
+fn sender(addr: SocketAddr, target: &Target, topics: &[Uuid], body: &str, pace: Pace, start: &Barrier) -> SenderResult {
     let Pace { window, gap, duration } = pace;
     let mut out = SenderResult::default();
-    let setup = token(secret, Uuid::new_v4()).and_then(|t| Client::connect(addr, &t)).and_then(|mut c| {
+    let setup = target.socket_path(Uuid::new_v4()).and_then(|p| Client::connect(addr, &p)).and_then(|mut c| {
         for (i, topic) in topics.iter().enumerate() {
-            c.join(&format!("chat:{topic}"), i + 1)?;
+            c.join(&target.topic(topic), i + 1)?;
         }
         Ok(c)
     });
@@ -193,7 +200,7 @@ fn sender(addr: SocketAddr, secret: &str, topics: &[Uuid], body: &str, pace: Pac
     // Message n goes to the sender's topics in turn, under that channel's join ref.
     let frame = |n: u64| {
         let i = n as usize % topics.len();
-        format!(r#"["{}","{n}","chat:{}","new_msg",{{"body":"{body}"}}]"#, i + 1, topics[i])
+        format!(r#"["{}","{n}","{}","new_msg",{{"body":"{body}"}}]"#, i + 1, target.topic(topics[i]))
     };
     let mut inflight: VecDeque<(u64, Instant)> = VecDeque::with_capacity(window);
     let (mut next, began) = (2u64, Instant::now());
@@ -268,7 +275,7 @@ fn sender(addr: SocketAddr, secret: &str, topics: &[Uuid], body: &str, pace: Pac
 
 /// Reads the newest history page of `topic` in a loop; returns latencies in µs.
 fn history_reader(addr: SocketAddr, secret: &str, topic: Uuid, duration: Duration) -> Vec<u32> {
-    let Ok(token) = token(secret, Uuid::new_v4()) else { return Vec::new() };
+    let Ok(token) = crate::wire::token(secret, Uuid::new_v4()) else { return Vec::new() };
     let request = format!(
         "GET /api/conversations/{topic}/messages?limit=50 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n"
     );

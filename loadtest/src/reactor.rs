@@ -1,5 +1,6 @@
 //! Many non-blocking client sockets on one thread: the upgrade handshake, zero-mask text frames
-//! out, server frames in (parsed in place, no per-frame allocation), and a small epoll wrapper.
+//! out, server frames in (split in place, no per-frame allocation; `v2` reads them), and a
+//! small epoll wrapper.
 //! Used by every scenario that holds more sockets than threads can.
 
 use std::io::{self, Read, Write};
@@ -21,9 +22,10 @@ pub(crate) enum Frame<'a> {
     Close,
 }
 
-/// Opens a WebSocket from `127.0.0.<source>` (several source addresses give more than 64k
-/// ports) and returns it non-blocking once the server answered 101.
-pub(crate) fn open(addr: SocketAddr, source: u8, token: &str) -> Result<Sock, String> {
+/// Opens a WebSocket to `path` (path and query, see `Target::socket_path`) from
+/// `127.0.0.<source>` (several source addresses give more than 64k ports) and returns it
+/// non-blocking once the server answered 101.
+pub(crate) fn open(addr: SocketAddr, source: u8, path: &str) -> Result<Sock, String> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|e| e.to_string())?;
     let local = SocketAddr::from(([127, 0, 0, source], 0));
     socket.bind(&local.into()).map_err(|e| format!("bind {local}: {e}"))?;
@@ -32,7 +34,7 @@ pub(crate) fn open(addr: SocketAddr, source: u8, token: &str) -> Result<Sock, St
     s.set_nodelay(true).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
     let req = format!(
-        "GET /socket/websocket?vsn=2.0.0&token={token} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
          Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
@@ -207,40 +209,6 @@ impl Drop for Poller {
     }
 }
 
-/// Reads a JSON string at the start of `b` (after its opening quote is checked); no escapes
-/// expected in what the scenarios match on.
-pub(crate) fn json_str(b: &[u8]) -> Option<&[u8]> {
-    let rest = b.strip_prefix(b"\"")?;
-    let end = memchr::memchr(b'"', rest)?;
-    Some(&rest[..end])
-}
-
-/// The reference (second element) of a V2 frame `[join_ref, ref, topic, event, payload]`.
-pub(crate) fn v2_ref(frame: &[u8]) -> Option<&[u8]> {
-    let rest = frame.strip_prefix(b"[")?;
-    let rest = if let Some(r) = rest.strip_prefix(b"null,") {
-        r
-    } else {
-        let first = json_str(rest)?;
-        rest.get(first.len() + 3..)?
-    };
-    json_str(rest)
-}
-
-/// Whether a V2 frame is a reply with status ok.
-pub(crate) fn is_ok_reply(frame: &[u8]) -> bool {
-    memchr::memmem::find(frame, br#""phx_reply",{"status":"ok""#).is_some()
-}
-
-/// The event of a V2 frame, found by its known spellings (cheap: no JSON parse).
-pub(crate) fn event_is(frame: &[u8], event: &[u8]) -> bool {
-    let mut pat = Vec::with_capacity(event.len() + 4);
-    pat.extend_from_slice(b"\",\"");
-    pat.extend_from_slice(event);
-    pat.extend_from_slice(b"\",");
-    memchr::memmem::find(frame, &pat).is_some()
-}
-
 /// Resident set size of a process in bytes (`/proc/<pid>/status` VmRSS).
 pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -252,18 +220,6 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_refs_and_events() {
-        let reply = br#"["1","42","chat:x","phx_reply",{"status":"ok","response":{}}]"#;
-        assert_eq!(v2_ref(reply), Some(&b"42"[..]));
-        assert!(is_ok_reply(reply));
-        assert!(event_is(reply, b"phx_reply"));
-        let push = br#"[null,null,"chat:x","new_msg",{"id":"a"}]"#;
-        assert_eq!(v2_ref(push), None);
-        assert!(event_is(push, b"new_msg"));
-        assert!(!is_ok_reply(br#"["1","2","t","phx_reply",{"status":"error"}]"#));
-    }
 
     #[test]
     fn splits_frames_across_reads() {

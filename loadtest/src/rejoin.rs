@@ -7,12 +7,13 @@
 
 use std::time::{Duration, Instant};
 
-use tungstenite::Message;
 use uuid::Uuid;
 
-use crate::reactor::{self, event_is, Frame, Poller, Sock};
+use crate::reactor::{self, Frame, Poller, Sock};
 use crate::stats::{cpu_total, percentiles};
-use crate::wire::{token, Client};
+use crate::v2;
+use crate::wire::Client;
+use crate::Target;
 
 /// Arguments of `nexus-load rejoin`.
 #[derive(clap::Args)]
@@ -47,15 +48,15 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     if args.topics == 0 || args.clients == 0 || args.sources == 0 || args.clients > 19_000 {
         return Err("--topics, --clients (at most 19,000) and --sources must be at least 1".into());
     }
-    let topics: Vec<String> = (0..args.topics).map(|_| format!("chat:{}", Uuid::new_v4())).collect();
+    let topics: Vec<String> = (0..args.topics).map(|_| args.target.topic(Uuid::new_v4())).collect();
     let mut anchors = Vec::new();
     for topic in &topics {
-        anchors.push(prefill(addr, &args.target.secret, topic, args.missed)?);
+        anchors.push(prefill(addr, &args.target, topic, args.missed)?);
     }
     let mut socks = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
         let source = 2 + (i % args.sources as usize) as u8;
-        socks.push(reactor::open(addr, source, &token(&args.target.secret, Uuid::new_v4())?)?);
+        socks.push(reactor::open(addr, source, &args.target.socket_path(Uuid::new_v4())?)?);
     }
     let cpu_before = cpu_total(&args.server_pid);
     let began = Instant::now();
@@ -104,16 +105,22 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Sends an anchor and then `missed` messages to `topic`; returns the anchor's id.
-fn prefill(addr: std::net::SocketAddr, secret: &str, topic: &str, missed: usize) -> Result<String, String> {
-    let mut c = Client::connect(addr, &token(secret, Uuid::new_v4())?)?;
+/// Sends an anchor and then `missed` messages to `topic`; returns the anchor's id (its raw
+/// JSON: a string or a number, as the server sends it).
+fn prefill(addr: std::net::SocketAddr, target: &Target, topic: &str, missed: usize) -> Result<Vec<u8>, String> {
+    let mut c = Client::connect(addr, &target.socket_path(Uuid::new_v4())?)?;
     c.join(topic, 1)?;
     c.send(format!(r#"["1","a","{topic}","new_msg",{{"body":"anchor"}}]"#))?;
     c.flush()?;
+    c.set_timeout(Some(Duration::from_secs(30)));
     let anchor = loop {
-        match c.ws.read().map_err(|e| e.to_string())? {
-            Message::Text(t) if t.contains("\"new_msg\"") => break id_of(t.as_bytes()).ok_or("no id in the anchor")?,
-            _ => continue,
+        let t = c.recv_text()?.ok_or("prefill: no anchor broadcast within 30 s")?;
+        let Some(h) = v2::head(t.as_bytes()) else { return Err(format!("not a V2 frame: {t:.80}")) };
+        if h.is("new_msg") {
+            break v2::get(h.payload, "id").ok_or("no id in the anchor's new_msg")?.to_vec();
+        }
+        if h.is("phx_reply") && !h.ok() {
+            return Err(format!("the anchor was refused: {t:.200}"));
         }
     };
     for k in 0..missed {
@@ -121,10 +128,9 @@ fn prefill(addr: std::net::SocketAddr, secret: &str, topic: &str, missed: usize)
     }
     c.flush()?;
     let mut acked = 0;
-    c.set_timeout(Some(Duration::from_secs(30)));
     while acked < missed {
         match c.recv()? {
-            Some(f) if f.event == "phx_reply" => {
+            Some(f) if f.event == "phx_reply" && f.reference.as_deref().is_some_and(|r| r.starts_with('m')) => {
                 if !f.ok {
                     return Err("a prefill message was refused (run the server with NEXUS_MSG_RATE=0)".into());
                 }
@@ -137,19 +143,12 @@ fn prefill(addr: std::net::SocketAddr, secret: &str, topic: &str, missed: usize)
     Ok(anchor)
 }
 
-/// The id a `new_msg` frame's payload starts with.
-fn id_of(frame: &[u8]) -> Option<String> {
-    let at = memchr::memmem::find(frame, br#"{"id":""#)? + 7;
-    let id = frame.get(at..at + 36)?;
-    Some(String::from_utf8_lossy(id).into_owned())
-}
-
 /// One rejoin's progress.
 struct Progress {
     /// `new_msg` pushes received.
     count: usize,
-    /// The id of the last one.
-    last: Option<String>,
+    /// The id of the last one (raw JSON).
+    last: Option<Vec<u8>>,
     /// When the join was sent.
     started: Instant,
     /// The join was answered.
@@ -164,7 +163,7 @@ fn rejoin(
     socks: &mut [Sock],
     which: &[usize],
     topics: &[String],
-    anchors: &[String],
+    anchors: &[Vec<u8>],
     missed: usize,
 ) -> Result<Vec<u32>, String> {
     let mut poller = Poller::new()?;
@@ -172,7 +171,8 @@ fn rejoin(
     for (slot, &i) in which.iter().enumerate() {
         let t = i % topics.len();
         poller.add(socks[i].fd(), slot)?;
-        let join = format!(r#"["1","1","{}","phx_join",{{"last_seen_id":"{}"}}]"#, topics[t], anchors[t]);
+        let anchor = String::from_utf8_lossy(&anchors[t]);
+        let join = format!(r#"["1","1","{}","phx_join",{{"last_seen_id":{anchor}}}]"#, topics[t]);
         socks[i].send_text(join.as_bytes()).map_err(|e| format!("join: {e}"))?;
         state.push(Progress { count: 0, last: None, started: Instant::now(), replied: false, done: None });
     }
@@ -187,17 +187,26 @@ fn rejoin(
             socks[i]
                 .read(&mut scratch, |f| {
                     let Frame::Text(text) = f else { return };
-                    if event_is(text, b"phx_reply") {
+                    let Some(h) = v2::head(text) else {
+                        failure = Some(format!("not a V2 frame: {}", String::from_utf8_lossy(text)));
+                        return;
+                    };
+                    if h.is("phx_reply") {
                         *replied = true;
-                        if memchr::memmem::find(text, br#""recovered":true"#).is_none() {
+                        let recovered = h.response().and_then(|r| v2::get(r, "recovered"));
+                        if !h.ok() || recovered != Some(b"true") {
                             failure = Some(String::from_utf8_lossy(text).into_owned());
                         }
-                    } else if event_is(text, b"new_msg") {
-                        let id = id_of(text);
-                        if id <= *last {
-                            failure = Some(format!("ids out of order: {id:?} after {last:?}"));
+                    } else if h.is("new_msg") {
+                        let Some(id) = v2::get(h.payload, "id") else {
+                            failure = Some(format!("no id: {}", String::from_utf8_lossy(text)));
+                            return;
+                        };
+                        if let Some(l) = last.as_deref().filter(|l| v2::id_order(id) <= v2::id_order(l)) {
+                            let (id, l) = (String::from_utf8_lossy(id), String::from_utf8_lossy(l));
+                            failure = Some(format!("ids out of order: {id} after {l}"));
                         }
-                        *last = id;
+                        *last = Some(id.to_vec());
                         *count += 1;
                     }
                 })

@@ -6,6 +6,8 @@ use std::time::Duration;
 use tungstenite::{Message, WebSocket};
 use uuid::Uuid;
 
+use crate::v2;
+
 /// One connected socket.
 pub(crate) struct Client {
     pub ws: WebSocket<TcpStream>,
@@ -23,10 +25,11 @@ pub(crate) fn token(secret: &str, sub: Uuid) -> Result<String, String> {
 }
 
 impl Client {
-    pub(crate) fn connect(addr: SocketAddr, token: &str) -> Result<Client, String> {
+    /// Opens a socket to `path` (path and query, see `Target::socket_path`).
+    pub(crate) fn connect(addr: SocketAddr, path: &str) -> Result<Client, String> {
         let stream = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        let url = format!("ws://{addr}/socket/websocket?vsn=2.0.0&token={token}");
+        let url = format!("ws://{addr}{path}");
         let (ws, _) = tungstenite::client(url.as_str(), stream).map_err(|e| format!("upgrade: {e}"))?;
         Ok(Client { ws })
     }
@@ -45,9 +48,14 @@ impl Client {
 
     /// The next text frame, decoded; `Ok(None)` on read timeout.
     pub(crate) fn recv(&mut self) -> Result<Option<Frame>, String> {
+        self.recv_text()?.map(|t| decode(&t)).transpose()
+    }
+
+    /// The next text frame as sent; `Ok(None)` on read timeout.
+    pub(crate) fn recv_text(&mut self) -> Result<Option<tungstenite::Utf8Bytes>, String> {
         loop {
             match self.ws.read() {
-                Ok(Message::Text(t)) => return decode(&t).map(Some),
+                Ok(Message::Text(t)) => return Ok(Some(t)),
                 Ok(Message::Close(c)) => return Err(format!("closed by server: {c:?}")),
                 Ok(_) => continue,
                 Err(tungstenite::Error::Io(e))
@@ -79,67 +87,8 @@ impl Client {
     }
 }
 
-/// Decodes the parts of a frame the scenarios look at. Nexus writes the first four elements as
-/// plain strings or `null` and a reply's payload as `{"status":…`, so a scan does; anything
-/// else (escapes, other spacing) goes through the JSON parser. The scan matters: the load
-/// generator shares the machine with the server, and a full parse per frame cost it more CPU
-/// than the server spent on the message.
+/// Decodes the parts of a frame the scenarios look at (`v2::head`: any key order or layout).
 fn decode(text: &str) -> Result<Frame, String> {
-    scan(text).map_or_else(|| parse(text), Ok)
-}
-
-fn scan(text: &str) -> Option<Frame> {
-    let mut rest = text.strip_prefix('[')?;
-    let mut field = || -> Option<Option<&str>> {
-        let value = if let Some(r) = rest.strip_prefix("null") {
-            rest = r;
-            None
-        } else {
-            let r = rest.strip_prefix('"')?;
-            let end = r.find('"')?;
-            if r[..end].contains('\\') {
-                return None;
-            }
-            rest = &r[end + 1..];
-            Some(&r[..end])
-        };
-        rest = rest.strip_prefix(',')?;
-        Some(value)
-    };
-    let (_join_ref, reference, _topic, event) = (field()?, field()?, field()?, field()??);
-    let ok = event == "phx_reply" && rest.starts_with(r#"{"status":"ok""#);
-    if event == "phx_reply" && !ok && !rest.starts_with(r#"{"status":"error""#) {
-        return None;
-    }
-    Some(Frame { reference: reference.map(str::to_string), event: event.to_string(), ok })
-}
-
-fn parse(text: &str) -> Result<Frame, String> {
-    use sonic_rs::{JsonContainerTrait, JsonValueTrait};
-    let v: sonic_rs::Value = sonic_rs::from_str(text).map_err(|e| format!("bad frame {text:.80}: {e}"))?;
-    let arr = v.as_array().ok_or("frame is not an array")?;
-    let reference = arr.get(1).and_then(|r| r.as_str()).map(str::to_string);
-    let event = arr.get(3).and_then(|e| e.as_str()).unwrap_or("").to_string();
-    let ok = arr.get(4).and_then(|p| p.get("status")).and_then(|s| s.as_str()) == Some("ok");
-    Ok(Frame { reference, event, ok })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{parse, scan};
-
-    #[test]
-    fn scan_agrees_with_the_parser() {
-        for text in [
-            r#"["1","7","chat:x","phx_reply",{"status":"ok","response":{}}]"#,
-            r#"["1","8","chat:x","phx_reply",{"status":"error","response":{"reason":"nope"}}]"#,
-            r#"[null,null,"chat:x","new_msg",{"body":"hi"}]"#,
-            r#"["1",null,"chat:x","presence_diff",{"joins":{},"leaves":{}}]"#,
-        ] {
-            let (a, b) = (scan(text).expect(text), parse(text).expect(text));
-            assert_eq!((a.reference, a.event, a.ok), (b.reference, b.event, b.ok), "{text}");
-        }
-        assert!(scan(r#"[ "1","7","t","phx_reply",{}]"#).is_none());
-        assert!(scan(r#"["1","7","t\"x","e",{}]"#).is_none());
-    }
+    let h = v2::head(text.as_bytes()).ok_or_else(|| format!("not a V2 frame: {text:.80}"))?;
+    Ok(Frame { reference: h.reference.map(|r| r.text().into_owned()), event: h.event.text().into_owned(), ok: h.ok() })
 }
