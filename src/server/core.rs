@@ -131,9 +131,10 @@ pub(crate) struct Core {
     presence: RefCell<PresenceShard<Joiner>>,
     /// A presence flush is scheduled.
     presence_flush: Cell<bool>,
-    /// Conversations flushed within the last presence window, and when that window ends: their
-    /// changes until then wait for a scheduled flush; a conversation absent here flushes at once.
-    presence_windows: RefCell<std::collections::HashMap<Uuid, Instant>>,
+    /// When each conversation's presence last changed or was flushed (kept while it is not
+    /// quiet): a change soon after either waits for the scheduled flush; otherwise it flushes
+    /// at once.
+    presence_activity: RefCell<std::collections::HashMap<Uuid, Instant>>,
     /// Messages for other cores whose mailbox was full, retried in order.
     overflow: RefCell<Overflow>,
     retry_scheduled: Cell<bool>,
@@ -177,7 +178,7 @@ impl Core {
             refs: RefCell::new(RefMaker::new(core_id)),
             presence: RefCell::new(PresenceShard::default()),
             presence_flush: Cell::new(false),
-            presence_windows: RefCell::new(std::collections::HashMap::new()),
+            presence_activity: RefCell::new(std::collections::HashMap::new()),
             overflow: RefCell::new(Overflow::new(cores, limits::CROSS_CORE_OVERFLOW_MSGS_MAX)),
             retry_scheduled: Cell::new(false),
             counters: Counters::default(),
@@ -626,25 +627,27 @@ impl Core {
         }
     }
 
-    /// Flushes presence changes adaptively, per conversation: the first change of a quiet
-    /// conversation goes out at once (a join into a quiet room gets its `presence_state`
-    /// without waiting), and the changes that follow within the window after a flush wait for
-    /// the window's end and go out together (a join storm still costs one diff per window).
-    /// Without a window every change flushes at once.
+    /// Flushes presence changes adaptively, per conversation: a change of a quiet conversation
+    /// (no change and no flush of it in the window before) goes out at once, so a join into a
+    /// quiet room gets its `presence_state` without waiting; any other change waits for the
+    /// window and goes out with everything else then, so a join storm still coalesces. Without
+    /// a window every change flushes at once.
     fn schedule_presence_flush(&self, conversation: Uuid) {
         let window = self.config().presence_batch;
         if window.is_zero() {
             return self.flush_presence();
         }
         let now = Instant::now();
-        let end = self.presence_windows.borrow().get(&conversation).copied().filter(|end| now < *end);
-        let Some(end) = end else { return self.flush_presence() };
+        let last = self.presence_activity.borrow_mut().insert(conversation, now);
+        if last.is_none_or(|at| now.duration_since(at) >= window) {
+            return self.flush_presence();
+        }
         if self.presence_flush.replace(true) {
             return; // the scheduled flush carries this change
         }
         if let Some(me) = self.me.upgrade() {
             monoio::spawn(async move {
-                monoio::time::sleep(end - now).await;
+                monoio::time::sleep(window).await;
                 me.presence_flush.set(false);
                 me.flush_presence();
             });
@@ -656,14 +659,13 @@ impl Core {
     fn flush_presence(&self) {
         self.send_presence_changes();
         let flush = self.presence.borrow_mut().flush();
-        // Each conversation flushed now opens a window (see `schedule_presence_flush`).
-        let now = Instant::now();
-        let mut windows = self.presence_windows.borrow_mut();
-        windows.retain(|_, end| *end > now);
-        let window_end = now + self.config().presence_batch;
-        windows.extend(flush.diffs.iter().map(|(conversation, _)| (*conversation, window_end)));
-        windows.extend(flush.states.iter().map(|(conversation, _, _)| (*conversation, window_end)));
-        drop(windows);
+        // A flush is activity too (see `schedule_presence_flush`); conversations idle for a
+        // window are quiet again and forgotten.
+        let (now, window) = (Instant::now(), self.config().presence_batch);
+        let mut activity = self.presence_activity.borrow_mut();
+        activity.retain(|_, at| now.duration_since(*at) < window);
+        activity.extend(flush.diffs.iter().map(|(c, _)| (*c, now)));
+        drop(activity);
         for (conversation, state, joiners) in flush.states {
             for j in joiners {
                 let msg =
