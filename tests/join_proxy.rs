@@ -276,23 +276,26 @@ fn history_asks_the_backend_too() {
     assert_eq!((down.status, down.body_text()), (503, r#"{"error":"authorization unavailable"}"#.to_string()));
 }
 
+/// A server with the API key, and a socket of a user the backend allows in a fresh topic,
+/// joined (one backend call).
+fn allowed_member(backend: &Backend) -> (Server, String, String, Client) {
+    let server = proxy_server(&backend.url(), &[("NEXUS_API_KEY", API_KEY)]);
+    let (user, topic) = (new_sub(), new_topic());
+    backend.set(&user, conversation_of(&topic), 200);
+    let mut c = connect_v2(server.port, &user);
+    c.join(&topic, "1");
+    (server, user, topic, c)
+}
+
 #[test]
 fn removing_a_member_forgets_the_cached_answer() {
     let backend = Backend::start();
-    let server = proxy_server(&backend.url(), &[("NEXUS_API_KEY", API_KEY)]);
-    let user = new_sub();
-    let topic = new_topic();
+    let (server, user, topic, mut c) = allowed_member(&backend);
     let conversation = conversation_of(&topic);
-    backend.set(&user, conversation, 200);
-    let mut c = connect_v2(server.port, &user);
-    c.join(&topic, "1");
     // The backend drops the member, then tells Nexus.
     backend.set(&user, conversation, 403);
-    let delete = format!(
-        "DELETE /api/conversations/{conversation}/members/{user} HTTP/1.1\r\nHost: x\r\n\
-         Authorization: Bearer {API_KEY}\r\nContent-Length: 0\r\n\r\n"
-    );
-    assert_eq!(http_raw(server.port, delete.as_bytes()).status, 204);
+    let target = format!("/api/conversations/{conversation}/members/{user}");
+    assert_eq!(http_request(server.port, "DELETE", &target, Some(&format!("Bearer {API_KEY}"))).status, 204);
     c.expect(&v2(Some("1"), Some("1"), &topic, "phx_close", "{}"));
     c.roundtrip(&join_frame("2", &topic), &v2_error(Some("2"), "2", &topic, "unauthorized"));
     assert_eq!(backend.calls_for(&user, conversation), 2, "asked again after the removal");
@@ -301,20 +304,12 @@ fn removing_a_member_forgets_the_cached_answer() {
 #[test]
 fn a_disconnect_forgets_the_users_cached_answers() {
     let backend = Backend::start();
-    let server = proxy_server(&backend.url(), &[("NEXUS_API_KEY", API_KEY)]);
-    let user = new_sub();
-    let topic = new_topic();
+    let (server, user, topic, mut c) = allowed_member(&backend);
     let conversation = conversation_of(&topic);
-    backend.set(&user, conversation, 200);
-    let mut c = connect_v2(server.port, &user);
-    c.join(&topic, "1");
     // The backend revokes the grant and disconnects the user; the reconnect is asked again.
     backend.set(&user, conversation, 403);
-    let disconnect = format!(
-        "POST /api/users/{user}/disconnect HTTP/1.1\r\nHost: x\r\n\
-         Authorization: Bearer {API_KEY}\r\nContent-Length: 0\r\n\r\n"
-    );
-    assert_eq!(http_raw(server.port, disconnect.as_bytes()).status, 204);
+    let target = format!("/api/users/{user}/disconnect");
+    assert_eq!(http_request(server.port, "POST", &target, Some(&format!("Bearer {API_KEY}"))).status, 204);
     assert_eq!(c.expect_close(TIMEOUT), Some(1008));
     let mut again = connect_v2(server.port, &user);
     again.roundtrip(&join_frame("1", &topic), &v2_error(Some("1"), "1", &topic, "unauthorized"));
