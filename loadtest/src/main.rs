@@ -20,6 +20,9 @@
 //!
 //! Scenario `rejoin`: joins recovering missed messages, one at a time or as a storm; latency to
 //! the last recovered message and server CPU per rejoin.
+//!
+//! `verify`: checks a database against `persist --acked-log` logs (every acknowledged message
+//! stored exactly once, ids and `inserted_at` increasing across restarts): `loadtest/crashloop.sh`.
 
 mod churn;
 mod connect;
@@ -30,6 +33,7 @@ mod rejoin;
 mod stats;
 mod storm;
 mod v2;
+mod verify;
 mod wire;
 
 use std::net::SocketAddr;
@@ -59,6 +63,8 @@ enum Scenario {
     Churn(churn::Args),
     /// Rejoins with last_seen_id: latency to the last recovered message, CPU per rejoin.
     Rejoin(rejoin::Args),
+    /// Checks a database against `persist --acked-log` logs: stored exactly once, ids increasing.
+    Verify(verify::Args),
 }
 
 /// The server every scenario talks to, and how its sockets are opened and its topics named.
@@ -190,6 +196,7 @@ fn main() {
         Scenario::Connect(args) => connect::run(args),
         Scenario::Churn(args) => churn::run(args),
         Scenario::Rejoin(args) => rejoin::run(args),
+        Scenario::Verify(args) => verify::run(args),
     };
     if let Err(e) = result {
         eprintln!("nexus-load: {e}");

@@ -1,9 +1,20 @@
 //! Scenario `persist`: closed-loop senders, one small room each (socket → writer → broadcast →
 //! ack), optionally with a history reader beside them.
+//!
+//! For crash tests (`loadtest/crashloop.sh`): `--acked-log FILE` appends one line per
+//! acknowledged `new_msg`, `<conversation_uuid> <message_uuid>`, for `nexus-load verify`. Nexus's
+//! ok reply carries no id, so the id comes from the sender's own copy of the broadcast, which a
+//! server sends before the ack (each sender is alone in its rooms; the body starts with the
+//! message's ref, `<ref>-xxx…`, which names the message the broadcast is for, and makes every
+//! body unique so that a duplicate stored under another id can be found). `--until-server-dies`
+//! makes a closed or refused socket (the server was killed) end its sender cleanly: the log is
+//! flushed, the summary counts such senders, and the run exits 0.
 
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -11,7 +22,7 @@ use uuid::Uuid;
 
 use crate::stats::{cpu_total, percentiles};
 use crate::wire::Client;
-use crate::Target;
+use crate::{v2, Target};
 
 /// Arguments of `nexus-load persist`.
 #[derive(clap::Args)]
@@ -53,6 +64,14 @@ pub(crate) struct Args {
     /// Print one JSON object instead of the summary.
     #[arg(long)]
     json: bool,
+    /// Append `<conversation_uuid> <message_uuid>` for every acknowledged message to FILE
+    /// (buffered per sender, flushed when it ends); bodies become `<ref>-xxx…`.
+    #[arg(long, value_name = "FILE")]
+    acked_log: Option<PathBuf>,
+    /// A sender whose socket is closed, reset or refused (the server went away) ends cleanly
+    /// instead of failing the run; for crash tests that kill the server mid-run.
+    #[arg(long)]
+    until_server_dies: bool,
 }
 
 #[derive(Default)]
@@ -62,6 +81,10 @@ struct SenderResult {
     broadcasts: u64,
     latencies_us: Vec<u32>,
     failure: Option<String>,
+    /// Acked messages whose broadcast (hence id) was not seen first: missing from the log.
+    unlogged: u64,
+    /// Ended by the server going away (`--until-server-dies`): why.
+    gone: Option<String>,
 }
 
 pub(crate) fn run(args: Args) -> Result<(), String> {
@@ -84,6 +107,16 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     let topics: Vec<Uuid> = (0..n_topics as u64)
         .map(|i| args.seed.map_or_else(Uuid::new_v4, |seed| Uuid::from_u64_pair(seed, i)))
         .collect();
+    let acked_log = match &args.acked_log {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("--acked-log {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
     let start = Arc::new(Barrier::new(args.senders + 1));
     let mut handles = Vec::new();
     for (i, share) in deal(&topics, args.senders).into_iter().enumerate() {
@@ -92,7 +125,12 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
         let (window, duration) = (args.window, args.duration);
         // Each sender's share of the rate, as the gap between its sends.
         let gap = (args.rate > 0).then(|| Duration::from_secs_f64(args.senders as f64 / args.rate as f64));
-        let pace = Pace { window, gap, duration };
+        // Every sender appends whole lines to the one O_APPEND file through its own buffer.
+        let log = match &acked_log {
+            Some(f) => Some(BufWriter::with_capacity(64 * 1024, f.try_clone().map_err(|e| e.to_string())?)),
+            None => None,
+        };
+        let pace = Pace { window, gap, duration, log, until_server_dies: args.until_server_dies };
         handles.push(std::thread::spawn(move || sender(addr, &target, &share, &body, pace, &start)));
     }
     let history = history_secret.map(|secret| {
@@ -123,6 +161,8 @@ fn report(
     let errors: u64 = results.iter().map(|r| r.errors).sum();
     let broadcasts: u64 = results.iter().map(|r| r.broadcasts).sum();
     let failures: Vec<&String> = results.iter().filter_map(|r| r.failure.as_ref()).collect();
+    let gone: Vec<&String> = results.iter().filter_map(|r| r.gone.as_ref()).collect();
+    let unlogged: u64 = results.iter().map(|r| r.unlogged).sum();
     let [p50, p99, p999] = percentiles(results.iter().flat_map(|r| r.latencies_us.iter().copied()).collect());
     let cpu_us = cpu.map(|c| c.as_secs_f64() * 1e6 / acked.max(1) as f64);
     let [h50, h99, _] = percentiles(history.clone().unwrap_or_default());
@@ -132,14 +172,16 @@ fn report(
             "{{\"scenario\":\"persist\",\"senders\":{},\"window\":{},\"rate\":{},\"secs\":{elapsed:.2},\"acked\":{acked},\
              \"acks_per_s\":{rate:.0},\"errors\":{errors},\"lost_broadcasts\":{},\"ack_ms_p50\":{p50:.3},\
              \"ack_ms_p99\":{p99:.3},\"ack_ms_p999\":{p999:.3},\"server_cpu_us_per_msg\":{},\
-             \"history_reads\":{},\"history_ms_p50\":{h50:.3},\"history_ms_p99\":{h99:.3},\"failed_senders\":{}}}",
+             \"history_reads\":{},\"history_ms_p50\":{h50:.3},\"history_ms_p99\":{h99:.3},\"failed_senders\":{},\
+             \"senders_ended_by_server_gone\":{},\"acked_unlogged\":{unlogged}}}",
             args.senders,
             args.window,
             args.rate,
             acked.saturating_sub(broadcasts),
             cpu_us.map_or("null".into(), |c| format!("{c:.2}")),
             history.as_ref().map_or(0, Vec::len),
-            failures.len()
+            failures.len(),
+            gone.len()
         );
     } else {
         println!("persist: {} senders x window {} for {elapsed:.1} s", args.senders, args.window);
@@ -157,6 +199,12 @@ fn report(
         for f in &failures {
             println!("  sender failed: {f}");
         }
+        if let Some(first) = gone.first() {
+            println!("  {} senders ended as the server went away (first: {first})", gone.len());
+        }
+        if args.acked_log.is_some() {
+            println!("  acked-log: {} lines, {unlogged} acks without their broadcast (not logged)", acked - unlogged);
+        }
     }
     if failures.is_empty() {
         Ok(())
@@ -165,11 +213,32 @@ fn report(
     }
 }
 
-/// How one sender sends: at most `window` in flight, one every `gap` if paced, for `duration`.
+/// How one sender sends: at most `window` in flight, one every `gap` if paced, for `duration`;
+/// where its acks are logged and whether the server going away ends it cleanly.
 struct Pace {
     window: usize,
     gap: Option<Duration>,
     duration: Duration,
+    log: Option<BufWriter<File>>,
+    until_server_dies: bool,
+}
+
+/// Whether a client error says the server went away (killed: connection refused, reset, closed
+/// without a close frame, or closed with 1001 "going away") rather than that it closed the socket
+/// for a reason of its own (rate limit, slow consumer) or misbehaved. Matches the texts of
+/// `std::io` and tungstenite errors.
+fn server_gone(e: &str) -> bool {
+    const GONE: [&str; 8] = [
+        "refused",
+        "reset",
+        "Broken pipe",
+        "code: Away",
+        "Connection closed normally",
+        "closed connection",
+        "end of file",
+        "Connection aborted",
+    ];
+    GONE.iter().any(|g| e.contains(g))
 }
 
 /// Sender `i` gets topics `i`, `i + senders`, … (each topic to one sender).
@@ -178,7 +247,42 @@ fn deal(topics: &[Uuid], senders: usize) -> Vec<Vec<Uuid>> {
 }
 
 fn sender(addr: SocketAddr, target: &Target, topics: &[Uuid], body: &str, pace: Pace, start: &Barrier) -> SenderResult {
-    let Pace { window, gap, duration } = pace;
+    let (mut log, until_server_dies) = (pace.log, pace.until_server_dies);
+    let mut out = send_loop(addr, target, topics, body, (pace.window, pace.gap, pace.duration), log.as_mut(), start);
+    if let Some(Err(e)) = log.as_mut().map(BufWriter::flush) {
+        out.failure.get_or_insert(format!("--acked-log: {e}"));
+    }
+    if until_server_dies && out.failure.as_deref().is_some_and(server_gone) {
+        out.gone = out.failure.take();
+    }
+    out
+}
+
+/// One acknowledged message as a log line: `<conversation> <id>\n`.
+fn log_ack(log: &mut BufWriter<File>, conversation: Uuid, id: Uuid) -> Result<(), String> {
+    let mut line = [0u8; 74];
+    conversation.hyphenated().encode_lower(&mut line[..36]);
+    line[36] = b' ';
+    id.hyphenated().encode_lower(&mut line[37..73]);
+    line[73] = b'\n';
+    log.write_all(&line).map_err(|e| format!("--acked-log: {e}"))
+}
+
+/// The ref a tagged body (`<ref>-xxx…`) starts with.
+fn body_ref(text: &[u8]) -> Option<u64> {
+    let end = text.iter().position(|&b| b == b'-')?;
+    std::str::from_utf8(&text[..end]).ok()?.parse().ok()
+}
+
+fn send_loop(
+    addr: SocketAddr,
+    target: &Target,
+    topics: &[Uuid],
+    body: &str,
+    (window, gap, duration): (usize, Option<Duration>, Duration),
+    mut log: Option<&mut BufWriter<File>>,
+    start: &Barrier,
+) -> SenderResult {
     let mut out = SenderResult::default();
     let setup = target.socket_path(Uuid::new_v4()).and_then(|p| Client::connect(addr, &p)).and_then(|mut c| {
         for (i, topic) in topics.iter().enumerate() {
@@ -198,11 +302,15 @@ fn sender(addr: SocketAddr, target: &Target, topics: &[Uuid], body: &str, pace: 
     let mut timeout = WAIT_MAX;
     client.set_timeout(Some(timeout));
     // Message n goes to the sender's topics in turn, under that channel's join ref.
+    // With an acked log the body starts with the ref (see the module doc).
+    let tagged = log.is_some();
     let frame = |n: u64| {
         let i = n as usize % topics.len();
-        format!(r#"["{}","{n}","{}","new_msg",{{"body":"{body}"}}]"#, i + 1, target.topic(topics[i]))
+        let tag = if tagged { format!("{n}-") } else { String::new() };
+        format!(r#"["{}","{n}","{}","new_msg",{{"body":"{tag}{body}"}}]"#, i + 1, target.topic(topics[i]))
     };
-    let mut inflight: VecDeque<(u64, Instant)> = VecDeque::with_capacity(window);
+    // In flight: ref, when it was due or sent, and (logging) the id its broadcast carried.
+    let mut inflight: VecDeque<(u64, Instant, Option<Uuid>)> = VecDeque::with_capacity(window);
     let (mut next, began) = (2u64, Instant::now());
     // Paced: the next send is due at `due`; a late sender catches up at once (open loop).
     let mut due = began;
@@ -222,7 +330,7 @@ fn sender(addr: SocketAddr, target: &Target, topics: &[Uuid], body: &str, pace: 
                 // The latency counts from when the message was due, not from when a full
                 // window let it go (coordinated omission).
                 let sent_at = if gap.is_some() { due } else { Instant::now() };
-                inflight.push_back((next, sent_at));
+                inflight.push_back((next, sent_at, None));
                 next += 1;
                 if let Some(gap) = gap {
                     due += gap;
@@ -245,29 +353,51 @@ fn sender(addr: SocketAddr, target: &Target, topics: &[Uuid], body: &str, pace: 
         } else if !sending && (inflight.is_empty() || Instant::now() > hard_stop) {
             return out;
         }
-        match client.recv() {
-            Ok(Some(f)) if f.event == "new_msg" => out.broadcasts += 1,
-            Ok(Some(f)) if f.event == "phx_reply" => {
-                let Some(pos) = f
-                    .reference
-                    .as_deref()
-                    .and_then(|r| r.parse::<u64>().ok())
-                    .and_then(|r| inflight.iter().position(|(n, _)| *n == r))
-                else {
-                    continue;
-                };
-                let Some((_, sent)) = inflight.remove(pos) else { continue };
-                if f.ok {
-                    out.acked += 1;
-                    out.latencies_us.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                } else {
-                    out.errors += 1;
-                }
-            }
-            Ok(_) => {}
+        let text = match client.recv_text() {
+            Ok(Some(t)) => t,
+            Ok(None) => continue,
             Err(e) => {
                 out.failure = Some(e);
                 return out;
+            }
+        };
+        let Some(f) = v2::head(text.as_bytes()) else {
+            out.failure = Some(format!("not a V2 frame: {:.80}", text.as_str()));
+            return out;
+        };
+        if f.is("new_msg") {
+            out.broadcasts += 1;
+            if tagged {
+                // Our own broadcast: its body names the ref, and it carries the id.
+                let id = v2::get_str(f.payload, "id").and_then(|s| Uuid::try_parse_ascii(s.raw()).ok());
+                let n = v2::message_text(f.payload).and_then(|t| body_ref(t.raw()));
+                if let (Some(id), Some(n)) = (id, n) {
+                    if let Some(entry) = inflight.iter_mut().find(|(m, _, _)| *m == n) {
+                        entry.2 = Some(id);
+                    }
+                }
+            }
+        } else if f.is("phx_reply") {
+            let Some(pos) = f.ref_u64().and_then(|r| inflight.iter().position(|(n, _, _)| *n == r)) else {
+                continue;
+            };
+            let Some((n, sent, id)) = inflight.remove(pos) else { continue };
+            if f.ok() {
+                out.acked += 1;
+                out.latencies_us.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                if let Some(log) = log.as_deref_mut() {
+                    match id {
+                        Some(id) => {
+                            if let Err(e) = log_ack(log, topics[n as usize % topics.len()], id) {
+                                out.failure = Some(e);
+                                return out;
+                            }
+                        }
+                        None => out.unlogged += 1,
+                    }
+                }
+            } else {
+                out.errors += 1;
             }
         }
     }
