@@ -165,6 +165,8 @@ pub struct Gauges {
     pub presence_metas: u64,
     /// Messages waiting in this core's overflow toward other cores.
     pub overflow_msgs: u64,
+    /// Bytes queued in this core's connection outboxes.
+    pub outbox_bytes: u64,
 }
 
 /// A core's last published figures (or their sum over the cores).
@@ -224,6 +226,7 @@ impl Published {
             sum.gauges.presence_topics += s.gauges.presence_topics;
             sum.gauges.presence_metas += s.gauges.presence_metas;
             sum.gauges.overflow_msgs += s.gauges.overflow_msgs;
+            sum.gauges.outbox_bytes += s.gauges.outbox_bytes;
         }
         sum
     }
@@ -265,15 +268,23 @@ mod tests {
             counters.add(c, i as u64 + 1);
         }
         let published = Published::new(2);
-        published.publish(0, &counters, Gauges { presence_topics: 1, presence_metas: 2, overflow_msgs: 5 });
-        published.publish(1, &counters, Gauges { presence_topics: 3, presence_metas: 4, overflow_msgs: 0 });
+        published.publish(
+            0,
+            &counters,
+            Gauges { presence_topics: 1, presence_metas: 2, overflow_msgs: 5, outbox_bytes: 7 },
+        );
+        published.publish(
+            1,
+            &counters,
+            Gauges { presence_topics: 3, presence_metas: 4, overflow_msgs: 0, outbox_bytes: 1 },
+        );
         let total = published.total();
         let series: Vec<_> = total.series().collect();
         assert_eq!(series.len(), Counter::COUNT);
         for (i, (_, _, _, v)) in series.iter().enumerate() {
             assert_eq!(*v, 2 * (i as u64 + 1));
         }
-        assert_eq!(total.gauges, Gauges { presence_topics: 4, presence_metas: 6, overflow_msgs: 5 });
+        assert_eq!(total.gauges, Gauges { presence_topics: 4, presence_metas: 6, overflow_msgs: 5, outbox_bytes: 8 });
         let idle = series.iter().find(|s| s.1 == "reason=\"idle\"").expect("idle close series");
         assert_eq!((idle.0, idle.2), ("nexus_closes_total", "Sockets closed, by reason."));
     }

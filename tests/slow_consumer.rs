@@ -342,3 +342,70 @@ fn slow_consumer_is_closed_and_the_topic_goes_on() {
     );
     assert!(started.elapsed() < TEST_BUDGET, "took {:?}", started.elapsed());
 }
+
+/// Reads `nexus_outbox_bytes` from `/metrics`.
+fn outbox_gauge(server: &Server) -> u64 {
+    let body = http_get(server.port, "/metrics", None).body_text();
+    body.lines()
+        .find_map(|l| l.strip_prefix("nexus_outbox_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no nexus_outbox_bytes in /metrics:\n{body}"))
+}
+
+/// `nexus_outbox_bytes` shows the bytes queued for a client that stopped reading, and goes back
+/// to 0 both when the client catches up and when its socket goes away with bytes still queued.
+#[test]
+fn queued_bytes_show_in_metrics_until_read_or_closed() {
+    let server = start_server(&[
+        ("NEXUS_WORKERS", "2"),
+        // Large enough that the client is never closed as slow: the bytes stay queued.
+        ("NEXUS_MAX_OUTBOX_BYTES", "67108864"),
+        ("NEXUS_MSG_RATE", "0"),
+    ]);
+    let topic = new_topic();
+    let sender_sub = new_sub();
+    let mut sender = connect_v2(server.port, &sender_sub);
+    sender.join(&topic, "1");
+    let mut sent = 0;
+    // Sends batches (each acked, the sender's own copies read) until the server reports queued
+    // bytes; the kernel buffers of the non-reading client fill first.
+    let mut fill = |sent: &mut usize| {
+        let limit = *sent + MAX_MESSAGES;
+        while outbox_gauge(&server) == 0 {
+            assert!(*sent < limit, "{} messages sent and nothing queued in /metrics", MAX_MESSAGES);
+            for seq in *sent..*sent + BATCH {
+                sender.send_text(&new_msg_frame(&topic, seq));
+            }
+            let mut acks = 0;
+            while acks < BATCH {
+                if event_of(&recv(&mut sender, "sender", &server)).as_deref() == Some("phx_reply") {
+                    acks += 1;
+                }
+            }
+            *sent += BATCH;
+        }
+    };
+
+    let mut slow = SlowClient::connect(&server, &new_sub());
+    slow.join(&topic);
+    fill(&mut sent);
+    // Catching up empties the queue.
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let mut received = 0;
+    while received < sent {
+        match slow.next(deadline) {
+            Ok(Ok(frame)) if frame.opcode == OP_TEXT && !is_presence(&frame.text()) => received += 1,
+            Ok(Ok(_)) => {}
+            other => panic!("slow client after {received} of {sent} messages: {other:?}"),
+        }
+    }
+    wait_for_metric(server.port, "nexus_outbox_bytes", 0);
+
+    // A client that goes away with bytes queued takes them with it.
+    let mut gone = SlowClient::connect(&server, &new_sub());
+    gone.join(&topic);
+    fill(&mut sent);
+    drop(gone);
+    drop(slow); // it stopped reading again; its queue leaves with it too
+    wait_for_metric(server.port, "nexus_outbox_bytes", 0);
+}

@@ -40,6 +40,17 @@ pub(crate) enum Reading {
     Resumed,
 }
 
+thread_local! {
+    /// Bytes queued in every outbox of this core (a core is one thread and its connections
+    /// never leave it), published as `nexus_outbox_bytes`.
+    static CORE_OUTBOX_BYTES: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Bytes queued in the outboxes of the calling core's connections.
+pub(crate) fn core_outbox_bytes() -> usize {
+    CORE_OUTBOX_BYTES.with(Cell::get)
+}
+
 /// Shared per-connection state.
 pub(crate) struct Conn {
     /// Key in the core's connection slab (also the member key in topics).
@@ -217,7 +228,7 @@ impl Conn {
     /// Queues bytes the task itself must send even while closing (an HTTP answer, the close
     /// frame); no limit applies.
     pub(crate) fn push_final(&self, frame: Bytes) {
-        self.outbox_bytes.set(self.outbox_bytes.get() + frame.len());
+        self.set_outbox_bytes(self.outbox_bytes.get() + frame.len());
         self.outbox.borrow_mut().push_back(frame);
         self.wake();
     }
@@ -225,7 +236,13 @@ impl Conn {
     /// Drops everything queued.
     pub(crate) fn clear_outbox(&self) {
         *self.outbox.borrow_mut() = VecDeque::new();
-        self.outbox_bytes.set(0);
+        self.set_outbox_bytes(0);
+    }
+
+    /// Sets this connection's queued byte count and moves the core's total by the difference.
+    fn set_outbox_bytes(&self, bytes: usize) {
+        let before = self.outbox_bytes.replace(bytes);
+        CORE_OUTBOX_BYTES.with(|total| total.set(total.get() - before + bytes));
     }
 
     /// Whether frames are queued.
@@ -250,7 +267,7 @@ impl Conn {
             out.extend_from_slice(&frame);
             moved += frame.len();
         }
-        self.outbox_bytes.set(self.outbox_bytes.get() - moved);
+        self.set_outbox_bytes(self.outbox_bytes.get() - moved);
         if outbox.is_empty() {
             // Idle connections hold no queue memory (even four slots are 128 B per connection);
             // the next burst allocates again, once per flush.
@@ -271,5 +288,12 @@ impl Conn {
         if let Some(w) = self.waker.take() {
             w.wake();
         }
+    }
+}
+
+impl Drop for Conn {
+    /// What a closed connection still had queued leaves the core's total.
+    fn drop(&mut self) {
+        self.set_outbox_bytes(0);
     }
 }

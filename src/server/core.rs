@@ -236,6 +236,7 @@ impl Core {
             presence_topics: topics as u64,
             presence_metas: metas as u64,
             overflow_msgs: self.overflow.borrow().len() as u64,
+            outbox_bytes: super::conn::core_outbox_bytes() as u64,
         };
         self.shared.published.publish(self.id, &self.counters, gauges);
     }

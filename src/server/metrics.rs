@@ -49,6 +49,12 @@ pub(crate) fn render(shared: &Shared, store: &StoreHandle) -> String {
         "Messages waiting for a full mailbox of another core.",
         total.gauges.overflow_msgs,
     );
+    gauge(
+        &mut out,
+        "nexus_outbox_bytes",
+        "Bytes queued for sockets that have not taken them yet (all cores).",
+        total.gauges.outbox_bytes,
+    );
     gauge(&mut out, "nexus_writer_queue_depth", "Messages waiting for the writer.", store.queued() as u64);
     header(&mut out, "nexus_mailbox_depth", "Cross-core messages waiting, per core.", "gauge");
     for (core, mailbox) in shared.mailboxes.iter().enumerate() {
