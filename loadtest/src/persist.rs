@@ -229,8 +229,8 @@ struct Pace {
 /// `std::io` and tungstenite errors.
 fn server_gone(e: &str) -> bool {
     const GONE: [&str; 8] = [
-        "refused",
-        "reset",
+        "Connection refused",
+        "Connection reset",
         "Broken pipe",
         "code: Away",
         "Connection closed normally",
@@ -426,4 +426,27 @@ fn history_reader(addr: SocketAddr, secret: &str, topic: Uuid, duration: Duratio
         out.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_killed_server_is_told_from_a_closing_one() {
+        for gone in [
+            "connect 127.0.0.1:1: Connection refused (os error 111)",
+            "IO error: Connection reset by peer (os error 104)",
+            "WebSocket protocol error: Connection reset without closing handshake",
+            "closed by server: Some(CloseFrame { code: Away, reason: Utf8Bytes(b\"\") })",
+        ] {
+            assert!(server_gone(gone), "{gone}");
+        }
+        assert!(!server_gone(
+            "closed by server: Some(CloseFrame { code: Policy, reason: Utf8Bytes(b\"rate limited\") })"
+        ));
+        assert!(!server_gone("join chat:x refused"));
+        assert_eq!(body_ref(b"42-xxxx"), Some(42));
+        assert_eq!(body_ref(b"xxxx"), None);
+    }
 }

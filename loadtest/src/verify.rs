@@ -461,3 +461,50 @@ fn postgres(url: &str, c: &mut Checker) -> Result<Store, String> {
     tx.commit().map_err(e)?;
     Ok(Store { name: "postgres".into(), integrity: None, tables: format!("messages {n} rows") })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(conversation: Uuid, at: i64, body: &str) -> Row {
+        let id = nexus::ids::v7(at, at as u64);
+        Row { conversation, id, sender: Uuid::from_u128(9), body: body.into(), inserted_at: at, seq: None }
+    }
+
+    fn check(acked: &[(&Row, u32)], rows: &[Row]) -> Violations {
+        let map = acked.iter().map(|(r, round)| (r.id, (r.conversation, *round))).collect();
+        let mut c = Checker::new(map, true);
+        for r in rows {
+            c.row(r);
+        }
+        c.finish();
+        c.v
+    }
+
+    #[test]
+    fn ids_give_back_their_instant() {
+        let at = 1_768_161_950_055_142;
+        assert_eq!(id_micros(nexus::ids::v7(at, u64::MAX)), at);
+        assert!(tagged("12-xx") && !tagged("xx") && !tagged("-x") && !tagged("12"));
+    }
+
+    #[test]
+    fn clean_rounds_pass() {
+        let c = Uuid::from_u128(1);
+        let (a, b, x) = (row(c, 1_000, "1-x"), row(c, 2_000, "2-x"), row(c, 3_000, "3-x"));
+        // `x` is stored but was never acknowledged (in flight at a kill): allowed.
+        assert_eq!(check(&[(&a, 0), (&b, 1)], &[a.clone(), b.clone(), x]).count, 0);
+    }
+
+    #[test]
+    fn lost_duplicated_and_reordered_messages_fail() {
+        let c = Uuid::from_u128(1);
+        let (a, b) = (row(c, 1_000, "1-x"), row(c, 2_000, "2-x"));
+        assert_eq!(check(&[(&a, 0), (&b, 0)], std::slice::from_ref(&a)).count, 1, "lost");
+        let again = Row { body: a.body.clone(), ..row(c, 3_000, "") };
+        assert_eq!(check(&[(&a, 0)], &[a.clone(), again]).count, 1, "stored twice under two ids");
+        assert_eq!(check(&[(&a, 1), (&b, 0)], &[a.clone(), b.clone()]).count, 2, "a later round sorts first");
+        let stale = Row { inserted_at: 500, ..b.clone() };
+        assert!(check(&[], &[a, stale]).count >= 2, "inserted_at going back, and not the id's instant");
+    }
+}
