@@ -101,6 +101,9 @@ fn counters_gauges_and_histograms_follow_what_clients_do() {
         assert!(m.contains_key(&format!(r#"nexus_writer_commit_seconds_bucket{{le="{le}"}}"#)), "bucket {le}");
     }
     assert!(m.contains_key(r#"nexus_mailbox_depth{core="1"}"#));
+    // The embedded database's own heap (page caches, statements) is counted.
+    assert!(get(&m, "nexus_sqlite_memory_bytes") > 0.0);
+    assert_eq!(get(&m, "nexus_outbox_bytes"), 0.0);
 
     assert_eq!(get(&m, "nexus_messages_dropped_total"), 0.0);
     assert_eq!(get(&m, r#"nexus_joins_refused_total{reason="busy"}"#), 0.0);

@@ -44,7 +44,7 @@ pub(crate) struct Args {
 }
 
 /// user → phx_refs of that user's metas.
-type View = HashMap<String, HashSet<String>>;
+pub(crate) type View = HashMap<String, HashSet<String>>;
 
 struct Client {
     user: Uuid,
@@ -286,7 +286,7 @@ fn apply(c: &mut Client, frame: &[u8], counts: &mut Counts) -> Result<(), String
 }
 
 /// Applies one `presence_diff` payload: its joins, then its leaves.
-fn apply_diff(view: &mut View, diff: &sonic_rs::Value) {
+pub(crate) fn apply_diff(view: &mut View, diff: &sonic_rs::Value) {
     if let Some(joins) = diff.get("joins") {
         merge(view, joins, true);
     }
@@ -296,7 +296,7 @@ fn apply_diff(view: &mut View, diff: &sonic_rs::Value) {
 }
 
 /// Adds (or removes) the metas of `{user: {"metas": [{"phx_ref": ..}, ..]}, ..}`.
-fn merge(view: &mut View, users: &sonic_rs::Value, add: bool) {
+pub(crate) fn merge(view: &mut View, users: &sonic_rs::Value, add: bool) {
     let Some(obj) = users.as_object() else { return };
     for (user, entry) in obj.iter() {
         let refs = entry.get("metas").and_then(|m| m.as_array());

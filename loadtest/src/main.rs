@@ -21,6 +21,10 @@
 //! Scenario `rejoin`: joins recovering missed messages, one at a time or as a storm; latency to
 //! the last recovered message and server CPU per rejoin.
 //!
+//! Scenario `soak`: hours of connections, messages, churn with recovery, history reads, slow
+//! consumers and hostile clients against one node, sampled every minute into a CSV; at the end,
+//! memory growth, descriptors, lost or duplicated messages, gaps and presence are checked.
+//!
 //! `verify`: checks a database against `persist --acked-log` logs (every acknowledged message
 //! stored exactly once, ids and `inserted_at` increasing across restarts): `loadtest/crashloop.sh`.
 
@@ -30,6 +34,7 @@ mod fanout;
 mod persist;
 mod reactor;
 mod rejoin;
+mod soak;
 mod stats;
 mod storm;
 mod v2;
@@ -63,6 +68,8 @@ enum Scenario {
     Churn(churn::Args),
     /// Rejoins with last_seen_id: latency to the last recovered message, CPU per rejoin.
     Rejoin(rejoin::Args),
+    /// Hours of a realistic mix against one node, sampled into a CSV, checked at the end.
+    Soak(soak::Args),
     /// Checks a database against `persist --acked-log` logs: stored exactly once, ids increasing.
     Verify(verify::Args),
 }
@@ -196,6 +203,7 @@ fn main() {
         Scenario::Connect(args) => connect::run(args),
         Scenario::Churn(args) => churn::run(args),
         Scenario::Rejoin(args) => rejoin::run(args),
+        Scenario::Soak(args) => soak::run(args),
         Scenario::Verify(args) => verify::run(args),
     };
     if let Err(e) = result {

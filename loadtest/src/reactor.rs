@@ -26,7 +26,16 @@ pub(crate) enum Frame<'a> {
 /// `127.0.0.<source>` (several source addresses give more than 64k ports) and returns it
 /// non-blocking once the server answered 101.
 pub(crate) fn open(addr: SocketAddr, source: u8, path: &str) -> Result<Sock, String> {
+    open_with(addr, source, path, None)
+}
+
+/// [`open`], with the socket's receive buffer set to `rcvbuf` bytes first (a small window makes
+/// a client that stops reading back up into the server soon: a slow consumer).
+pub(crate) fn open_with(addr: SocketAddr, source: u8, path: &str, rcvbuf: Option<usize>) -> Result<Sock, String> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|e| e.to_string())?;
+    if let Some(bytes) = rcvbuf {
+        socket.set_recv_buffer_size(bytes).map_err(|e| format!("SO_RCVBUF: {e}"))?;
+    }
     let local = SocketAddr::from(([127, 0, 0, source], 0));
     socket.bind(&local.into()).map_err(|e| format!("bind {local}: {e}"))?;
     socket.connect(&addr.into()).map_err(|e| format!("connect: {e}"))?;

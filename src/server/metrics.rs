@@ -55,6 +55,14 @@ pub(crate) fn render(shared: &Shared, store: &StoreHandle) -> String {
         "Bytes queued for sockets that have not taken them yet (all cores).",
         total.gauges.outbox_bytes,
     );
+    // SAFETY: sqlite3_memory_used only reads SQLite's global counters (thread-safe).
+    let sqlite_bytes = unsafe { rusqlite::ffi::sqlite3_memory_used() };
+    gauge(
+        &mut out,
+        "nexus_sqlite_memory_bytes",
+        "Heap held by the embedded SQLite (page caches, statements); 0 on PostgreSQL.",
+        sqlite_bytes.max(0) as u64,
+    );
     gauge(&mut out, "nexus_writer_queue_depth", "Messages waiting for the writer.", store.queued() as u64);
     header(&mut out, "nexus_mailbox_depth", "Cross-core messages waiting, per core.", "gauge");
     for (core, mailbox) in shared.mailboxes.iter().enumerate() {
