@@ -257,9 +257,13 @@ mod tests {
         }
         let count = |sql: &str| reader.query_row(sql, [], |r| r.get::<_, i64>(0)).expect("count");
         assert_eq!(count("SELECT count(*) FROM messages"), n);
-        assert_eq!(count("SELECT count(*) FROM recent"), 0, "recent is emptied behind the sweep");
+        assert_eq!(count("SELECT count(*) FROM recent"), 1, "recent keeps only its newest row");
         for (c, conv) in convs.iter().enumerate() {
             assert_eq!(all_bodies(&mut reader, *conv), expected(c, n));
         }
+        // A restart reads the stamper's floor from that row, not from a scan of `messages`.
+        drop(store);
+        let reopened = SqliteStore::new(open_writer(&path, Sync::Normal, None).expect("reopen")).expect("store");
+        assert_eq!(crate::store::Store::last_inserted_at_us(&reopened), 1_000 + n - 1);
     }
 }
