@@ -64,7 +64,8 @@ cleanup() {
     kill -KILL "$SERVER_PID" 2>/dev/null || true
     wait "$SERVER_PID" 2>/dev/null || true
   fi
-  [ "$OUT" = "$WORK" ] || rm -rf "$WORK"
+  # Without --out the output lives in the work directory: kept when the run failed, to look at.
+  if [ "$OUT" != "$WORK" ] || [ "${rc:-1}" = 0 ]; then rm -rf "$WORK"; else say "kept $WORK"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -95,6 +96,8 @@ if grep -qE ' ERROR |panicked' "$OUT/server.log"; then
   grep -E ' ERROR |panicked' "$OUT/server.log" | head -20 >&2
   die "the server logged an error"
 fi
+
+[ "$(wc -l <"$OUT/soak.csv" 2>/dev/null || echo 0)" -ge 2 ] || die "no samples: nexus-load soak stopped early"
 
 # The plot: memory and descriptors, load, queues, storage, latency; minutes on the x axis.
 gnuplot <<GNUPLOT || die "gnuplot failed"

