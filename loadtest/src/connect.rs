@@ -3,6 +3,10 @@
 //! server's RSS before and after (`--server-pid`) and per connection, the kernel's TCP memory
 //! (both ends of every loopback connection), and the load generator's own RSS.
 //!
+//! `--warm W` opens and joins W connections first and reads the "before" figures only then,
+//! so that what the server's first connections touch once (per-core buffers, thread stacks,
+//! allocator arenas) is not counted as a cost of every connection.
+//!
 //! One process holds at most what its descriptor limit allows; `--processes P` runs P copies of
 //! this scenario as child processes (each with N/P connections and its own source addresses)
 //! and adds their reports up, so one box can hold more than one process's worth of sockets.
@@ -46,6 +50,12 @@ pub(crate) struct Args {
     /// Server process id, for RSS before/after.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Connections opened, joined and held (from 127.0.0.252) before the "before" figures are
+    /// read: the per-connection figures then count what one more connection costs, not the
+    /// one-time cost of the server's first connections (per-core buffers, thread stacks and
+    /// allocator arenas touched on first use).
+    #[arg(long, default_value_t = 0)]
+    warm: usize,
     /// Print one JSON object instead of the summary.
     #[arg(long)]
     json: bool,
@@ -84,6 +94,7 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
         return run_child(&args, child);
     }
     let topics: Vec<String> = (0..args.topics).map(|_| Uuid::new_v4().to_string()).collect();
+    let warm = warm_up(&args, &topics)?;
     let kernel_before = Kernel::read();
     let rss_before = args.server_pid.and_then(rss_bytes);
     let started = Instant::now();
@@ -96,7 +107,52 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
         spawn_children(&args, &topics)?
     };
     let secs = started.elapsed().as_secs_f64();
+    drop(warm);
     report(&args, &held, secs, rss_before, rss_after, kernel_before, kernel_after)
+}
+
+/// Opens `--warm` connections joined to `topics` round-robin and waits until every join is
+/// answered and the presence traffic has been quiet for 500 ms; returns them, to be held.
+fn warm_up(args: &Args, topics: &[String]) -> Result<Vec<Sock>, String> {
+    if args.warm == 0 {
+        return Ok(Vec::new());
+    }
+    let addr = crate::loopback(&args.target.addr)?;
+    let poller = Poller::new()?;
+    let mut socks = Vec::with_capacity(args.warm);
+    for i in 0..args.warm {
+        let mut sock = reactor::open(addr, 252, &args.target.socket_path(Uuid::new_v4())?)?;
+        let join = format!(r#"["1","1","{}","phx_join",{{}}]"#, args.target.topic(&topics[i % topics.len()]));
+        sock.send_text(join.as_bytes()).map_err(|e| e.to_string())?;
+        poller.add(sock.fd(), i)?;
+        socks.push(sock);
+    }
+    let mut poller = poller;
+    let (mut joined, mut answered, mut last) = (vec![false; socks.len()], 0, Instant::now());
+    let mut scratch = vec![0u8; 64 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while answered < socks.len() || last.elapsed() < Duration::from_millis(500) {
+        if Instant::now() > deadline {
+            return Err(format!("{} warm-up joins unanswered after 30 s", socks.len() - answered));
+        }
+        for i in poller.wait(50) {
+            let mut ok = false;
+            let _ = socks[i].read(&mut scratch, |f| {
+                if let Frame::Text(t) = f {
+                    ok |= v2::head(t).is_some_and(|h| h.ok() && h.reference.is_some_and(|r| r.is("1")));
+                }
+            });
+            last = Instant::now();
+            if socks[i].closed {
+                return Err("the server closed a warm-up connection".into());
+            }
+            if ok && !joined[i] {
+                joined[i] = true;
+                answered += 1;
+            }
+        }
+    }
+    Ok(socks)
 }
 
 /// Opens, joins and holds this process's share; calls `ready` once every join was answered
@@ -367,7 +423,7 @@ fn report(
         println!(
             "{{\"scenario\":\"connect\",\"connections\":{},\"topics\":{},\"processes\":{},\"established\":{},\
              \"failed\":{},\"closed\":{},\"heartbeats_ok\":{},\"join_ms_p50\":{p50:.3},\"join_ms_p99\":{p99:.3},\
-             \"join_ms_p999\":{p999:.3},\"server_rss_before\":{},\"server_rss_after\":{},\
+             \"join_ms_p999\":{p999:.3},\"warm\":{},\"server_rss_before\":{},\"server_rss_after\":{},\
              \"server_rss_per_conn\":{},\"kernel_tcp_buffer_bytes_per_conn\":{},\"kernel_slab_bytes_per_conn\":{},\"loadgen_rss\":{},\"secs\":{secs:.1},\
              \"error\":{}}}",
             args.connections,
@@ -377,6 +433,7 @@ fn report(
             held.failed,
             held.closed,
             held.heartbeats_ok,
+            args.warm,
             optu(rss_before),
             optu(rss_after),
             opt(per_conn),
@@ -399,7 +456,12 @@ fn report(
         );
         println!("  join latency ms p50 {p50:.3} p99 {p99:.3} p99.9 {p999:.3}");
         if let (Some(b), Some(a), Some(p)) = (rss_before, rss_after, per_conn) {
-            println!("  server RSS {:.1} MB -> {:.1} MB = {p:.0} B per connection", b as f64 / 1e6, a as f64 / 1e6);
+            println!(
+                "  server RSS {:.1} MB -> {:.1} MB = {p:.0} B per connection (baseline after {} warm-up connections)",
+                b as f64 / 1e6,
+                a as f64 / 1e6,
+                args.warm
+            );
         }
         if let (Some(k), Some(s)) = (kernel_per, slab_per) {
             println!("  kernel per connection (both loopback ends): TCP buffers {k:.0} B, slab objects {s:.0} B");
