@@ -46,6 +46,8 @@ pub(crate) struct Held {
 struct Topic {
     members: HashMap<usize, Member>,
     spelling: Rc<str>,
+    // Boxed on purpose: 8 bytes in every topic instead of 48 for a map that is almost never used.
+    #[allow(clippy::box_collection)]
     other_spellings: Option<Box<HashMap<usize, Rc<str>>>>,
     /// Cluster mode: the delivery order of the conversation's messages on this core.
     order: Option<Box<TopicOrder>>,
