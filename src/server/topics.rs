@@ -30,6 +30,8 @@ pub(crate) struct Held {
     pub overflowed: bool,
     /// The recovered messages' payloads, once read (pushed after the `presence_state`).
     pub missed: Option<Vec<Bytes>>,
+    /// The client's `last_seen_id`, once read: held broadcasts at or below it were seen.
+    pub after: Option<Uuid>,
 }
 
 /// This core's members of one conversation.

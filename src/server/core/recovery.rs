@@ -5,7 +5,7 @@
 //! The member's broadcasts are held from the moment it is a member; the store is read on a
 //! reader thread (never on the core), the reply says how many messages were missed, and once
 //! the `presence_state` is pushed the recovered messages follow, then the held ones newer than
-//! the last recovered (ids are in commit order within a conversation). When the readers' queue
+//! the last recovered and than `last_seen_id` (ids are in commit order within a conversation). When the readers' queue
 //! is full (a reconnect storm), reads wait in a bounded per-core backlog. A read that fails, a
 //! full backlog, more than `NEXUS_RECOVERY_MAX` missed messages or more than
 //! `RECOVERY_HOLD_MAX` (src/limits.rs) held broadcasts all answer `{"recovered":false}`: nothing old
@@ -112,6 +112,7 @@ impl Core {
                 (Some(held), Some(messages)) if !held.overflowed && messages.len() <= max => {
                     let n = messages.len();
                     held.missed = Some(messages.into_iter().map(|(_, payload)| payload).collect());
+                    held.after = Some(recovery.after);
                     Some(n)
                 }
                 _ => {
@@ -143,15 +144,9 @@ impl Core {
             // the client rejoins from the last message it got.
             return conn.request_close(crate::close::Close::SlowConsumer);
         }
-        // Held broadcasts the read already had are dropped: ids rise in commit order.
-        let last = missed.last().and_then(|p| id_of(p));
-        let newer = held.live.iter().filter(|p| match (last, id_of(p)) {
-            (Some(last), Some(id)) => id > last,
-            _ => true,
-        });
         let max = self.config().max_outbox_bytes;
         let mut pushed = 0;
-        for payload in missed.iter().chain(newer) {
+        for payload in to_push(&missed, &held.live, held.after) {
             let msg = Outbound { join_ref: None, reference: None, topic, event: chat::NEW_MSG, payload };
             conn.send(wire::encode_frame(conn.vsn(), &msg), max);
             pushed += 1;
@@ -159,6 +154,23 @@ impl Core {
         self.counters.add(Counter::Deliveries, pushed);
         self.counters.add(Counter::RecoveredMessages, missed.len() as u64);
     }
+}
+
+/// What a recovering member gets after its `presence_state`: the recovered messages, then the
+/// held broadcasts newer than the last of them, and newer than the client's `last_seen_id`.
+///
+/// Ids rise in commit order, so a held broadcast at or below the last recovered message is
+/// one the read already had. One at or below `last_seen_id` is one the client saw: every core
+/// gets each committed batch, but a core that lags (starved of CPU) may deliver a message the
+/// client already had on a socket on another core only after this join, and, when nothing
+/// was missed, nothing else would tell it apart.
+fn to_push<'a>(missed: &'a [Bytes], live: &'a [Bytes], after: Option<Uuid>) -> impl Iterator<Item = &'a Bytes> {
+    let floor = missed.last().and_then(|p| id_of(p)).max(after);
+    let newer = live.iter().filter(move |p| match (floor, id_of(p)) {
+        (Some(floor), Some(id)) => id > floor,
+        _ => true,
+    });
+    missed.iter().chain(newer)
 }
 
 /// The message id a `new_msg` payload starts with (`{"id":"<uuid>",…`).
@@ -170,6 +182,26 @@ fn id_of(payload: &[u8]) -> Option<Uuid> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn payload(id: Uuid) -> Bytes {
+        Bytes::from(format!(r#"{{"id":"{id}","content":{{"text":"x"}}}}"#))
+    }
+
+    #[test]
+    fn held_broadcasts_the_client_or_the_read_had_are_not_pushed_again() {
+        let ids: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+        let pushed = |missed: &[usize], live: &[usize], after: Option<usize>| -> Vec<Uuid> {
+            let missed: Vec<Bytes> = missed.iter().map(|&i| payload(ids[i])).collect();
+            let live: Vec<Bytes> = live.iter().map(|&i| payload(ids[i])).collect();
+            to_push(&missed, &live, after.map(|i| ids[i])).filter_map(|p| id_of(p)).collect()
+        };
+        // Recovered 2 and 3 after 1; held 3 (the read had it) and 4.
+        assert_eq!(pushed(&[2, 3], &[3, 4], Some(1)), vec![ids[2], ids[3], ids[4]]);
+        // Nothing missed after 2, but a lagging core held 2 (seen) before 3 and 4.
+        assert_eq!(pushed(&[], &[2, 3, 4], Some(2)), vec![ids[3], ids[4]]);
+        // Nothing missed, nothing seen held: everything held goes.
+        assert_eq!(pushed(&[], &[3, 4], Some(2)), vec![ids[3], ids[4]]);
+    }
 
     #[test]
     fn ids_come_from_the_payloads_head() {
