@@ -5,9 +5,10 @@
 //! (the first `--large-room` share one large room, the rest are spread over `--topics` small
 //! rooms); `--rate` `new_msg`/s from random members; `--churn` actions/s, each taking a member
 //! away for `--away` (a leave then a rejoin, or a dropped socket then a reconnect), every
-//! rejoin recovering what it missed with `last_seen_id`; history reads; `--slow` consumers in
-//! the large room that never read (small receive window: the server's queue limit closes
-//! them, and they reconnect); and a hostile client trying one bad input after another.
+//! rejoin recovering what it missed with `last_seen_id`; history reads; `--slow` consumers that
+//! never read (small receive window: the server's queue limit closes them, and they
+//! reconnect), fed by a firehose conversation of their own (`--firehose-rate`
+//! messages/s of `--firehose-bytes`); and a hostile client trying one bad input after another.
 //!
 //! Every `--sample` one CSV row: server RSS and descriptors, `/metrics` gauges (connections,
 //! writer queue, mailboxes, outbox bytes, SQLite's heap), database and WAL size, and the
@@ -74,9 +75,17 @@ pub(crate) struct Args {
     /// History pages read per second.
     #[arg(long, default_value_t = 2.0)]
     history_rate: f64,
-    /// Slow consumers in the large room (they never read).
+    /// Slow consumers (they never read), members of the firehose.
     #[arg(long, default_value_t = 4)]
     slow: usize,
+    /// Messages per second into the firehose, a conversation of one sender and the slow
+    /// consumers: it fills their queues (the kernel's buffers, then the server's outbox up to its
+    /// limit) in minutes, so their close-and-reconnect cycle is part of the steady state.
+    #[arg(long, default_value_t = 20)]
+    firehose_rate: u64,
+    /// Body bytes of a firehose message.
+    #[arg(long, default_value_t = 2000)]
+    firehose_bytes: usize,
     /// One hostile probe every this long.
     #[arg(long, default_value = "2s", value_parser = crate::parse_secs)]
     hostile_every: Duration,
@@ -147,6 +156,10 @@ struct Member {
     away: bool,
     /// Recovered messages still to come after the last join reply.
     recovering: u64,
+    /// The last messages received, newest last: (id, recovered, ms since the load began).
+    recent: VecDeque<(u128, bool, u64)>,
+    /// When the last join reply came (ms since the load began).
+    joined_at: u64,
 }
 
 struct Inflight {
@@ -201,8 +214,8 @@ impl Rng {
 /// A message body this scenario sent, `s<ref> <µs since the start>`: the sender's ref (unique
 /// in the run) and when it was sent.
 fn body_ref(body: &str) -> Option<(u64, u64)> {
-    let (r, t) = body.strip_prefix('s')?.split_once(' ')?;
-    Some((r.parse().ok()?, t.parse().ok()?))
+    let mut words = body.strip_prefix('s')?.split(' ');
+    Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
 }
 
 /// Records `us` in the interval's histogram and the run's.
@@ -244,6 +257,8 @@ struct Soak {
     scratch: Vec<u8>,
     /// Members whose socket the server closed since the last [`Soak::take_closed`].
     closed: Vec<usize>,
+    /// The first order violations, described.
+    violations: Vec<String>,
 }
 
 pub(crate) fn run(args: Args) -> Result<(), String> {
@@ -259,14 +274,21 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     let warmup = args.warmup.unwrap_or(args.duration / 4);
     let hist = || Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).map_err(|e| e.to_string());
     // Topic 0 is the large room.
-    let topics: Vec<Uuid> = (0..=args.topics).map(|_| Uuid::new_v4()).collect();
-    let members = (0..args.connections)
+    // Topic 0 is the large room, 1..=topics the small rooms, the last the firehose.
+    let topics: Vec<Uuid> = (0..args.topics + 2).map(|_| Uuid::new_v4()).collect();
+    let firehose = topics.len() - 1;
+    // The last member is the firehose's sender.
+    let members = (0..=args.connections)
         .map(|i| {
-            let topic = if i < args.large_room { 0 } else { 1 + i % args.topics };
+            let topic = match i {
+                i if i == args.connections => firehose,
+                i if i < args.large_room => 0,
+                i => 1 + i % args.topics,
+            };
             Member {
                 user: Uuid::new_v4(),
                 topic,
-                keeps_view: topic != 0 || i < args.observers,
+                keeps_view: (topic != 0 && topic != firehose) || i < args.observers,
                 sock: None,
                 join_ref: None,
                 joined: false,
@@ -278,6 +300,8 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
                 stretches: Vec::new(),
                 away: false,
                 recovering: 0,
+                recent: VecDeque::new(),
+                joined_at: 0,
             }
         })
         .collect();
@@ -299,6 +323,7 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
         e2e_us: [hist()?, hist()?],
         scratch: vec![0u8; 256 * 1024],
         closed: Vec::new(),
+        violations: Vec::new(),
         args,
     };
 
@@ -338,7 +363,7 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
 
     let load = Instant::now();
     soak.started = load;
-    let (mut sent_due, mut churn_due, mut heartbeats) = (0u64, 0u64, 0u64);
+    let (mut sent_due, mut churn_due, mut firehose_due, mut heartbeats) = (0u64, 0u64, 0u64, 0u64);
     let mut hb_cursor = 0usize;
     let mut returns: VecDeque<(Instant, usize)> = VecDeque::new();
     let mut samples: Vec<Sample> = Vec::new();
@@ -348,6 +373,13 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
         while sent_due < (secs * soak.args.rate as f64) as u64 {
             sent_due += 1;
             soak.send_one()?;
+        }
+        while firehose_due < (secs * soak.args.firehose_rate as f64) as u64 {
+            firehose_due += 1;
+            let sender = soak.args.connections;
+            if soak.members[sender].joined {
+                soak.send_from(sender, soak.args.firehose_bytes)?;
+            }
         }
         while churn_due < (secs * soak.args.churn as f64) as u64 {
             churn_due += 1;
@@ -490,6 +522,9 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
         soak.args.rss_growth_max
     );
     println!("  presence views differing from the truth: {mismatched}");
+    for v in &soak.violations {
+        println!("  out of order: {v}");
+    }
     if failures.is_empty() {
         println!("soak: PASS");
         Ok(())
@@ -526,7 +561,8 @@ impl Soak {
         let mut sock =
             reactor::open_with(self.addr, source, &self.args.target.socket_path(Uuid::new_v4())?, Some(4096))?;
         let r = self.take_ref();
-        let frame = format!(r#"["{r}","{r}","{}","phx_join",{{}}]"#, self.args.target.topic(self.topics[0]));
+        let firehose = self.topics[self.topics.len() - 1];
+        let frame = format!(r#"["{r}","{r}","{}","phx_join",{{}}]"#, self.args.target.topic(firehose));
         sock.send_text(frame.as_bytes()).map_err(|e| e.to_string())?;
         Ok(sock)
     }
@@ -551,15 +587,21 @@ impl Soak {
     }
 
     fn send_one(&mut self) -> Result<(), String> {
-        let Some(i) = (0..8).map(|_| self.rng.below(self.members.len())).find(|&i| self.members[i].joined) else {
+        let Some(i) = (0..8).map(|_| self.rng.below(self.args.connections)).find(|&i| self.members[i].joined) else {
             return Ok(());
         };
+        self.send_from(i, 0)
+    }
+
+    /// One `new_msg` from member `i`, its body padded with `pad` bytes.
+    fn send_from(&mut self, i: usize, pad: usize) -> Result<(), String> {
         let r = self.take_ref();
         let m = &mut self.members[i];
         let (Some(jr), Some(sock)) = (m.join_ref, m.sock.as_mut()) else { return Ok(()) };
         let t = self.started.elapsed().as_micros();
         let topic = self.args.target.topic(self.topics[m.topic]);
-        let frame = format!(r#"["{jr}","{r}","{topic}","new_msg",{{"body":"s{r} {t}"}}]"#);
+        let padding = if pad > 0 { format!(" {}", "x".repeat(pad)) } else { String::new() };
+        let frame = format!(r#"["{jr}","{r}","{topic}","new_msg",{{"body":"s{r} {t}{padding}"}}]"#);
         if sock.send_text(frame.as_bytes()).is_ok() {
             self.inflight.insert(r, Inflight { member: i, sent: Instant::now() });
             self.counts.sent += 1;
@@ -571,7 +613,7 @@ impl Soak {
     fn churn_one(&mut self) -> Result<Option<usize>, String> {
         let observers = self.args.observers.min(self.args.large_room);
         let Some(i) = (0..8)
-            .map(|_| self.rng.below(self.members.len()))
+            .map(|_| self.rng.below(self.args.connections))
             .find(|&i| self.members[i].joined && !(i < observers && self.members[i].topic == 0))
         else {
             return Ok(None);
@@ -686,6 +728,7 @@ impl Soak {
             } else if r.is_some() && r == m.join_ref {
                 if h.ok() {
                     m.joined = true;
+                    m.joined_at = self.started.elapsed().as_millis() as u64;
                     // `{"recovered":false}`: too much was missed; the next message starts a
                     // new stretch (none of this run's members misses that much).
                     let response = h.response().unwrap_or_default();
@@ -744,8 +787,14 @@ impl Soak {
             .as_u128();
         self.counts.deliveries += 1;
         let text = v2::message_text(payload).map(|t| t.text().into_owned()).unwrap_or_default();
+        let now_ms = self.started.elapsed().as_millis() as u64;
         let m = &mut self.members[i];
-        if m.recovering > 0 {
+        let recovered = m.recovering > 0;
+        if m.recent.len() == 8 {
+            m.recent.pop_front();
+        }
+        m.recent.push_back((id, recovered, now_ms));
+        if recovered {
             m.recovering -= 1;
         } else if let Some((_, t)) = body_ref(&text) {
             let now = self.started.elapsed().as_micros() as u64;
@@ -753,6 +802,25 @@ impl Soak {
         }
         if m.last_id.is_some_and(|last| id <= last) {
             self.counts.out_of_order += 1;
+            if self.violations.len() < 5 {
+                let recent: Vec<String> = m
+                    .recent
+                    .iter()
+                    .map(|(id, r, at)| {
+                        format!("{}{}@{at}", &Uuid::from_u128(*id).to_string()[..13], if *r { "R" } else { "" })
+                    })
+                    .collect();
+                self.violations.push(format!(
+                    "member {i} (topic {}, joined {} ms ago, join_ref {:?}, leaving {:?}): {} after {}; last received: {}",
+                    m.topic,
+                    now_ms.saturating_sub(m.joined_at),
+                    m.join_ref,
+                    m.leaving,
+                    Uuid::from_u128(id),
+                    Uuid::from_u128(m.last_id.unwrap_or_default()),
+                    recent.join(" ")
+                ));
+            }
             return Ok(());
         }
         m.last_id = Some(id);
