@@ -76,4 +76,4 @@ echo "== soak, 2 minutes (2,000 sockets, churn, history, slow and hostile client
 # their fixed size as the database grows (BENCHMARKS.md, "Soak").
 NEXUS_BIN="$PWD/target/debug/nexus" NEXUS_LOAD_BIN="$PWD/target/debug/nexus-load" \
   bash loadtest/soak.sh --duration 2m --connections 2000 --topics 200 --large-room 200 --sample 10s \
-  -- --warmup 30s --rss-less-sqlite --settle 20s
+  -- --warmup 40s --firehose-rate 100 --rss-less-sqlite --settle 20s
