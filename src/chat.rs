@@ -78,6 +78,13 @@ pub fn failed_to_save(detail: &str) -> Vec<u8> {
     out
 }
 
+/// The message id a `new_msg` payload starts with (`{"id":"<uuid>",…`, as
+/// [`new_msg_payload`] writes it).
+pub(crate) fn payload_id(payload: &[u8]) -> Option<uuid::Uuid> {
+    let text = payload.strip_prefix(br#"{"id":""#)?.get(..36)?;
+    uuid::Uuid::try_parse_ascii(text).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::conn::Conn;
 use super::fabric::TopicOrder;
 use crate::phoenix::{Outbound, Vsn};
-use crate::{limits, wire};
+use crate::{chat, limits, wire};
 
 /// One local member of a topic.
 struct Member {
@@ -32,6 +32,10 @@ pub(crate) struct Held {
     pub missed: Option<Vec<Bytes>>,
     /// The client's `last_seen_id`, once read: held broadcasts at or below it were seen.
     pub after: Option<Uuid>,
+    /// Set once the recovered messages are pushed: the newest message the member has.
+    /// Broadcasts at or below it (their batch reached this core after the read saw it) are
+    /// dropped; the first newer one is delivered and ends the recovery.
+    pub trailing: Option<Uuid>,
 }
 
 /// This core's members of one conversation.
@@ -167,6 +171,15 @@ impl LocalTopics {
         Some(held)
     }
 
+    /// After its recovered messages are pushed, member `key` gets broadcasts directly again,
+    /// except those at or below `floor` (see [`Held::trailing`]).
+    pub(crate) fn trail_recovery(&mut self, conversation: Uuid, key: usize, floor: Uuid) {
+        if let Some(m) = self.topics.get_mut(&conversation).and_then(|t| t.members.get_mut(&key)) {
+            m.recovering = true;
+            self.held.insert((key, conversation), Held { trailing: Some(floor), ..Held::default() });
+        }
+    }
+
     /// Marks a member's `presence_state` as pushed: diffs may go to it from now on.
     pub(crate) fn presence_ready(&mut self, conversation: Uuid, key: usize) {
         if let Some(m) = self.topics.get_mut(&conversation).and_then(|t| t.members.get_mut(&key)) {
@@ -193,20 +206,28 @@ impl LocalTopics {
         let Some(topic) = self.topics.get(&conversation) else { return 0 };
         let mut frames: Vec<(Vsn, Rc<str>, Bytes)> = Vec::new();
         let mut delivered = 0;
+        let mut caught_up = Vec::new();
         for (key, member) in &topic.members {
             if presence && !member.presence_ready {
                 continue;
             }
             if member.recovering && !presence {
-                if let Some(held) = self.held.get_mut(&(*key, conversation)) {
-                    if held.live.len() >= limits::RECOVERY_HOLD_MAX {
-                        held.live = Vec::new();
-                        held.overflowed = true;
-                    } else if !held.overflowed {
-                        held.live.push(Bytes::copy_from_slice(payload));
+                let Some(held) = self.held.get_mut(&(*key, conversation)) else { continue };
+                match held.trailing {
+                    Some(floor) => match chat::payload_id(payload) {
+                        Some(id) if id <= floor => continue, // recovered already
+                        _ => caught_up.push(*key),           // delivered below
+                    },
+                    None => {
+                        if held.live.len() >= limits::RECOVERY_HOLD_MAX {
+                            held.live = Vec::new();
+                            held.overflowed = true;
+                        } else if !held.overflowed {
+                            held.live.push(Bytes::copy_from_slice(payload));
+                        }
+                        continue;
                     }
                 }
-                continue;
             }
             let vsn = member.conn.vsn();
             let spelling = topic.spelling_of(*key);
@@ -223,6 +244,9 @@ impl LocalTopics {
             };
             member.conn.send(frame, max_outbox_bytes);
             delivered += 1;
+        }
+        for key in caught_up {
+            self.finish_recovery(conversation, key);
         }
         delivered
     }
@@ -257,5 +281,32 @@ mod tests {
         topics.start_recovery(conversation, a.key);
         topics.remove_member(conversation, a.key);
         assert!(topics.held_mut(conversation, a.key).is_none(), "the hold goes with the membership");
+    }
+
+    /// After its recovered messages are pushed, a member gets no broadcast of a message it
+    /// recovered (its batch can reach the core after the read saw it), and the first newer one
+    /// ends the recovery.
+    #[test]
+    fn a_recovered_member_gets_no_late_broadcast_of_what_it_recovered() {
+        let conversation = Uuid::from_u128(7);
+        let (a, b) = (Rc::new(Conn::new(0, 0, -1, 0)), Rc::new(Conn::new(1, 1, -1, 0)));
+        let mut topics = LocalTopics::default();
+        topics.add_member(conversation, &a, Rc::from("chat:x"));
+        topics.add_member(conversation, &b, Rc::from("chat:x"));
+        let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+        let payload = |id: Uuid| format!(r#"{{"id":"{id}","content":{{"text":"x"}}}}"#);
+        topics.start_recovery(conversation, a.key);
+        topics.finish_recovery(conversation, a.key);
+        topics.trail_recovery(conversation, a.key, ids[1]);
+        for id in &ids[..2] {
+            assert_eq!(
+                topics.fan_out(conversation, "new_msg", payload(*id).as_bytes(), false, usize::MAX),
+                1,
+                "b only"
+            );
+        }
+        assert!(!a.has_output(), "nothing the member recovered reached it again");
+        assert_eq!(topics.fan_out(conversation, "new_msg", payload(ids[2]).as_bytes(), false, usize::MAX), 2);
+        assert!(a.has_output() && topics.held_mut(conversation, a.key).is_none(), "newer: delivered, recovery over");
     }
 }

@@ -5,7 +5,10 @@
 //! The member's broadcasts are held from the moment it is a member; the store is read on a
 //! reader thread (never on the core), the reply says how many messages were missed, and once
 //! the `presence_state` is pushed the recovered messages follow, then the held ones newer than
-//! the last recovered and than `last_seen_id` (ids are in commit order within a conversation). When the readers' queue
+//! the last recovered and than `last_seen_id` (ids are in commit order within a conversation).
+//! The reader can see a commit before the writer has handed that batch to this core, so until a
+//! broadcast newer than the last recovered message arrives, older ones are dropped for it
+//! ([`crate::server::topics::LocalTopics::trail_recovery`]). When the readers' queue
 //! is full (a reconnect storm), reads wait in a bounded per-core backlog. A read that fails, a
 //! full backlog, more than `NEXUS_RECOVERY_MAX` missed messages or more than
 //! `RECOVERY_HOLD_MAX` (src/limits.rs) held broadcasts all answer `{"recovered":false}`: nothing old
@@ -151,9 +154,19 @@ impl Core {
             conn.send(wire::encode_frame(conn.vsn(), &msg), max);
             pushed += 1;
         }
+        // The read may have seen a commit before that batch reached this core: its broadcast
+        // can still come, and must not be delivered twice.
+        if let Some(floor) = floor(&missed, held.after) {
+            self.topics.borrow_mut().trail_recovery(conversation, conn.key, floor);
+        }
         self.counters.add(Counter::Deliveries, pushed);
         self.counters.add(Counter::RecoveredMessages, missed.len() as u64);
     }
+}
+
+/// The newest message a recovered member has: the last recovered one, else its `last_seen_id`.
+fn floor(missed: &[Bytes], after: Option<Uuid>) -> Option<Uuid> {
+    missed.last().and_then(|p| id_of(p)).max(after)
 }
 
 /// What a recovering member gets after its `presence_state`: the recovered messages, then the
@@ -165,7 +178,7 @@ impl Core {
 /// client already had on a socket on another core only after this join, and, when nothing
 /// was missed, nothing else would tell it apart.
 fn to_push<'a>(missed: &'a [Bytes], live: &'a [Bytes], after: Option<Uuid>) -> impl Iterator<Item = &'a Bytes> {
-    let floor = missed.last().and_then(|p| id_of(p)).max(after);
+    let floor = floor(missed, after);
     let newer = live.iter().filter(move |p| match (floor, id_of(p)) {
         (Some(floor), Some(id)) => id > floor,
         _ => true,
@@ -173,11 +186,7 @@ fn to_push<'a>(missed: &'a [Bytes], live: &'a [Bytes], after: Option<Uuid>) -> i
     missed.iter().chain(newer)
 }
 
-/// The message id a `new_msg` payload starts with (`{"id":"<uuid>",…`).
-fn id_of(payload: &[u8]) -> Option<Uuid> {
-    let text = payload.strip_prefix(br#"{"id":""#)?.get(..36)?;
-    Uuid::try_parse_ascii(text).ok()
-}
+use crate::chat::payload_id as id_of;
 
 #[cfg(test)]
 mod tests {
