@@ -21,6 +21,7 @@ use bytes::Bytes;
 use uuid::Uuid;
 
 use super::{Conn, Core, CoreMsg, Counter};
+use crate::chat::payload_id as id_of;
 use crate::phoenix::Outbound;
 use crate::presence::PhxRef;
 use crate::session::Recovery;
@@ -185,8 +186,6 @@ fn to_push<'a>(missed: &'a [Bytes], live: &'a [Bytes], after: Option<Uuid>) -> i
     });
     missed.iter().chain(newer)
 }
-
-use crate::chat::payload_id as id_of;
 
 #[cfg(test)]
 mod tests {
