@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use uuid::Uuid;
 
-use crate::churn::{apply_diff, merge, View};
+use crate::churn::{apply_diff, merge, mix, Rng, View};
 use crate::reactor::{self, rss_bytes, Frame, Poller, Sock};
 use crate::v2;
 use crate::Target;
@@ -198,19 +198,6 @@ impl Side {
     }
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        mix(self.0)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 /// A message body this scenario sent, `s<ref> <µs since the start>`: the sender's ref (unique
 /// in the run) and when it was sent.
 fn body_ref(body: &str) -> Option<(u64, u64)> {
@@ -223,13 +210,6 @@ fn record(h: &mut [Histogram<u64>; 2], us: u64) {
     for h in h {
         let _ = h.record(us.max(1));
     }
-}
-
-/// splitmix64's finaliser.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 fn id_hash(id: u128) -> u64 {

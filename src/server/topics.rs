@@ -256,16 +256,22 @@ impl LocalTopics {
 mod tests {
     use super::*;
 
-    /// A recovering member's broadcasts are held up to the bound, then dropped and the
-    /// overflow remembered (the join then answers `recovered: false`); other members get
-    /// every frame meanwhile.
-    #[test]
-    fn a_recovering_members_hold_is_bounded() {
+    /// One conversation with members `a` and `b`.
+    fn two_members() -> (Uuid, Rc<Conn>, Rc<Conn>, LocalTopics) {
         let conversation = Uuid::from_u128(7);
         let (a, b) = (Rc::new(Conn::new(0, 0, -1, 0)), Rc::new(Conn::new(1, 1, -1, 0)));
         let mut topics = LocalTopics::default();
         topics.add_member(conversation, &a, Rc::from("chat:x"));
         topics.add_member(conversation, &b, Rc::from("chat:x"));
+        (conversation, a, b, topics)
+    }
+
+    /// A recovering member's broadcasts are held up to the bound, then dropped and the
+    /// overflow remembered (the join then answers `recovered: false`); other members get
+    /// every frame meanwhile.
+    #[test]
+    fn a_recovering_members_hold_is_bounded() {
+        let (conversation, a, b, mut topics) = two_members();
         topics.start_recovery(conversation, a.key);
         for _ in 0..limits::RECOVERY_HOLD_MAX {
             assert_eq!(topics.fan_out(conversation, "new_msg", b"{}", false, usize::MAX), 1, "b only");
@@ -288,11 +294,7 @@ mod tests {
     /// ends the recovery.
     #[test]
     fn a_recovered_member_gets_no_late_broadcast_of_what_it_recovered() {
-        let conversation = Uuid::from_u128(7);
-        let (a, b) = (Rc::new(Conn::new(0, 0, -1, 0)), Rc::new(Conn::new(1, 1, -1, 0)));
-        let mut topics = LocalTopics::default();
-        topics.add_member(conversation, &a, Rc::from("chat:x"));
-        topics.add_member(conversation, &b, Rc::from("chat:x"));
+        let (conversation, a, _b, mut topics) = two_members();
         let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
         let payload = |id: Uuid| format!(r#"{{"id":"{id}","content":{{"text":"x"}}}}"#);
         topics.start_recovery(conversation, a.key);
