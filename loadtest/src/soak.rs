@@ -310,8 +310,8 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     // The baseline: the server's descriptors before any client, after one history read and one
     // scrape (so files opened on first use are already open).
     let secret = soak.args.target.secret.clone().unwrap_or_default();
-    let probe_token = crate::wire::token(&secret, Uuid::new_v4())?;
-    http_get(addr, &format!("/api/conversations/{}/messages?limit=1", soak.topics[1]), Some(&probe_token))?;
+    let token = crate::wire::token(&secret, Uuid::new_v4())?;
+    http_get(addr, &format!("/api/conversations/{}/messages?limit=1", soak.topics[1]), Some(&token))?;
     scrape(addr)?;
     let pid = soak.args.server_pid;
     let sockets_before = socket_count(pid).ok_or("cannot read the server's descriptors (/proc/<pid>/fd)")?;
@@ -333,8 +333,8 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     let stop = Arc::new(AtomicBool::new(false));
     let history = {
         let (stop, topics, rate) = (stop.clone(), soak.topics.clone(), soak.args.history_rate);
-        let token = probe_token.clone();
-        std::thread::spawn(move || history_reader(addr, &token, &topics, rate, &stop))
+        let secret = secret.clone();
+        std::thread::spawn(move || history_reader(addr, &secret, &topics, rate, &stop))
     };
     let hostile = {
         let (stop, target, every) = (stop.clone(), soak.args.target.clone(), soak.args.hostile_every);
@@ -1113,8 +1113,10 @@ fn metric(text: &str, name: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
-/// Reads history pages of random conversations at `rate` per second until `stop`.
-fn history_reader(addr: SocketAddr, token: &str, topics: &[Uuid], rate: f64, stop: &AtomicBool) -> Side {
+/// Reads history pages of random conversations at `rate` per second until `stop`, each with a
+/// token minted for it (as a client gets fresh ones from its backend), so a run longer than a
+/// token's life still reads.
+fn history_reader(addr: SocketAddr, secret: &str, topics: &[Uuid], rate: f64, stop: &AtomicBool) -> Side {
     let mut side = Side::default();
     if rate <= 0.0 {
         return side;
@@ -1124,7 +1126,9 @@ fn history_reader(addr: SocketAddr, token: &str, topics: &[Uuid], rate: f64, sto
     let mut due = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let topic = topics[rng.below(topics.len())];
-        match http_get(addr, &format!("/api/conversations/{topic}/messages?limit=50"), Some(token)) {
+        let read = crate::wire::token(secret, Uuid::new_v4())
+            .and_then(|token| http_get(addr, &format!("/api/conversations/{topic}/messages?limit=50"), Some(&token)));
+        match read {
             Ok(body) if body.starts_with(b"{") || body.starts_with(b"[") => side.ok += 1,
             Ok(body) => side.fail(format!("not JSON: {}", String::from_utf8_lossy(&body))),
             Err(e) => side.fail(e),
