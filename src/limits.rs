@@ -121,6 +121,11 @@ pub const MAILBOX_BLOCKING_PAUSE_MAX: Duration = Duration::from_millis(5);
 /// sweep per core instead of one timer (and its memory) per connection.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 
+/// How often core 0 gives the heap's free pages back to the kernel ([`crate::server::sys`]'s
+/// `trim_heap`): often enough that RSS follows the memory in use within a minute after a burst,
+/// rarely enough that the walk over the allocator's free lists costs nothing measurable.
+pub const HEAP_TRIM_INTERVAL: Duration = Duration::from_secs(60);
+
 /// File descriptors kept back from `RLIMIT_NOFILE` for the database, its threads and logs; the
 /// rest, less [`FDS_PER_CORE`] per core, may be connections.
 pub const FDS_RESERVED: u64 = 64;

@@ -742,12 +742,18 @@ impl Core {
     // --- Timers, mailbox, drain -------------------------------------------------------------
 
     /// The coarse timer: every [`limits::SWEEP_INTERVAL`], act on connections whose deadline
-    /// passed (idle → close 1001; handshake, closing, lingering → drop).
+    /// passed (idle → close 1001; handshake, closing, lingering → drop). Core 0 also trims the
+    /// process's heap every [`limits::HEAP_TRIM_INTERVAL`].
     async fn sweep(self: Rc<Self>) {
+        let mut next_trim = limits::HEAP_TRIM_INTERVAL.as_millis() as u64;
         loop {
             monoio::time::sleep(limits::SWEEP_INTERVAL).await;
             let now = self.tick();
             self.publish();
+            if self.id == 0 && now >= next_trim {
+                sys::trim_heap();
+                next_trim = now + limits::HEAP_TRIM_INTERVAL.as_millis() as u64;
+            }
             for (_, conn) in self.conns.borrow().iter() {
                 if conn.deadline_ms() > now {
                     continue;
