@@ -111,7 +111,8 @@ set grid
 set title "server memory (MiB) and descriptors"
 set ytics nomirror
 set y2tics
-plot "$OUT/soak.csv" using (\$1/60):(\$2/1048576) skip 1 with lines title "RSS MiB", \
+plot "$OUT/soak.csv" using (\$1/60):(\$2/1048576) skip 1 with lines title "RSS MiB (interval mean)", \
+     "" using (\$1/60):(\$16/1048576) skip 1 with lines title "RSS MiB (interval highest)", \
      "" using (\$1/60):(\$15/1048576) skip 1 with lines title "SQLite heap MiB", \
      "" using (\$1/60):3 skip 1 axes x1y2 with lines title "fds (right)"
 unset y2tics

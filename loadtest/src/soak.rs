@@ -10,13 +10,16 @@
 //! reconnect), fed by a firehose conversation of their own (`--firehose-rate`
 //! messages/s of `--firehose-bytes`); and a hostile client trying one bad input after another.
 //!
-//! Every `--sample` one CSV row: server RSS and descriptors, `/metrics` gauges (connections,
+//! Every `--sample` one CSV row: server RSS (the mean and the highest of readings about once a
+//! second over the interval: the server trims its heap once a minute, so RSS is a sawtooth,
+//! and one reading per row would show wherever the row fell in it), descriptors, `/metrics` gauges (connections,
 //! writer queue, mailboxes, outbox bytes, SQLite's heap), database and WAL size, and the
 //! interval's ack and end-to-end p99 (live deliveries; messages recovered on a rejoin are old by
 //! design and left out).
 //!
 //! Checked at the end (any failure exits 1):
-//! - RSS growth after `--warmup` (median of the last three samples against the first three)
+//! - RSS growth after `--warmup` (median of the last three samples' interval means against the
+//!   first three's)
 //!   at most `--rss-growth-max` percent (with `--rss-less-sqlite`, of RSS less SQLite's heap);
 //! - every acknowledged message is in the database exactly once, and the database holds no
 //!   more rows than were sent;
@@ -239,6 +242,33 @@ struct Soak {
     closed: Vec<usize>,
     /// The first order violations, described.
     violations: Vec<String>,
+    /// The server's RSS read since the last sample.
+    rss: RssReads,
+}
+
+/// RSS readings between two samples. Their mean does not depend on where the samples fall in
+/// the server's minute-long heap-trim cycle; the highest shows the peak.
+#[derive(Default)]
+struct RssReads {
+    sum: u64,
+    n: u64,
+    max: u64,
+}
+
+impl RssReads {
+    fn add(&mut self, rss: u64) {
+        self.sum += rss;
+        self.n += 1;
+        self.max = self.max.max(rss);
+    }
+
+    /// The interval's (mean, highest), `last` included; starts the next interval.
+    fn take(&mut self, last: u64) -> (u64, u64) {
+        self.add(last);
+        let taken = (self.sum / self.n, self.max);
+        *self = RssReads::default();
+        taken
+    }
 }
 
 pub(crate) fn run(args: Args) -> Result<(), String> {
@@ -304,6 +334,7 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
         scratch: vec![0u8; 256 * 1024],
         closed: Vec::new(),
         violations: Vec::new(),
+        rss: RssReads::default(),
         args,
     };
 
@@ -348,6 +379,7 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     let mut returns: VecDeque<(Instant, usize)> = VecDeque::new();
     let mut samples: Vec<Sample> = Vec::new();
     let mut next_sample = load + soak.args.sample;
+    let mut next_rss = load;
     while load.elapsed() < soak.args.duration {
         let secs = load.elapsed().as_secs_f64();
         while sent_due < (secs * soak.args.rate as f64) as u64 {
@@ -384,6 +416,12 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
         // A member the server closed comes back like a churned one (and is counted).
         for i in soak.take_closed() {
             returns.push_back((Instant::now() + soak.args.away, i));
+        }
+        if Instant::now() >= next_rss {
+            next_rss += RSS_READ_EVERY;
+            if let Some(rss) = rss_bytes(soak.args.server_pid) {
+                soak.rss.add(rss);
+            }
         }
         if Instant::now() >= next_sample {
             next_sample += soak.args.sample;
@@ -844,9 +882,11 @@ impl Soak {
             p.push(suffix);
             std::fs::metadata(p).map_or(0, |m| m.len())
         };
+        let (rss, rss_max) = self.rss.take(rss_bytes(pid).ok_or("the server is gone")?);
         let s = Sample {
             at: self.started.elapsed().as_secs_f64(),
-            rss: rss_bytes(pid).ok_or("the server is gone")?,
+            rss,
+            rss_max,
             sqlite: metric(&metrics, "nexus_sqlite_memory_bytes"),
             fds: fd_count(pid).unwrap_or(0),
             connections: metric(&metrics, "nexus_connections"),
@@ -868,12 +908,17 @@ impl Soak {
     }
 }
 
+/// How often the server's RSS is read between samples (see [`RssReads`]).
+const RSS_READ_EVERY: Duration = Duration::from_secs(1);
+
 const CSV_HEADER: &str = "elapsed_s,rss_bytes,fds,connections,writer_queue,mailbox,outbox_bytes,db_bytes,wal_bytes,\
-                          ack_p99_ms,e2e_p99_ms,acked,deliveries,churn,sqlite_bytes";
+                          ack_p99_ms,e2e_p99_ms,acked,deliveries,churn,sqlite_bytes,rss_max_bytes";
 
 struct Sample {
     at: f64,
+    /// Mean of the interval's readings (see [`RssReads`]).
     rss: u64,
+    rss_max: u64,
     fds: usize,
     connections: u64,
     writer_queue: u64,
@@ -901,7 +946,7 @@ impl Sample {
 
     fn row(&self) -> String {
         format!(
-            "{:.0},{},{},{},{},{},{},{},{},{:.2},{:.2},{},{},{},{}",
+            "{:.0},{},{},{},{},{},{},{},{},{:.2},{:.2},{},{},{},{},{}",
             self.at,
             self.rss,
             self.fds,
@@ -916,7 +961,8 @@ impl Sample {
             self.acked,
             self.deliveries,
             self.churn,
-            self.sqlite
+            self.sqlite,
+            self.rss_max
         )
     }
 
@@ -1233,5 +1279,26 @@ fn expect(s: &mut TcpStream, want: &[u8]) -> Result<(), String> {
             }
             Ok(n) => got.extend_from_slice(&buf[..n]),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RssReads;
+
+    /// A sawtooth read at two different phases has one mean: what a sample shows no longer
+    /// depends on where it falls in the cycle.
+    #[test]
+    fn the_mean_of_a_sawtooth_does_not_depend_on_its_phase() {
+        let tooth = |i: u64| 100 + (i % 10) * 10;
+        let mean = |phase: u64| {
+            let mut reads = RssReads::default();
+            (phase..phase + 19).for_each(|i| reads.add(tooth(i)));
+            reads.take(tooth(phase + 19))
+        };
+        assert_eq!(mean(0), (145, 190));
+        assert_eq!(mean(7), (145, 190));
+        let mut reads = RssReads::default();
+        assert_eq!(reads.take(42), (42, 42), "no reading in between: the last alone");
     }
 }
