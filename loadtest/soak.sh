@@ -41,7 +41,7 @@ die() { echo "soak: $*" >&2; exit 1; }
 command -v gnuplot >/dev/null || die "gnuplot is missing (Debian package gnuplot-nox)"
 
 if [ -z "${NEXUS_BIN:-}" ] || [ -z "${NEXUS_LOAD_BIN:-}" ]; then
-  cargo build --release --quiet -p nexus --bin nexus -p nexus-load
+  cargo build --release --quiet -p nexus -p nexus-load --bins
 fi
 NEXUS_BIN=${NEXUS_BIN:-$REPO/target/release/nexus}
 NEXUS_LOAD_BIN=${NEXUS_LOAD_BIN:-$REPO/target/release/nexus-load}
