@@ -12,10 +12,10 @@
 //!
 //! Every `--sample` one CSV row: server RSS (the mean and the highest of readings about once a
 //! second over the interval: the server trims its heap once a minute, so RSS is a sawtooth,
-//! and one reading per row would show wherever the row fell in it), descriptors, `/metrics` gauges (connections,
-//! writer queue, mailboxes, outbox bytes, SQLite's heap), database and WAL size, and the
-//! interval's ack and end-to-end p99 (live deliveries; messages recovered on a rejoin are old by
-//! design and left out).
+//! and one reading per row would show wherever the row fell in it), descriptors, `/metrics`
+//! gauges (connections, writer queue, mailboxes, outbox bytes, SQLite's heap), database and
+//! WAL size, and the interval's ack and end-to-end p99 (live deliveries; messages recovered on
+//! a rejoin are old by design and left out).
 //!
 //! Checked at the end (any failure exits 1):
 //! - RSS growth after `--warmup` (median of the last three samples' interval means against the
@@ -918,6 +918,7 @@ struct Sample {
     at: f64,
     /// Mean of the interval's readings (see [`RssReads`]).
     rss: u64,
+    /// Highest reading of the interval.
     rss_max: u64,
     fds: usize,
     connections: u64,
