@@ -471,7 +471,7 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     let what = if less_sqlite { "RSS less SQLite's heap" } else { "RSS" };
     let c = &soak.counts;
     let mut failures: Vec<String> = Vec::new();
-    match growth {
+    match growth.map(|(_, _, g)| g) {
         Some(g) if g > soak.args.rss_growth_max => {
             failures.push(format!("{what} grew {g:.2} % after the warm-up (limit {} %)", soak.args.rss_growth_max))
         }
@@ -530,13 +530,16 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
         "  database: {} rows; {} acked found once; {} stretches of member messages match it",
         checked.rows, checked.acked_once, checked.stretches_ok
     );
-    let rss = |s: Option<&Sample>| s.map_or(0.0, |s| s.judged(less_sqlite) as f64 / 1048576.0);
+    let growth = growth.map_or("n/a".into(), |(first, last, g)| {
+        format!(
+            "{:.2} MiB after the warm-up, {:.2} MiB at the end, growth {g:.2} %",
+            first / 1048576.0,
+            last / 1048576.0
+        )
+    });
     println!(
-        "  {what} {:.1} MiB at the end of the warm-up, {:.1} MiB at the end, growth {} (limit {} %); \
+        "  {what} (medians of three samples): {growth} (limit {} %); \
          server sockets {sockets_before} before the clients, {sockets_after} after they left",
-        rss(samples.iter().find(|s| s.at >= warmup.as_secs_f64())),
-        rss(samples.last()),
-        growth.map_or("n/a".into(), |g| format!("{g:.2} %")),
         soak.args.rss_growth_max
     );
     println!("  presence views differing from the truth: {mismatched}");
@@ -990,7 +993,7 @@ impl Sample {
 
 /// RSS growth in percent after `warmup`: the median of the last three samples taken under load
 /// against the median of the first three (the final, settled sample is left out).
-fn rss_growth(samples: &[Sample], warmup: Duration, less_sqlite: bool) -> Option<f64> {
+fn rss_growth(samples: &[Sample], warmup: Duration, less_sqlite: bool) -> Option<(f64, f64, f64)> {
     let loaded = samples.get(..samples.len().saturating_sub(1))?;
     let after: Vec<u64> =
         loaded.iter().filter(|s| s.at >= warmup.as_secs_f64()).map(|s| s.judged(less_sqlite)).collect();
@@ -1003,7 +1006,7 @@ fn rss_growth(samples: &[Sample], warmup: Duration, less_sqlite: bool) -> Option
         w[1] as f64
     };
     let (first, last) = (median(&after[..3]), median(&after[after.len() - 3..]));
-    Some((last - first) / first * 100.0)
+    Some((first, last, (last - first) / first * 100.0))
 }
 
 /// What the database holds: per conversation, every message id, sorted; and where each body
