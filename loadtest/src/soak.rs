@@ -991,8 +991,9 @@ impl Sample {
     }
 }
 
-/// RSS growth in percent after `warmup`: the median of the last three samples taken under load
-/// against the median of the first three (the final, settled sample is left out).
+/// RSS after `warmup` as (first, last, growth in percent): the median of the first three
+/// samples, of the last three taken under load (the final, settled one is left out), and the
+/// growth from one to the other.
 fn rss_growth(samples: &[Sample], warmup: Duration, less_sqlite: bool) -> Option<(f64, f64, f64)> {
     let loaded = samples.get(..samples.len().saturating_sub(1))?;
     let after: Vec<u64> =
