@@ -114,6 +114,7 @@ set y2tics
 plot "$OUT/soak.csv" using (\$1/60):(\$2/1048576) skip 1 with lines title "RSS MiB (interval mean)", \
      "" using (\$1/60):(\$16/1048576) skip 1 with lines title "RSS MiB (interval highest)", \
      "" using (\$1/60):(\$15/1048576) skip 1 with lines title "SQLite heap MiB", \
+     "" using (\$1/60):(\$17/1048576) skip 1 with lines title "heap in use MiB (malloc)", \
      "" using (\$1/60):3 skip 1 axes x1y2 with lines title "fds (right)"
 unset y2tics
 set title "connections"

@@ -103,6 +103,9 @@ fn counters_gauges_and_histograms_follow_what_clients_do() {
     assert!(m.contains_key(r#"nexus_mailbox_depth{core="1"}"#));
     // The embedded database's own heap (page caches, statements) is counted.
     assert!(get(&m, "nexus_sqlite_memory_bytes") > 0.0);
+    // The allocator's own count (a default, glibc build): the heap in use includes SQLite's.
+    assert!(get(&m, "nexus_heap_in_use_bytes") >= get(&m, "nexus_sqlite_memory_bytes"));
+    assert!(m.contains_key("nexus_heap_free_bytes"));
     assert_eq!(get(&m, "nexus_outbox_bytes"), 0.0);
 
     assert_eq!(get(&m, "nexus_messages_dropped_total"), 0.0);

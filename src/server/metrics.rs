@@ -63,6 +63,15 @@ pub(crate) fn render(shared: &Shared, store: &StoreHandle) -> String {
         "Heap held by the embedded SQLite (page caches, statements); 0 on PostgreSQL.",
         sqlite_bytes.max(0) as u64,
     );
+    if let Some((in_use, free)) = super::sys::heap_stats() {
+        gauge(&mut out, "nexus_heap_in_use_bytes", "Heap the process uses, by glibc malloc's count.", in_use);
+        gauge(
+            &mut out,
+            "nexus_heap_free_bytes",
+            "Heap freed but kept by glibc malloc for reuse (the trim gives its whole pages back).",
+            free,
+        );
+    }
     gauge(&mut out, "nexus_writer_queue_depth", "Messages waiting for the writer.", store.queued() as u64);
     header(&mut out, "nexus_mailbox_depth", "Cross-core messages waiting, per core.", "gauge");
     for (core, mailbox) in shared.mailboxes.iter().enumerate() {
