@@ -15,9 +15,8 @@
 //! and one reading per row would show wherever the row fell in it), descriptors, `/metrics`
 //! gauges (connections, writer queue, mailboxes, outbox bytes, SQLite's heap, the heap in use
 //! and free by glibc malloc's count: growth in the one is data, in the other fragmentation),
-//! database and
-//! WAL size, and the interval's ack and end-to-end p99 (live deliveries; messages recovered on
-//! a rejoin are old by design and left out).
+//! database and WAL size, and the interval's ack and end-to-end p99 (live deliveries; messages
+//! recovered on a rejoin are old by design and left out).
 //!
 //! Checked at the end (any failure exits 1):
 //! - RSS growth after `--warmup` at most `--rss-growth-max` percent (with `--rss-less-sqlite`,
@@ -1014,7 +1013,7 @@ impl Sample {
 /// RSS after `warmup` as (first, last, growth in percent), read from the least-squares line
 /// through the samples under load (the final, settled one is left out): its values at the
 /// first and the last of them, and the growth from one to the other. Medians of a few samples
-/// at either end were not enough: this load swings RSS by 1.5 MB in a two-minute cycle, and
+/// at either end were not enough: this load swings RSS by about 1 MB in a two-minute cycle, and
 /// which end of it three samples fell on decided a 2 % check.
 fn rss_growth(samples: &[Sample], warmup: Duration, less_sqlite: bool) -> Option<(f64, f64, f64)> {
     let loaded = samples.get(..samples.len().saturating_sub(1))?;
