@@ -19,9 +19,8 @@
 //! recovered on a rejoin are old by design and left out).
 //!
 //! Checked at the end (any failure exits 1):
-//! - RSS growth after `--warmup` at most `--rss-growth-max` percent (with `--rss-less-sqlite`,
-//!   of RSS less SQLite's heap), read from the least-squares line through the samples' interval
-//!   means: the load has cycles of its own (the slow consumers' minutes-long fill and close),
+//! - RSS growth after `--warmup` at most `--rss-growth-max` percent, read from the
+//!   least-squares line through the samples' interval means: the load has cycles of its own (the slow consumers' minutes-long fill and close),
 //!   and a line through every sample is not moved by where the first and last fall in them;
 //! - every acknowledged message is in the database exactly once, and the database holds no
 //!   more rows than were sent;
@@ -109,11 +108,6 @@ pub(crate) struct Args {
     /// Most RSS growth after the warm-up, in percent.
     #[arg(long, default_value_t = 2.0)]
     rss_growth_max: f64,
-    /// Judge the growth of RSS less the embedded SQLite's heap (`nexus_sqlite_memory_bytes`):
-    /// for short runs, where SQLite's page caches are still filling up to their fixed size as
-    /// the database grows.
-    #[arg(long)]
-    rss_less_sqlite: bool,
     /// How long the views, acks and descriptors may take to settle at the end.
     #[arg(long, default_value = "30s", value_parser = crate::parse_secs)]
     settle: Duration,
@@ -468,14 +462,12 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
         sockets_after = socket_count(pid).unwrap_or(usize::MAX);
     }
 
-    let less_sqlite = soak.args.rss_less_sqlite;
-    let growth = rss_growth(&samples, warmup, less_sqlite);
-    let what = if less_sqlite { "RSS less SQLite's heap" } else { "RSS" };
+    let growth = growth_after(&samples, warmup, |s| s.rss);
     let c = &soak.counts;
     let mut failures: Vec<String> = Vec::new();
     match growth.map(|(_, _, g)| g) {
         Some(g) if g > soak.args.rss_growth_max => {
-            failures.push(format!("{what} grew {g:.2} % after the warm-up (limit {} %)", soak.args.rss_growth_max))
+            failures.push(format!("RSS grew {g:.2} % after the warm-up (limit {} %)", soak.args.rss_growth_max))
         }
         None => failures.push("too few samples after the warm-up to judge RSS growth (need 6)".into()),
         _ => {}
@@ -534,9 +526,7 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     );
     // The heap in use, by the allocator's count, is not checked: it tells a creep in RSS that
     // is data from one that is fragmentation.
-    let heap: Vec<(f64, f64)> =
-        samples.iter().filter(|s| s.at >= warmup.as_secs_f64()).map(|s| (s.at, s.heap_in_use as f64)).collect();
-    let heap = match trend(&heap) {
+    let heap = match growth_after(&samples, warmup, |s| s.heap_in_use) {
         Some((first, last, g)) if first > 0.0 => {
             format!(" (heap in use {:.2} → {:.2} MiB, {g:.2} %)", first / 1048576.0, last / 1048576.0)
         }
@@ -550,7 +540,7 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
         )
     });
     println!(
-        "  {what} (least-squares line after the warm-up): {growth} (limit {} %); \
+        "  RSS (least-squares line after the warm-up): {growth} (limit {} %); \
          server sockets {sockets_before} before the clients, {sockets_after} after they left",
         soak.args.rss_growth_max
     );
@@ -956,15 +946,6 @@ struct Sample {
 }
 
 impl Sample {
-    /// What the RSS check judges.
-    fn judged(&self, less_sqlite: bool) -> u64 {
-        if less_sqlite {
-            self.rss.saturating_sub(self.sqlite)
-        } else {
-            self.rss
-        }
-    }
-
     fn row(&self) -> String {
         format!(
             "{:.0},{},{},{},{},{},{},{},{},{:.2},{:.2},{},{},{},{},{},{},{}",
@@ -1010,15 +991,15 @@ impl Sample {
     }
 }
 
-/// RSS after `warmup` as (first, last, growth in percent), read from the least-squares line
-/// through the samples under load (the final, settled one is left out): its values at the
-/// first and the last of them, and the growth from one to the other. Medians of a few samples
-/// at either end were not enough: this load swings RSS by about 1 MB in a two-minute cycle, and
-/// which end of it three samples fell on decided a 2 % check.
-fn rss_growth(samples: &[Sample], warmup: Duration, less_sqlite: bool) -> Option<(f64, f64, f64)> {
+/// A figure after `warmup` (RSS, the heap in use) as (first, last, growth in percent), read
+/// from the least-squares line through the samples under load (the final, settled one is left
+/// out): its values at the first and the last of them. Medians of a few samples at either end
+/// were not enough: this load swings RSS by about 1 MB in a two-minute cycle, and which end of
+/// it three samples fell on decided a 2 % check. `None` with fewer than six samples.
+fn growth_after(samples: &[Sample], warmup: Duration, figure: impl Fn(&Sample) -> u64) -> Option<(f64, f64, f64)> {
     let loaded = samples.get(..samples.len().saturating_sub(1))?;
     let after: Vec<(f64, f64)> =
-        loaded.iter().filter(|s| s.at >= warmup.as_secs_f64()).map(|s| (s.at, s.judged(less_sqlite) as f64)).collect();
+        loaded.iter().filter(|s| s.at >= warmup.as_secs_f64()).map(|s| (s.at, figure(s) as f64)).collect();
     if after.len() < 6 {
         return None;
     }
@@ -1028,11 +1009,12 @@ fn rss_growth(samples: &[Sample], warmup: Duration, less_sqlite: bool) -> Option
 /// The least-squares line through `points` (x, y): its y at the first and the last x, and the
 /// growth between them in percent. `None` for fewer than two distinct x.
 fn trend(points: &[(f64, f64)]) -> Option<(f64, f64, f64)> {
+    let (&(x0, _), &(x1, _)) = (points.first()?, points.last()?);
     let n = points.len() as f64;
-    let (mx, my) = points.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + x / n, b + y / n));
+    let mx = points.iter().map(|(x, _)| x).sum::<f64>() / n;
+    let my = points.iter().map(|(_, y)| y).sum::<f64>() / n;
     let sxx: f64 = points.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
     let sxy: f64 = points.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
-    let (&(x0, _), &(x1, _)) = (points.first()?, points.last()?);
     if sxx <= 0.0 {
         return None;
     }
