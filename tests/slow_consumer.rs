@@ -51,6 +51,10 @@ const BATCHES_AFTER_CLOSE: usize = 2;
 /// The outbox limit of the test server (bytes).
 const OUTBOX_BYTES: usize = 256 * 1024;
 
+/// Bytes queued for the non-reading client before it catches up: a backlog of hundreds of
+/// frames, far more than a client that keeps up ever has queued.
+const BACKLOG_BYTES: u64 = 192 * 1024;
+
 /// SO_RCVBUF of the slow client (the kernel doubles it and applies its minimum).
 const SLOW_RCVBUF: usize = 4096;
 
@@ -353,7 +357,8 @@ fn outbox_gauge(server: &Server) -> u64 {
 }
 
 /// `nexus_outbox_bytes` shows the bytes queued for a client that stopped reading, and goes back
-/// to 0 both when the client catches up and when its socket goes away with bytes still queued.
+/// to 0 both when the client catches up (receiving its backlog intact and in order) and when its
+/// socket goes away with bytes still queued.
 #[test]
 fn queued_bytes_show_in_metrics_until_read_or_closed() {
     let server = start_server(&[
@@ -367,12 +372,12 @@ fn queued_bytes_show_in_metrics_until_read_or_closed() {
     let mut sender = connect_v2(server.port, &sender_sub);
     sender.join(&topic, "1");
     let mut sent = 0;
-    // Sends batches (each acked, the sender's own copies read) until the server reports queued
-    // bytes; the kernel buffers of the non-reading client fill first.
-    let mut fill = |sent: &mut usize| {
+    // Sends batches (each acked, the sender's own copies read) until the server reports at least
+    // `queued` bytes queued; the kernel buffers of the non-reading client fill first.
+    let mut fill = |sent: &mut usize, queued: u64| {
         let limit = *sent + MAX_MESSAGES;
-        while outbox_gauge(&server) == 0 {
-            assert!(*sent < limit, "{} messages sent and nothing queued in /metrics", MAX_MESSAGES);
+        while outbox_gauge(&server) < queued {
+            assert!(*sent < limit, "{MAX_MESSAGES} messages sent and fewer than {queued} bytes queued in /metrics");
             for seq in *sent..*sent + BATCH {
                 sender.send_text(&new_msg_frame(&topic, seq));
             }
@@ -388,13 +393,16 @@ fn queued_bytes_show_in_metrics_until_read_or_closed() {
 
     let mut slow = SlowClient::connect(&server, &new_sub());
     slow.join(&topic);
-    fill(&mut sent);
-    // Catching up empties the queue.
+    fill(&mut sent, BACKLOG_BYTES);
+    // Catching up empties the queue, and every message arrives intact and in order.
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     let mut received = 0;
     while received < sent {
         match slow.next(deadline) {
-            Ok(Ok(frame)) if frame.opcode == OP_TEXT && !is_presence(&frame.text()) => received += 1,
+            Ok(Ok(frame)) if frame.opcode == OP_TEXT && !is_presence(&frame.text()) => {
+                assert_eq!(broadcast_seq(&frame.text(), &topic, &sender_sub), received, "the backlog's order");
+                received += 1;
+            }
             Ok(Ok(_)) => {}
             other => panic!("slow client after {received} of {sent} messages: {other:?}"),
         }
@@ -404,7 +412,7 @@ fn queued_bytes_show_in_metrics_until_read_or_closed() {
     // A client that goes away with bytes queued takes them with it.
     let mut gone = SlowClient::connect(&server, &new_sub());
     gone.join(&topic);
-    fill(&mut sent);
+    fill(&mut sent, 1);
     drop(gone);
     drop(slow); // it stopped reading again; its queue leaves with it too
     wait_for_metric(server.port, "nexus_outbox_bytes", 0);
