@@ -57,6 +57,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     // Before any thread starts: a thread that does not block SIGTERM would take the signal
     // and die by it, ending the whole process without a drain.
     block_signals();
+    sys::merge_freed_blocks_at_once();
     let listeners = bind_listeners(config.listen, config.workers)?;
     let local = listeners[0].local_addr().map_err(ServerError::Start)?;
     let node_id = match config.cluster.as_ref().and_then(|c| c.node_id.clone()) {
