@@ -21,7 +21,9 @@
 //! Checked at the end (any failure exits 1):
 //! - RSS growth after `--warmup` at most `--rss-growth-max` percent, read from the
 //!   least-squares line through the samples' interval means: the load has cycles of its own (the slow consumers' minutes-long fill and close),
-//!   and a line through every sample is not moved by where the first and last fall in them;
+//!   and a line through every sample is moved by them far less than medians at either end (a
+//!   cycle of two samples with half-swing `a` moves the line over `n` samples by at most
+//!   ~`6a/n`, none when `n` is odd and both ends fall on one phase);
 //! - every acknowledged message is in the database exactly once, and the database holds no
 //!   more rows than were sent;
 //! - every member's received messages, live and recovered, are in id order without a
