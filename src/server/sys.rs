@@ -117,10 +117,9 @@ pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
 /// once instead of waiting, unmerged, for the next consolidation. A server that holds its
 /// connections for months allocates and frees small objects (sessions, subscriptions, frames)
 /// all the time; left in fastbins they keep neighbouring holes apart, and the heap spreads over
-/// more pages while the bytes in use stay flat: in 15-minute soaks with churn, RSS less the
-/// heap in use grew ~0.2 MB with them and did not grow without (`BENCHMARKS.md`, "The
-/// hour-long runs"). The per-thread cache in front of them stays on. Called once, before any
-/// thread starts.
+/// more pages while the bytes in use stay flat. In soaks with churn, RSS less the heap in use
+/// grew less without them (`BENCHMARKS.md`, "The hour-long runs"), at no measured cost. The
+/// per-thread cache in front of them stays on. Called once, before any thread starts.
 pub(crate) fn merge_freed_blocks_at_once() {
     #[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc")))]
     // SAFETY: mallopt only sets one of the allocator's own parameters.
