@@ -20,10 +20,10 @@
 //!
 //! Checked at the end (any failure exits 1):
 //! - RSS growth after `--warmup` at most `--rss-growth-max` percent, read from the
-//!   least-squares line through the samples' interval means: the load has cycles of its own (the slow consumers' minutes-long fill and close),
-//!   and a line through every sample is moved by them far less than medians at either end (a
-//!   cycle of two samples with half-swing `a` moves the line over `n` samples by at most
-//!   ~`6a/n`, none when `n` is odd and both ends fall on one phase);
+//!   least-squares line through the samples' interval means: the load has cycles of its own
+//!   (the slow consumers' minutes-long fill and close), and they move a line through every
+//!   sample far less than medians at either end (a two-sample cycle of half-swing `a` moves a
+//!   line over `n` samples by about `6a/(n+1)`, and not at all when both ends fall on one phase);
 //! - every acknowledged message is in the database exactly once, and the database holds no
 //!   more rows than were sent;
 //! - every member's received messages, live and recovered, are in id order without a
@@ -1306,10 +1306,11 @@ fn expect(s: &mut TcpStream, want: &[u8]) -> Result<(), String> {
 mod tests {
     use super::{trend, RssReads};
 
-    /// A load cycle of two samples (high, low, high, ...) is no growth, wherever the run starts
-    /// and ends in it; a steady rise is read exactly.
+    /// A load cycle of two samples (high, low, high, ...) reads as little growth, wherever the
+    /// run starts and ends in it (about `6a/(n+1)` for half-swing `a`); a steady rise is read
+    /// exactly.
     #[test]
-    fn the_trend_is_not_moved_by_a_cycle_and_reads_a_rise() {
+    fn a_cycle_moves_the_trend_little_and_a_rise_reads_exactly() {
         let swing = |start: u64, n: u64| -> Vec<(f64, f64)> {
             (start..start + n).map(|i| (i as f64 * 60.0, if i % 2 == 0 { 100.0 } else { 105.0 })).collect()
         };
